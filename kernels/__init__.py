@@ -1,0 +1,1 @@
+"""Fused math with plain PyTorch references (installed as ``spatialcore.kernels``)."""

@@ -1,0 +1,1 @@
+"""Measurement: benchmarks and profiles (installed as ``spatialcore.profiling``)."""

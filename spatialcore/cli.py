@@ -1,0 +1,154 @@
+"""The ``spatialcore`` command.
+
+Each subcommand parses its own arguments and imports heavy libraries only when it runs, so
+``spatialcore --help`` answers at once. Commands that take a run config accept
+``--config FILE`` plus ``key=value`` overrides (dotted keys for nested fields); config errors
+are printed as one line naming the key and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import ConfigError, load_config, to_dict
+
+EXIT_CONFIG = 2
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to missing keys)")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="override config keys, e.g. reward.text_layers=3 seed=1")
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from .tiny import TinyConfig
+
+    cfg = load_config(TinyConfig, args.config, args.overrides)
+    from .logs import info
+    from .tiny import build_tiny
+
+    out = Path(args.out)
+    info(f"building tiny checkpoints (seed {cfg.seed}) into {out}", who="tiny")
+    try:
+        summary = build_tiny(cfg, out, overwrite=args.force)
+    except FileExistsError as err:
+        info(str(err), who="tiny")
+        return 1
+    r, f = summary["reward"], summary["flux"]
+    info(f"reward: Qwen2.5-VL, {r['parameters']:,} parameters, vocab {r['vocab']} -> {r['path']}", who="tiny")
+    info("flux: " + ", ".join(f"{k} {v:,}" for k, v in f["parameters"].items()) + f" parameters -> {f['path']}",
+         who="tiny")
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from .gpu import environment_report
+
+    report = environment_report()
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    width = max(len(k) for k in report)
+    for key, value in report.items():
+        if key == "attention":
+            value = ", ".join(f"{k}{'' if ok else ' (unavailable)'}" for k, ok in value.items())
+        elif key == "gpus":
+            value = "; ".join(f"{g['name']} {g['memory_total_gib']:.0f} GiB" for g in value) or "none"
+        print(f"{key:<{width}}  {value}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    cfg = load_config(DemoConfig, args.config, args.overrides)
+    return run_demo(cfg, Path(args.out))
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    kinds = _config_kinds()
+    cfg = load_config(kinds[args.kind](), args.config, args.overrides)
+    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _config_kinds() -> dict[str, Callable[[], type]]:
+    def tiny() -> type:
+        from .tiny import TinyConfig
+
+        return TinyConfig
+
+    def demo() -> type:
+        from .demo import DemoConfig
+
+        return DemoConfig
+
+    return {"tiny": tiny, "demo": demo}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spatialcore",
+        description="Spatially-aware text-to-image alignment: SpatialScore reward model and Spatial-RL on Flux.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("tiny", help="build tiny random Qwen2.5-VL and Flux checkpoints offline",
+                       description="Build tiny, randomly initialised Qwen2.5-VL (reward/) and Flux (flux/) "
+                                   "checkpoints with locally trained tokenizers, deterministically from a seed.")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (gets reward/ and flux/)")
+    p.add_argument("--force", action="store_true", help="replace an existing non-empty folder")
+    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_tiny)
+
+    p = sub.add_parser("demo", help="end-to-end CPU demo on tiny models",
+                       description="Run the main job end to end on tiny CPU models and write REPORT.md.")
+    p.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default runs/demo)")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("info", help="versions, device, attention kernels available",
+                       description="Print the environment: versions, device, GPUs (NVML), attention backends.")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_cmd_info)
+
+    p = sub.add_parser("config", help="inspect run configs", description="Inspect run configs.")
+    csub = p.add_subparsers(dest="config_command", metavar="ACTION")
+    csub.required = True
+    c = csub.add_parser("show", help="print a validated config with defaults filled in",
+                        description="Load, validate and print a config (defaults filled in).")
+    c.add_argument("kind", choices=sorted(_config_kinds()), help="which config")
+    _add_config_args(c)
+    c.set_defaults(func=_cmd_config_show)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .logs import quiet_third_party
+
+    quiet_third_party()
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as err:
+        print(f"spatialcore {args.command}: {err}", file=sys.stderr)
+        return EXIT_CONFIG
+    except KeyboardInterrupt:
+        print(f"spatialcore {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Facts about the accelerator and the attention kernels available, with quiet CPU fallbacks."""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import asdict, dataclass
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
+
+
+@dataclass
+class GPUFacts:
+    index: int
+    name: str
+    memory_total_gib: float
+    memory_used_gib: float
+    utilization_pct: float | None
+    power_w: float | None
+
+
+def gpu_facts() -> list[GPUFacts]:
+    """One entry per visible NVIDIA GPU through NVML; ``[]`` without a GPU or driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except pynvml.NVMLError:
+        return []
+    out = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            try:
+                util = float(pynvml.nvmlDeviceGetUtilizationRates(h).gpu)
+            except pynvml.NVMLError:
+                util = None
+            try:
+                power = pynvml.nvmlDeviceGetPowerUsage(h) / 1000.0
+            except pynvml.NVMLError:
+                power = None
+            out.append(GPUFacts(i, name.decode() if isinstance(name, bytes) else name,
+                                mem.total / 2**30, mem.used / 2**30, util, power))
+    finally:
+        pynvml.nvmlShutdown()
+    return out
+
+
+def memory_gib(device: Any = None) -> float | None:
+    """Peak CUDA memory allocated by this process (GiB), or None on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def attention_backends() -> dict[str, bool]:
+    """Which attention implementations can run here (flash-attn/xformers are optional)."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {
+        "sdpa": hasattr(torch.nn.functional, "scaled_dot_product_attention"),
+        "flash_attention_2": cuda and importlib.util.find_spec("flash_attn") is not None,
+        "xformers": cuda and importlib.util.find_spec("xformers") is not None,
+        "eager": True,
+    }
+
+
+def environment_report() -> dict[str, Any]:
+    """Versions, device and kernels: what `spatialcore info` prints and benchmarks record."""
+    import platform
+
+    import torch
+
+    report: dict[str, Any] = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda_available": torch.cuda.is_available(),
+        "cuda_runtime": torch.version.cuda,
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})",
+        "cpu_threads": torch.get_num_threads(),
+    }
+    for pkg in ("triton", "transformers", "diffusers", "peft", "torchao", "liger_kernel"):
+        spec = importlib.util.find_spec(pkg)
+        if spec is None:
+            report[pkg] = None
+            continue
+        try:
+            report[pkg] = version(pkg.replace("_", "-"))
+        except PackageNotFoundError:
+            report[pkg] = "installed (no metadata)"
+    report["attention"] = attention_backends()
+    report["gpus"] = [asdict(g) for g in gpu_facts()]
+    return report

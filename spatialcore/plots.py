@@ -1,0 +1,55 @@
+"""PNG figures: image grids and metric curves (matplotlib, headless)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+
+def image_grid(rows: Sequence[Sequence[Image.Image]], labels: Sequence[str] | None, path: str | Path,
+               *, cell: int | None = None, label_width: int = 260) -> Path:
+    """Save a grid with one row per group (e.g. one prompt's G samples), labelled on the left."""
+    path = Path(path)
+    cell = cell or max(im.width for row in rows for im in row)
+    ncol = max(len(r) for r in rows)
+    lw = label_width if labels else 0
+    grid = Image.new("RGB", (lw + ncol * cell, len(rows) * cell), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        if labels:
+            draw.text((4, r * cell + cell // 2 - 6), labels[r], fill=(0, 0, 0))
+        for c, im in enumerate(row):
+            grid.paste(im.convert("RGB").resize((cell, cell)), (lw + c * cell, r * cell))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(path)
+    return path
+
+
+def curves(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, *, xlabel: str = "step",
+           ylabel: str = "", title: str = "") -> Path:
+    """Plot named (x, y) series on one axis and save a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    for name, points in series.items():
+        if points:
+            xs, ys = zip(*points, strict=True)
+            ax.plot(xs, ys, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    if len(series) > 1:
+        ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -1,0 +1,110 @@
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from spatialcore.config import ConfigError, load_config, param, to_dict
+from spatialcore.tiny import TinyConfig
+
+
+@dataclass
+class Inner:
+    rate: float = param(0.1, min=0.0, max=1.0)
+    names: list[str] = field(default_factory=lambda: ["a"])
+    mode: Literal["fast", "slow"] = "fast"
+
+
+@dataclass
+class Outer:
+    steps: int = param(10, min=1)
+    label: str = "run"
+    maybe: int | None = None
+    flag: bool = False
+    inner: Inner = field(default_factory=Inner)
+
+    def check(self):
+        if self.flag and self.steps < 5:
+            raise ConfigError("steps", "must be >= 5 when flag is set")
+
+
+def test_defaults_and_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("steps: 3\ninner:\n  rate: 1\n  names: [x, y]\n")
+    cfg = load_config(Outer, path)
+    assert cfg.steps == 3 and cfg.inner.rate == 1.0 and isinstance(cfg.inner.rate, float)
+    assert cfg.inner.names == ["x", "y"] and cfg.label == "run" and cfg.maybe is None
+
+
+def test_overrides_are_typed_by_field():
+    cfg = load_config(Outer, None, ["steps=7", "label=123", "maybe=4", "flag=true", "inner.mode=slow",
+                                    "inner.names=[p, q]"])
+    assert cfg.steps == 7 and cfg.label == "123" and cfg.maybe == 4 and cfg.flag is True
+    assert cfg.inner.mode == "slow" and cfg.inner.names == ["p", "q"]
+    assert load_config(Outer, None, ["maybe=null"]).maybe is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "key", "fragment"),
+    [
+        (["stpes=3"], "stpes", "did you mean 'steps'"),
+        (["inner.rat=0.5"], "inner.rat", "unknown key"),
+        (["steps=1.5"], "steps", "expected an integer"),
+        (["steps=true"], "steps", "expected an integer"),
+        (["flag=1"], "flag", "expected true/false"),
+        (["inner.rate=abc"], "inner.rate", "expected a number"),
+        (["inner.mode=medium"], "inner.mode", "must be one of"),
+        (["steps=0"], "steps", "must be >= 1"),
+        (["inner.rate=1.5"], "inner.rate", "must be <= 1.0"),
+        (["flag=true", "steps=2"], "steps", "when flag is set"),
+        (["label.x=1"], "label", "expected a string"),
+        (["justakey"], "justakey", "key=value"),
+    ],
+)
+def test_errors_name_the_key(overrides, key, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(Outer, None, overrides)
+    assert err.value.key == key
+    assert fragment in str(err.value)
+
+
+def test_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="file not found"):
+        load_config(Outer, tmp_path / "missing.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(Outer, bad)
+    top = tmp_path / "list.yaml"
+    top.write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(Outer, top)
+
+
+def test_nested_check_gets_prefixed():
+    with pytest.raises(ConfigError) as err:
+        load_config(TinyConfig, None, ["reward.text_heads=3"])
+    assert err.value.key == "reward.text_hidden"
+
+
+def test_round_trip(tmp_path):
+    import yaml
+
+    cfg = load_config(TinyConfig, None, ["flux.vae_channels=[8, 8]", "seed=3"])
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    assert load_config(TinyConfig, path) == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [("reward.txt_layers=3", "reward.txt_layers"), ("seed=abc", "seed"), ("reward.init_std=-1", "reward.init_std")],
+)
+def test_cli_config_error_exits_without_traceback(tmp_path, override, key):
+    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "tiny", "--out", str(tmp_path / "x"), override],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert f"'{key}'" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "x").exists(), "nothing may be built when the config is invalid"

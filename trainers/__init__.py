@@ -1,0 +1,1 @@
+"""Training loops (installed as ``spatialcore.trainers``)."""
