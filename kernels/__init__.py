@@ -1,1 +1,9 @@
-"""Fused math with plain PyTorch references (installed as ``spatialcore.kernels``)."""
+"""Fused math with plain PyTorch references (installed as ``spatialcore.kernels``).
+
+Each module holds one kernel family: the Triton kernels (formula in the docstring), the
+plain PyTorch reference, the autograd wrapper and the dispatch (``backend="auto"|"triton"|"torch"``).
+"""
+
+from .advantages import ADVANTAGE_PRESETS, GroupAdvantages, group_advantages, group_advantages_reference
+
+__all__ = ["ADVANTAGE_PRESETS", "GroupAdvantages", "group_advantages", "group_advantages_reference"]

@@ -1,0 +1,301 @@
+"""Group-relative advantages with Top-k filtering (SPEC §3.1), fused in one launch.
+
+Per group (one row of ``rewards [P, G]``):
+
+    V = {i : r_i finite}
+    order V by r descending, ties -> lower index first;  rank_i = position of i in that order
+    S = V                                   if top_k is None or 2*top_k >= |V|
+      = {i in V : rank_i < k or rank_i >= |V| - k}   otherwise
+    T = S (stats_over="kept") or V (stats_over="group")
+    m = mean_T r,   s = sqrt( sum_T (r - m)^2 / (|T| - ddof) ),  s = 0 when |T| < 2
+    scale = s + eps ("group") | s_batch + eps ("batch", std of all valid rewards) | 1 ("none")
+    A_i = (r_i - m) / scale  for i in S, 0 elsewhere;  A <- clamp(A, -clip, clip)
+    drop_zero_std: s <= zero_std_tol  =>  A = 0, keep = False for the whole group
+
+Statistics are accumulated in float64 (a group of equal rewards gives exactly A = 0 whatever
+the summation order); outputs are float32.
+
+Backends: ``torch`` (the readable reference below), ``triton`` (one launch: a program per
+group; the batch-std mode runs as a single program that first reduces the whole batch),
+``cuda`` (the native extension ``spatialcore._C``, warp per group, when built).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - triton is a Linux dependency
+    triton = None
+
+StdMode = Literal["group", "batch", "none"]
+StatsOver = Literal["kept", "group"]
+
+# Keyword bundles reproducing each anchor's convention: group_advantages(r, **ADVANTAGE_PRESETS["trl"]).
+ADVANTAGE_PRESETS: dict[str, dict] = {
+    # TRL GRPOTrainer: (r - mean) / (std + 1e-4), torch.std (unbiased), no filtering.
+    "trl": {"std": "group", "unbiased": True, "eps": 1e-4, "stats_over": "group"},
+    # verl compute_grpo_outcome_advantage: (r - mean) / (std + 1e-6), torch.std (unbiased).
+    "verl": {"std": "group", "unbiased": True, "eps": 1e-6, "stats_over": "group"},
+    # Flow-GRPO PerPromptStatTracker: np.std (biased), eps 1e-4, advantages clipped to +-5.
+    "flow_grpo": {"std": "group", "unbiased": False, "eps": 1e-4, "clip": 5.0, "stats_over": "group"},
+    # DanceGRPO best-of-n: statistics over the whole group (torch.std, eps 1e-8), then keep
+    # the top-k and bottom-k samples (pass top_k).
+    "dancegrpo": {"std": "group", "unbiased": True, "eps": 1e-8, "stats_over": "group"},
+    # Spatial-RL: keep top-k and bottom-k (pass top_k), normalise over the kept samples.
+    "spatial_rl": {"std": "group", "unbiased": False, "eps": 1e-4, "clip": 5.0, "stats_over": "kept"},
+}
+
+
+@dataclass
+class GroupAdvantages:
+    """``advantages``/``keep`` shaped like the input rewards; ``mean``/``std`` are ``[P]``."""
+
+    advantages: torch.Tensor
+    keep: torch.Tensor
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @property
+    def kept_fraction(self) -> torch.Tensor:
+        return self.keep.float().mean()
+
+
+# ----------------------------------------------------------------------------- Triton kernel
+
+if triton is not None:
+
+    @triton.jit
+    def _group_stats(r, T, UNBIASED: tl.constexpr):
+        """Mean and std (float64) of the entries of ``r`` selected by mask ``T``; std 0 if |T| < 2."""
+        cnt = tl.sum(T.to(tl.int32), axis=0)
+        r64 = r.to(tl.float64)
+        mean = tl.sum(tl.where(T, r64, 0.0), axis=0) / cnt
+        d = tl.where(T, r64 - mean, 0.0)
+        denom = (cnt - 1) if UNBIASED else cnt
+        var = tl.sum(d * d, axis=0) / tl.maximum(denom, 1).to(tl.float64)
+        std = tl.where(cnt >= 2, tl.sqrt(var), 0.0)
+        return mean, std
+
+    @triton.jit
+    def _group_advantages_kernel(
+        R, A, KEEP, MEAN, STD,
+        P, G, top_k, eps, clip, zero_std_tol,
+        GRID: tl.constexpr,
+        BLOCK_G: tl.constexpr, CHUNK: tl.constexpr,
+        HAS_TOPK: tl.constexpr, STATS_KEPT: tl.constexpr, UNBIASED: tl.constexpr,
+        SCALE_MODE: tl.constexpr,  # 0 group, 1 batch, 2 none
+        HAS_CLIP: tl.constexpr, DROP_ZERO: tl.constexpr,
+    ):
+        """Advantages of SPEC §3.1 for groups pid, pid + GRID, ...  (see module docstring).
+
+        rank_i = #{j in V : r_j > r_i or (r_j == r_i and j < i)}, computed by comparing
+        each sample with all others in CHUNK-wide slices (O(G^2) compares, all in registers).
+        For SCALE_MODE == 1 (batch) the launch has a single program that first reduces the
+        mean and std of every valid reward in the call (two passes), then does the groups.
+        """
+        pid = tl.program_id(0)
+        offs = tl.arange(0, BLOCK_G)
+        in_row = offs < G
+
+        s_batch = tl.zeros((), dtype=tl.float64)
+        if SCALE_MODE == 1:
+            tot = tl.zeros((), dtype=tl.float64)
+            cnt = tl.zeros((), dtype=tl.int32)
+            for g in range(0, P):
+                r = tl.load(R + g * G + offs, mask=in_row, other=float("nan")).to(tl.float32)
+                ok = in_row & (tl.abs(r) < float("inf"))
+                tot += tl.sum(tl.where(ok, r.to(tl.float64), 0.0), axis=0)
+                cnt += tl.sum(ok.to(tl.int32), axis=0)
+            bmean = tot / cnt
+            ss = tl.zeros((), dtype=tl.float64)
+            for g in range(0, P):
+                r = tl.load(R + g * G + offs, mask=in_row, other=float("nan")).to(tl.float32)
+                ok = in_row & (tl.abs(r) < float("inf"))
+                d = tl.where(ok, r.to(tl.float64) - bmean, 0.0)
+                ss += tl.sum(d * d, axis=0)
+            denom = (cnt - 1) if UNBIASED else cnt
+            s_batch = tl.where(cnt >= 2, tl.sqrt(ss / tl.maximum(denom, 1).to(tl.float64)), 0.0)
+
+        for g in range(pid, P, GRID):
+            base = g * G
+            r = tl.load(R + base + offs, mask=in_row, other=float("nan")).to(tl.float32)
+            valid = in_row & (tl.abs(r) < float("inf"))
+            n_valid = tl.sum(valid.to(tl.int32), axis=0)
+            if HAS_TOPK:
+                rank = tl.zeros((BLOCK_G,), dtype=tl.int32)
+                for j0 in tl.static_range(0, BLOCK_G, CHUNK):
+                    offs_j = j0 + tl.arange(0, CHUNK)
+                    rj = tl.load(R + base + offs_j, mask=offs_j < G, other=float("nan")).to(tl.float32)
+                    vj = (offs_j < G) & (tl.abs(rj) < float("inf"))
+                    ahead = (rj[None, :] > r[:, None]) | ((rj[None, :] == r[:, None]) & (offs_j[None, :] < offs[:, None]))
+                    rank += tl.sum((ahead & vj[None, :]).to(tl.int32), axis=1)
+                kept = valid & ((rank < top_k) | (rank >= n_valid - top_k))
+            else:
+                kept = valid
+            if STATS_KEPT:
+                mean, std = _group_stats(r, kept, UNBIASED)
+            else:
+                mean, std = _group_stats(r, valid, UNBIASED)
+            if SCALE_MODE == 0:
+                scale = std + eps
+            elif SCALE_MODE == 1:
+                scale = s_batch + eps
+            else:
+                scale = tl.full((), 1.0, tl.float64)
+            adv = tl.where(kept, (r.to(tl.float64) - mean) / scale, 0.0)
+            if HAS_CLIP:
+                adv = tl.minimum(tl.maximum(adv, -clip), clip)
+            if DROP_ZERO:
+                spread = std > zero_std_tol
+                adv = tl.where(spread, adv, 0.0)
+                kept = tl.where(spread, kept, tl.zeros_like(kept))
+            tl.store(A + base + offs, adv.to(tl.float32), mask=in_row)
+            tl.store(KEEP + base + offs, kept.to(tl.int8), mask=in_row)
+            tl.store(MEAN + g, mean.to(tl.float32))
+            tl.store(STD + g, std.to(tl.float32))
+
+
+def _launch_triton(r: torch.Tensor, *, std: str, unbiased: bool, eps: float, clip: float | None,
+                   top_k: int | None, stats_over: str, drop_zero_std: bool, zero_std_tol: float):
+    P, G = r.shape
+    adv = torch.empty((P, G), dtype=torch.float32, device=r.device)
+    keep = torch.empty((P, G), dtype=torch.int8, device=r.device)
+    mean = torch.empty(P, dtype=torch.float32, device=r.device)
+    sd = torch.empty(P, dtype=torch.float32, device=r.device)
+    if P == 0:
+        return adv, keep.bool(), mean, sd
+    block_g = max(triton.next_power_of_2(G), 2)
+    chunk = min(block_g, max(2, 4096 // block_g))  # keep the [BLOCK_G, CHUNK] compare tile <= 4096
+    scale_mode = {"group": 0, "batch": 1, "none": 2}[std]
+    grid = 1 if scale_mode == 1 else P
+    _group_advantages_kernel[(grid,)](
+        r, adv, keep, mean, sd, P, G, int(top_k or 0), float(eps), float(clip or 0.0), float(zero_std_tol),
+        GRID=grid, BLOCK_G=block_g, CHUNK=chunk, HAS_TOPK=top_k is not None, STATS_KEPT=stats_over == "kept",
+        UNBIASED=unbiased, SCALE_MODE=scale_mode, HAS_CLIP=clip is not None, DROP_ZERO=drop_zero_std,
+        num_warps=1 if block_g <= 64 else 4,
+    )
+    return adv, keep.view(torch.bool), mean, sd
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def group_advantages_reference(r: torch.Tensor, *, std: str = "group", unbiased: bool = False, eps: float = 1e-4,
+                               clip: float | None = None, top_k: int | None = None, stats_over: str = "kept",
+                               drop_zero_std: bool = False, zero_std_tol: float = 0.0):
+    """Plain PyTorch SPEC §3.1 on ``r [P, G]``; returns (advantages, keep, mean, std)."""
+    P, G = r.shape
+    r = r.float()
+    valid = torch.isfinite(r)
+    n_valid = valid.sum(1, keepdim=True)
+    if top_k is None:
+        kept = valid
+    else:
+        # Descending stable sort puts ties in index order; invalid entries (-inf key) go last.
+        key = torch.where(valid, r, torch.full_like(r, float("-inf")))
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=r.device).expand(P, G))
+        kept = valid & ((rank < top_k) | (rank >= n_valid - top_k))
+    T = kept if stats_over == "kept" else valid
+
+    def stats(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None):
+        x = x.double()
+        cnt = mask.sum(dim) if dim is not None else mask.sum()
+        total = torch.where(mask, x, 0.0).sum(dim) if dim is not None else torch.where(mask, x, 0.0).sum()
+        m = total / cnt
+        m_b = m.unsqueeze(-1) if dim is not None else m
+        d = torch.where(mask, x - m_b, 0.0)
+        ss = (d * d).sum(dim) if dim is not None else (d * d).sum()
+        s = torch.sqrt(ss / (cnt - int(unbiased)).clamp(min=1))
+        return m, torch.where(cnt >= 2, s, torch.zeros_like(s))
+
+    mean, sd = stats(r, T, dim=1)
+    if std == "group":
+        scale = sd + eps
+    elif std == "batch":
+        scale = (stats(r, valid)[1] + eps).expand(P)
+    else:
+        scale = torch.ones_like(sd)
+    adv = torch.where(kept, (r.double() - mean[:, None]) / scale[:, None], 0.0)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    if drop_zero_std:
+        flat = (sd <= zero_std_tol)[:, None]
+        adv = torch.where(flat, 0.0, adv)
+        kept = kept & ~flat
+    return adv.float(), kept, mean.float(), sd.float()
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int | None = None, *, std: StdMode = "group",
+                     unbiased: bool = False, eps: float = 1e-4, clip: float | None = None,
+                     top_k: int | None = None, stats_over: StatsOver = "kept", drop_zero_std: bool = False,
+                     zero_std_tol: float = 0.0, backend: str = "auto") -> GroupAdvantages:
+    """Group-relative advantages with optional Top-k filtering (SPEC §3.1).
+
+    Args:
+        rewards: ``[P, G]`` (P prompts, G samples each) or flat ``[N]`` with ``group_size=G``;
+            any float dtype. NaN/inf rewards never enter statistics and get ``keep=False``.
+        top_k: keep the top-k and bottom-k valid samples of each group (None keeps all).
+        stats_over: ``"kept"`` (Spatial-RL) or ``"group"`` (all valid samples, then filter).
+        std: ``"group"`` | ``"batch"`` | ``"none"`` (Dr.GRPO).
+        backend: ``"auto"`` (fused kernel on CUDA, reference on CPU), ``"triton"``, ``"torch"``,
+            or ``"cuda"`` (native extension).
+
+    Returns:
+        :class:`GroupAdvantages` with float32 ``advantages`` and bool ``keep`` shaped like
+        ``rewards``, and float32 ``mean``/``std`` of shape ``[P]``.
+    """
+    if not torch.is_tensor(rewards):
+        raise TypeError(f"rewards must be a tensor, got {type(rewards).__name__}")
+    if not rewards.is_floating_point():
+        raise TypeError(f"rewards must be a floating-point tensor, got {rewards.dtype}")
+    flat = rewards.dim() == 1
+    if flat:
+        if group_size is None:
+            raise ValueError("flat rewards [N] need group_size")
+        if group_size < 1 or rewards.numel() % group_size:
+            raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+        r = rewards.reshape(-1, group_size)
+    elif rewards.dim() == 2:
+        if group_size is not None and group_size != rewards.shape[1]:
+            raise ValueError(f"group_size={group_size} disagrees with rewards shape {tuple(rewards.shape)}")
+        r = rewards
+    else:
+        raise ValueError(f"rewards must be [P, G] or [N], got shape {tuple(rewards.shape)}")
+    G = r.shape[1]
+    if std not in ("group", "batch", "none"):
+        raise ValueError(f"std must be 'group', 'batch' or 'none', got {std!r}")
+    if stats_over not in ("kept", "group"):
+        raise ValueError(f"stats_over must be 'kept' or 'group', got {stats_over!r}")
+    if top_k is not None and not (isinstance(top_k, int) and 1 <= top_k <= G):
+        raise ValueError(f"top_k must be an int in [1, G={G}] or None, got {top_k!r}")
+    if eps < 0 or (clip is not None and clip <= 0):
+        raise ValueError("eps must be >= 0 and clip > 0")
+    if backend == "auto":
+        backend = "triton" if r.is_cuda and triton is not None else "torch"
+    kwargs = dict(std=std, unbiased=unbiased, eps=eps, clip=clip, top_k=top_k, stats_over=stats_over,
+                  drop_zero_std=drop_zero_std, zero_std_tol=zero_std_tol)
+    if backend == "torch":
+        adv, keep, mean, sd = group_advantages_reference(r, **kwargs)
+    elif backend == "triton":
+        if triton is None:
+            raise RuntimeError("backend='triton' needs the triton package")
+        adv, keep, mean, sd = _launch_triton(r.contiguous(), **kwargs)
+    elif backend == "cuda":
+        from . import native
+
+        adv, keep, mean, sd = native.group_advantages(r.contiguous(), **kwargs)
+    else:
+        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'cuda', got {backend!r}")
+    if flat:
+        adv, keep = adv.reshape(-1), keep.reshape(-1)
+    return GroupAdvantages(adv, keep, mean, sd)
