@@ -7,3 +7,6 @@ plain PyTorch reference, the autograd wrapper and the dispatch (``backend="auto"
 from .advantages import ADVANTAGE_PRESETS, GroupAdvantages, group_advantages, group_advantages_reference
 
 __all__ = ["ADVANTAGE_PRESETS", "GroupAdvantages", "group_advantages", "group_advantages_reference"]
+from .sde_step import ode_step, sde_step_logprob, sde_step_reference, step_coefficients  # noqa: E402
+
+__all__ += ["ode_step", "sde_step_logprob", "sde_step_reference", "step_coefficients"]
