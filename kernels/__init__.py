@@ -10,3 +10,14 @@ __all__ = ["ADVANTAGE_PRESETS", "GroupAdvantages", "group_advantages", "group_ad
 from .sde_step import ode_step, sde_step_logprob, sde_step_reference, step_coefficients  # noqa: E402
 
 __all__ += ["ode_step", "sde_step_logprob", "sde_step_reference", "step_coefficients"]
+from .grpo_loss import GRPOLoss, flow_grpo_loss, flow_grpo_loss_reference  # noqa: E402
+from .reward_head import (  # noqa: E402
+    pair_loss,
+    pair_loss_reference,
+    pairwise_accuracy,
+    reward_head,
+    reward_head_reference,
+)
+
+__all__ += ["GRPOLoss", "flow_grpo_loss", "flow_grpo_loss_reference", "pair_loss", "pair_loss_reference",
+            "pairwise_accuracy", "reward_head", "reward_head_reference"]

@@ -91,9 +91,9 @@ def test_gradcheck_reference_float64():
         # Sampling: the sample and the mean. (The log-prob treats the sample as a constant, as
         # Flow-GRPO does, so finite differences through the sample do not apply to it.)
         assert torch.autograd.gradcheck(
-            lambda x, v: sde_step_reference(x, v, 0.8, 0.6, 0.7, noise, cps=cps)[0:3:2], (x, v))
+            lambda x, v, cps=cps: sde_step_reference(x, v, 0.8, 0.6, 0.7, noise, cps=cps)[0:3:2], (x, v))
         assert torch.autograd.gradcheck(
-            lambda x, v: sde_step_reference(x, v, 0.8, 0.6, 0.7, prev_sample=prev, cps=cps)[1], (x, v))
+            lambda x, v, cps=cps: sde_step_reference(x, v, 0.8, 0.6, 0.7, prev_sample=prev, cps=cps)[1], (x, v))
 
 
 @pytest.mark.parametrize("given_prev", [False, True])
