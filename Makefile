@@ -24,10 +24,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: $(STAMP)
-	$(PY) -m pytest -q profiling/benchmarks --benchmark-only --benchmark-columns=min,median,max,rounds
+	$(PY) -m pytest -q -p no:cacheprovider profiling/benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
 
 cuda: $(STAMP)
-	$(VENV)/bin/cmake -S . -B build -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja && $(VENV)/bin/cmake --build build
+	$(VENV)/bin/cmake -S . -B build -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython3_EXECUTABLE=$(abspath $(PY)) && $(VENV)/bin/cmake --build build
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
