@@ -101,3 +101,12 @@ def test_pair_loss_gradcheck_and_bt_limit():
 
 def test_pairwise_accuracy_ties_count_half():
     assert pairwise_accuracy(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == 0.625
+
+
+def test_reward_head_gradcheck_reference():
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(3, 4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    w = torch.randn(2, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    b = torch.randn(2, dtype=torch.float64, generator=g, requires_grad=True)
+    idx = torch.tensor([3, 0, 2])
+    assert torch.autograd.gradcheck(lambda h, w, b: reward_head_reference(h, idx, w, b), (hidden, w, b))
