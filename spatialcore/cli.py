@@ -72,6 +72,60 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(cfg, Path(args.out))
 
 
+def _cmd_data_synth(args: argparse.Namespace) -> int:
+    from .data.synth import DIFFICULTIES, SynthConfig
+
+    overrides = [*args.overrides, *([f"size={args.size}"] if args.size is not None else [])]
+    cfg = load_config(SynthConfig, args.config, overrides, base=DIFFICULTIES[args.difficulty])
+    from .data.synth import synth_pair_set
+    from .logs import info
+
+    if args.pairs < 1:
+        raise ConfigError("--pairs", f"must be >= 1, got {args.pairs}")
+    import time
+
+    t0 = time.perf_counter()
+    try:
+        counts = synth_pair_set(args.out, args.pairs, args.seed, cfg, workers=args.workers, overwrite=args.force)
+    except FileExistsError as err:
+        info(str(err), who="data synth")
+        return 1
+    dt = time.perf_counter() - t0
+    info(f"{args.pairs} pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}) at {cfg.size}px in {dt:.1f} s "
+         f"({args.pairs / dt:.0f} pairs/s) -> {args.out}", who="data synth")
+    return 0
+
+
+def _cmd_data_validate(args: argparse.Namespace) -> int:
+    from .data.pairs import scan_pair_set
+
+    records, problems = scan_pair_set(args.dir, check_images=not args.no_images)
+    for p in problems:
+        print(p)
+    errors = [p for p in problems if p.severity == "error"]
+    n_warn = len(problems) - len(errors)
+    bad_lines = len({p.line for p in errors})
+    print(f"{len(records)} good record(s), {bad_lines} bad record(s), {len(errors)} error(s), {n_warn} warning(s)")
+    return 1 if errors else 0
+
+
+def _cmd_data_stats(args: argparse.Namespace) -> int:
+    from .data.stats import format_stats, pair_set_stats, plot_stats
+
+    stats = pair_set_stats(args.dir)
+    if stats["pairs"] == 0:
+        print(f"no valid pairs in {args.dir} (see `spatialcore data validate {args.dir}`)", file=sys.stderr)
+        return 1
+    png = Path(args.png) if args.png else Path(args.dir) / "stats.png"
+    plot_stats(stats, png)
+    if args.json:
+        print(json.dumps({k: v for k, v in stats.items() if not k.startswith("_")}, indent=2))
+    else:
+        print(format_stats(stats))
+        print(f"figure: {png}")
+    return 0
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
@@ -92,7 +146,12 @@ def _config_kinds() -> dict[str, Callable[[], type]]:
 
         return DemoConfig
 
-    return {"tiny": tiny, "demo": demo}
+    def synth() -> type:
+        from .data.synth import SynthConfig
+
+        return SynthConfig
+
+    return {"tiny": tiny, "demo": demo, "synth": synth}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -117,6 +176,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default runs/demo)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("data", help="synthetic spatial pairs: make, validate, summarise",
+                       description="Synthetic SpatialReward pairs and pair-set tools.")
+    dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
+    dsub.required = True
+    d = dsub.add_parser("synth", help="render a synthetic pair set",
+                        description="Render N (perfect, perturbed) image pairs with prompts into DIR "
+                                    "(pairs.jsonl + images/), deterministically from --seed.")
+    d.add_argument("--out", required=True, metavar="DIR")
+    d.add_argument("--pairs", type=int, required=True, metavar="N")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--size", type=int, default=None, metavar="PX", help="image side (overrides the preset)")
+    d.add_argument("--difficulty", choices=["easy", "medium", "hard"], default="hard",
+                   help="preset: easy (fixed object pair, one relation), medium (two objects, one relation, "
+                        "split by object pair), hard (3-6 objects, 2-9 relations; default)")
+    d.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
+    d.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    _add_config_args(d)
+    d.set_defaults(func=_cmd_data_synth)
+    d = dsub.add_parser("validate", help="check every record of a pair set",
+                        description="Check pairs.jsonl and its images; print 'line N: reason' per problem "
+                                    "and a summary. Exit 0 when clean (warnings allowed), 1 otherwise.")
+    d.add_argument("dir", metavar="DIR")
+    d.add_argument("--no-images", action="store_true", help="skip decoding the images")
+    d.set_defaults(func=_cmd_data_validate)
+    d = dsub.add_parser("stats", help="summarise a pair set (printed and as a PNG)",
+                        description="Counts per split, relations per prompt, perturbation types and counts, "
+                                    "prompt length; printed and drawn as a PNG.")
+    d.add_argument("dir", metavar="DIR")
+    d.add_argument("--png", metavar="FILE", help="figure path (default DIR/stats.png)")
+    d.add_argument("--json", action="store_true", help="print JSON instead of text")
+    d.set_defaults(func=_cmd_data_stats)
 
     p = sub.add_parser("info", help="versions, device, attention kernels available",
                        description="Print the environment: versions, device, GPUs (NVML), attention backends.")
@@ -145,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"spatialcore {args.command}: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except BrokenPipeError:
+        return 0
     except KeyboardInterrupt:
         print(f"spatialcore {args.command}: interrupted", file=sys.stderr)
         return 130

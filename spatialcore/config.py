@@ -215,8 +215,10 @@ def _deepcopy(data: Any) -> Any:
     return data
 
 
-def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> T:
-    """Load ``cls`` from a YAML file (optional) plus dotted overrides; raise :class:`ConfigError`."""
+def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                base: dict | None = None) -> T:
+    """Load ``cls`` from ``base`` (a preset), then a YAML file (optional), then dotted overrides;
+    raise :class:`ConfigError`."""
     data: Any = {}
     if path is not None:
         path = Path(path)
@@ -228,6 +230,7 @@ def load_config(cls: type[T], path: str | Path | None = None, overrides: list[st
             raise ConfigError("--config", f"{path} is not valid YAML: {err}") from None
         if not isinstance(data, dict):
             raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+    data = {**(base or {}), **data}
     return from_dict(cls, apply_overrides(data, overrides))
 
 

@@ -1,0 +1,228 @@
+"""Synthetic SpatialReward pairs: difficulty presets, a deterministic pair generator, a
+multi-process writer for pair folders (SPEC §5) and a streaming dataset of fresh pairs.
+
+Pair ``index`` under ``seed`` is a pure function of (config, seed, index): a perfect scene and
+its prompt, a perturbed scene violating 1, 2 or 3 of the prompt's relations, and one image
+rendered from each, laid out and jittered independently. Both images are judged against the
+perfect prompt. The split comes from a hash of the perfect prompt (or of its object set with
+``split_by="objects"``), so no prompt appears in two splits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch.utils.data
+
+from ..config import ConfigError, param
+from ..vocab import COLOURS, OBJECTS, RELATIONS
+from .render import render
+from .scene import PERTURBATIONS, SceneSpec, perturb, random_scene, write_prompt
+
+SPLITS = ("train", "val", "test")
+
+
+@dataclass
+class SynthConfig:
+    size: int = param(224, min=28, max=2048, help="image side in pixels")
+    min_objects: int = param(3, min=2, max=len(COLOURS))
+    max_objects: int = param(6, min=2, max=len(COLOURS))
+    min_relations: int = param(2, min=1, max=9)
+    max_relations: int = param(9, min=1, max=9)
+    relation_types: list[str] = field(default_factory=lambda: list(RELATIONS))
+    perturbation_types: list[str] = field(default_factory=lambda: list(PERTURBATIONS))
+    max_violations: int = param(3, min=1, max=3, help="pairs violate 1..max_violations relations")
+    p_single: float = param(0.5, min=0.0, max=1.0, help="share of pairs with exactly one violation")
+    fixed_objects: list[str] = field(default_factory=list)  # e.g. ["red circle", "blue square"]
+    p_sizes: float = param(0.3, min=0.0, max=1.0, help="share of prompts that name object sizes")
+    p_background: float = param(0.5, min=0.0, max=1.0, help="share of prompts that name the background")
+    val_fraction: float = param(0.05, min=0.0, max=0.5)
+    test_fraction: float = param(0.05, min=0.0, max=0.5)
+    split_by: Literal["prompt", "objects"] = "prompt"
+    colour_jitter: int = param(8, min=0, max=30)
+
+    def check(self) -> None:
+        if self.min_objects > self.max_objects:
+            raise ConfigError("min_objects", f"{self.min_objects} exceeds max_objects={self.max_objects}")
+        if self.min_relations > self.max_relations:
+            raise ConfigError("min_relations", f"{self.min_relations} exceeds max_relations={self.max_relations}")
+        bad = [t for t in self.relation_types if t not in RELATIONS]
+        if bad or not self.relation_types:
+            raise ConfigError("relation_types", f"unknown {bad} (known: {list(RELATIONS)})" if bad else "is empty")
+        bad = [t for t in self.perturbation_types if t not in PERTURBATIONS]
+        if bad or not self.perturbation_types:
+            raise ConfigError("perturbation_types",
+                              f"unknown {bad} (known: {list(PERTURBATIONS)})" if bad else "is empty")
+        if self.relation_types == ["between"] and self.max_objects < 3:
+            raise ConfigError("relation_types", "'between' alone needs max_objects >= 3")
+        for item in self.fixed_objects:
+            parts = item.split()
+            if len(parts) != 2 or parts[0] not in COLOURS or parts[1] not in OBJECTS:
+                raise ConfigError("fixed_objects", f"{item!r} is not '<colour> <kind>' from the vocabulary")
+        if self.fixed_objects and len({p.split()[0] for p in self.fixed_objects}) != len(self.fixed_objects):
+            raise ConfigError("fixed_objects", "colours must differ")
+        if len(self.fixed_objects) == 1:
+            raise ConfigError("fixed_objects", "needs at least two objects")
+        if self.val_fraction + self.test_fraction >= 1:
+            raise ConfigError("val_fraction", "val_fraction + test_fraction must be < 1")
+
+    def spec(self) -> SceneSpec:
+        return SceneSpec(
+            min_objects=self.min_objects, max_objects=self.max_objects, min_relations=self.min_relations,
+            max_relations=self.max_relations, relation_types=tuple(self.relation_types),
+            perturbation_types=tuple(self.perturbation_types), max_violations=self.max_violations,
+            p_single=self.p_single, fixed_objects=tuple(tuple(x.split()) for x in self.fixed_objects),
+            p_sizes=self.p_sizes, p_background=self.p_background)
+
+
+DIRECTIONAL = ["left of", "right of", "above", "below"]
+
+# Starting points; any key can still be overridden.
+DIFFICULTIES: dict[str, dict] = {
+    # A fixed object pair, one directional relation, a flipped one in the rejected image:
+    # learnable by the tiny CPU reward model (new images and prompt wordings at test time).
+    "easy": {"size": 56, "fixed_objects": ["red circle", "blue square"], "min_relations": 1, "max_relations": 1,
+             "relation_types": DIRECTIONAL, "perturbation_types": ["flip"], "max_violations": 1, "p_single": 1.0},
+    # Two objects of any colour/kind, one directional relation; split by object pair so the
+    # held-out objects were never seen in training.
+    "medium": {"size": 56, "min_objects": 2, "max_objects": 2, "min_relations": 1, "max_relations": 1,
+               "relation_types": DIRECTIONAL, "perturbation_types": ["flip", "swap", "relation"],
+               "max_violations": 1, "p_single": 1.0, "split_by": "objects"},
+    # The full task: 3-6 objects, 2-9 relations of every type, 1-3 violations.
+    "hard": {},
+}
+
+
+def split_of(key: str, cfg: SynthConfig) -> str:
+    u = int(hashlib.sha1(key.encode()).hexdigest()[:12], 16) / 16**12
+    if u < cfg.test_fraction:
+        return "test"
+    if u < cfg.test_fraction + cfg.val_fraction:
+        return "val"
+    return "train"
+
+
+@dataclass
+class SynthPair:
+    record: dict
+    chosen: object  # PIL images
+    rejected: object
+
+
+def make_pair(cfg: SynthConfig, seed: int | str, index: int, spec: SceneSpec | None = None) -> SynthPair:
+    """Pair ``index`` of the stream ``seed`` (deterministic)."""
+    spec = spec or cfg.spec()
+    rng = random.Random(f"spatialcore:{seed}:{index}")
+    scene = random_scene(spec, rng)
+    if rng.random() < cfg.p_single or cfg.max_violations == 1:
+        n = 1
+    else:
+        n = rng.randint(2, cfg.max_violations)
+    n = min(n, len(scene.relations))
+    perturbed, ops, violated = perturb(scene, n, spec, rng)
+    prompt = write_prompt(scene, rng)
+    perturbed_prompt = write_prompt(perturbed, rng)
+    chosen = render(scene, cfg.size, rng, colour_jitter=cfg.colour_jitter)
+    rejected = render(perturbed, cfg.size, rng, colour_jitter=cfg.colour_jitter)
+    key = prompt if cfg.split_by == "prompt" else "|".join(sorted(f"{o.colour} {o.kind}" for o in scene.objects))
+    pid = f"{seed}-{index:08d}"
+    record = {
+        "id": pid, "prompt": prompt, "chosen": f"images/{pid}_chosen.png", "rejected": f"images/{pid}_rejected.png",
+        "n_perturbations": n, "perturbations": ops, "split": split_of(key, cfg),
+        "meta": {"perturbed_prompt": perturbed_prompt, "violated": violated, "seed": seed, "index": index,
+                 "chosen_scene": scene.to_meta(), "rejected_scene": perturbed.to_meta()},
+    }
+    return SynthPair(record, chosen, rejected)
+
+
+def _write_one(args: tuple[SynthConfig, int | str, int, str]) -> dict:
+    cfg, seed, index, out = args
+    pair = make_pair(cfg, seed, index)
+    pair.chosen.save(os.path.join(out, pair.record["chosen"]), compress_level=1)
+    pair.rejected.save(os.path.join(out, pair.record["rejected"]), compress_level=1)
+    return pair.record
+
+
+def synth_pair_set(out: str | Path, n_pairs: int, seed: int, cfg: SynthConfig, *, workers: int | None = None,
+                   overwrite: bool = False, progress: bool = True) -> dict:
+    """Write ``n_pairs`` pairs to ``out`` (pairs.jsonl + images/ + synth.json); returns counts."""
+    from multiprocessing import get_context
+
+    from ..config import to_dict
+    from ..logs import progress as bar
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty (use --force to replace it)")
+        shutil.rmtree(out)
+    (out / "images").mkdir(parents=True)
+    workers = workers or min(os.cpu_count() or 1, 8)
+    jobs = [(cfg, seed, i, str(out)) for i in range(n_pairs)]
+    counts = {s: 0 for s in SPLITS}
+    tmp = out / "pairs.jsonl.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        if workers > 1 and n_pairs > 32:
+            with get_context("spawn" if os.name == "nt" else "fork").Pool(workers) as pool:
+                it = pool.imap(_write_one, jobs, chunksize=16)
+                for rec in bar(it, total=n_pairs, desc="synth", unit="pair") if progress else it:
+                    fh.write(json.dumps(rec) + "\n")
+                    counts[rec["split"]] += 1
+        else:
+            for job in bar(jobs, desc="synth", unit="pair") if progress else jobs:
+                rec = _write_one(job)
+                fh.write(json.dumps(rec) + "\n")
+                counts[rec["split"]] += 1
+    tmp.rename(out / "pairs.jsonl")
+    (out / "synth.json").write_text(json.dumps({"seed": seed, "pairs": n_pairs, "config": to_dict(cfg)}, indent=2))
+    return counts
+
+
+class StreamingPairs(torch.utils.data.IterableDataset):
+    """An endless stream of fresh training pairs, rendered on the fly (a torch IterableDataset).
+
+    Item ``k`` of rank ``rank`` is the first pair of the candidate sequence
+    ``(seed, rank, k, 0), (seed, rank, k, 1), ...`` whose split is ``train``: prompts held out
+    for val/test never appear, items never repeat across ranks or positions, and the stream is
+    a pure function of (seed, rank, k). DataLoader workers take items ``start + w, start + w + W, ...``
+    so the loader yields k = start, start + 1, ... in order; resume with ``start = items consumed``.
+    """
+
+    def __init__(self, cfg: SynthConfig, seed: int, *, rank: int = 0, world_size: int = 1, start: int = 0,
+                 length: int | None = None):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.cfg, self.seed, self.rank, self.world_size = cfg, seed, rank, world_size
+        self.start, self.length = start, length
+        self.spec = cfg.spec()
+
+    def item(self, k: int) -> dict:
+        for attempt in range(1000):
+            pair = make_pair(self.cfg, f"{self.seed}:{self.rank}:{k}:{attempt}", 0, self.spec)
+            if pair.record["split"] == "train":
+                rec = pair.record
+                return {"id": rec["id"], "index": k, "prompt": rec["prompt"], "chosen": pair.chosen,
+                        "rejected": pair.rejected, "n_perturbations": rec["n_perturbations"],
+                        "perturbations": rec["perturbations"]}
+        raise RuntimeError("no training pair found in 1000 candidates: check val/test fractions")
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        w, W = (info.id, info.num_workers) if info is not None else (0, 1)
+        k = self.start + w
+        end = None if self.length is None else self.start + self.length
+        while end is None or k < end:
+            yield self.item(k)
+            k += W
+
+    def state_dict(self, consumed: int) -> dict:
+        return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "start": self.start + consumed}
+

@@ -1,0 +1,182 @@
+"""Synthetic pairs: determinism, perturbations that really violate, oracles, splits, streaming."""
+
+import hashlib
+import json
+import random
+from collections import Counter
+
+import pytest
+import torch
+from PIL import Image
+
+from spatialcore.config import from_dict
+from spatialcore.data.oracle import judge, pixel_score
+from spatialcore.data.render import difference
+from spatialcore.data.scene import (
+    OPPOSITE,
+    PERTURBATIONS,
+    RELATION_CHANGE,
+    Scene,
+    SceneSpec,
+    fraction_satisfied,
+    parse_prompt,
+    relation_from_meta,
+    satisfied,
+)
+from spatialcore.data.synth import DIFFICULTIES, StreamingPairs, SynthConfig, make_pair, synth_pair_set
+
+HARD = SynthConfig()
+
+
+@pytest.fixture(scope="module")
+def hard_pairs():
+    return [make_pair(HARD, 11, i) for i in range(160)]
+
+
+def _rels(meta_scene):
+    return [relation_from_meta(r) for r in meta_scene["relations"]]
+
+
+def test_make_pair_is_deterministic():
+    a, b = make_pair(HARD, 3, 17), make_pair(HARD, 3, 17)
+    assert a.record == b.record
+    assert a.chosen.tobytes() == b.chosen.tobytes() and a.rejected.tobytes() == b.rejected.tobytes()
+    assert make_pair(HARD, 4, 17).record["prompt"] != a.record["prompt"] or \
+        make_pair(HARD, 4, 17).chosen.tobytes() != a.chosen.tobytes()
+
+
+def test_written_sets_identical_for_any_worker_count(tmp_path):
+    synth_pair_set(tmp_path / "one", 40, 5, HARD, workers=1, progress=False)
+    synth_pair_set(tmp_path / "two", 40, 5, HARD, workers=2, progress=False)
+
+    def digest(root):
+        return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+
+    assert digest(tmp_path / "one") == digest(tmp_path / "two")
+    with pytest.raises(FileExistsError):
+        synth_pair_set(tmp_path / "one", 4, 5, HARD, progress=False)
+
+
+def test_perturbations_violate_exactly_what_they_claim(hard_pairs):
+    ops = Counter()
+    n_counts = Counter()
+    for pair in hard_pairs:
+        rec, meta = pair.record, pair.record["meta"]
+        chosen, rejected = Scene.from_meta(meta["chosen_scene"]), Scene.from_meta(meta["rejected_scene"])
+        rels = parse_prompt(rec["prompt"])
+        assert rels == chosen.relations, rec["prompt"]  # the prompt says exactly the scene graph
+        assert parse_prompt(meta["perturbed_prompt"]) == rejected.relations
+        assert fraction_satisfied(rels, chosen) == 1.0
+        n = rec["n_perturbations"]
+        violated = [i for i, r in enumerate(rels) if not satisfied(r, rejected)]
+        assert violated == meta["violated"] and len(violated) == n
+        assert abs(fraction_satisfied(rels, rejected) - (1 - n / len(rels))) < 1e-9
+        assert all(satisfied(r, rejected) for r in rejected.relations)  # the perturbed prompt is true of its image
+        ops.update(rec["perturbations"])
+        n_counts[n] += 1
+        if rec["perturbations"] == ["flip"]:
+            (i,) = violated
+            assert rejected.relations[i] == type(rels[i])(OPPOSITE[rels[i].type], rels[i].args)
+        if rec["perturbations"] == ["swap"]:
+            (i,) = violated
+            assert rejected.relations[i].args[:2] == rels[i].args[1::-1]
+        if rec["perturbations"] == ["relation"]:
+            (i,) = violated
+            assert rejected.relations[i].type in RELATION_CHANGE[rels[i].type]
+        if rec["perturbations"] == ["binding"]:
+            moved = [(a, b) for a, b in zip(chosen.objects, rejected.objects, strict=True) if a.colour != b.colour]
+            assert len(moved) == 2 and moved[0][0].colour == moved[1][1].colour
+        # Independent layouts: the two images are not pixel-aligned copies.
+        assert difference(pair.chosen, pair.rejected) > 0.5
+    assert set(ops) == set(PERTURBATIONS)
+    assert set(n_counts) == {1, 2, 3}
+
+
+def test_pixel_oracle_agrees_with_scene_graph(hard_pairs):
+    agree = total = 0
+    for pair in hard_pairs:
+        meta = pair.record["meta"]
+        rels = parse_prompt(pair.record["prompt"])
+        for image, key in ((pair.chosen, "chosen_scene"), (pair.rejected, "rejected_scene")):
+            scene = Scene.from_meta(meta[key])
+            for verdict, rel in zip(judge(image, rels), rels, strict=True):
+                total += 1
+                agree += verdict is not None and verdict == satisfied(rel, scene)  # "cannot tell" counts against
+    assert total > 500
+    assert agree / total >= 0.99, f"pixel oracle agreement {agree / total:.4f} over {total} relations"
+
+
+def test_pixel_oracle_says_cannot_tell_and_scores():
+    blank = Image.new("RGB", (224, 224), (250, 250, 250))
+    rels = parse_prompt("the red circle is to the left of the blue square.")
+    assert judge(blank, rels) == [None]
+    assert pixel_score(blank, rels) == -1.0
+    left = blank.copy()
+    left.paste((220, 30, 30), (20, 100, 60, 140))
+    left.paste((30, 60, 220), (160, 100, 200, 140))
+    assert pixel_score(left, "the red circle is to the left of the blue square.") > 0.5
+    assert pixel_score(left, "the red circle is to the right of the blue square.") < -0.5
+
+
+def test_splits_do_not_leak(tmp_path):
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES["easy"], "val_fraction": 0.2, "test_fraction": 0.2})
+    prompts = {}
+    for i in range(300):
+        rec = make_pair(cfg, 1, i).record
+        prompts.setdefault(rec["prompt"], set()).add(rec["split"])
+    assert all(len(s) == 1 for s in prompts.values())
+    assert {s for v in prompts.values() for s in v} == {"train", "val", "test"}
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES["medium"], "val_fraction": 0.2, "test_fraction": 0.2})
+    pairs_by_split = {}
+    for i in range(300):
+        rec = make_pair(cfg, 1, i).record
+        objs = tuple(sorted((o["colour"], o["kind"]) for o in rec["meta"]["chosen_scene"]["objects"]))
+        pairs_by_split.setdefault(objs, set()).add(rec["split"])
+    assert all(len(s) == 1 for s in pairs_by_split.values())
+
+
+def test_streaming_is_fresh_resumable_and_per_rank():
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES["easy"], "test_fraction": 0.3})
+    stream = StreamingPairs(cfg, seed=3, length=12)
+    items = list(stream)
+    assert [it["index"] for it in items] == list(range(12))
+    test_prompts = {make_pair(cfg, 3, i).record["prompt"] for i in range(400)
+                    if make_pair(cfg, 3, i).record["split"] == "test"}
+    assert not test_prompts & {it["prompt"] for it in items}
+    resumed = list(StreamingPairs(cfg, seed=3, start=5, length=7))
+    assert [it["id"] for it in resumed] == [it["id"] for it in items[5:]]
+    assert resumed[0]["chosen"].tobytes() == items[5]["chosen"].tobytes()
+    other = list(StreamingPairs(cfg, seed=3, rank=1, world_size=2, length=12))
+    assert not {it["id"] for it in other} & {it["id"] for it in items}
+    loader = torch.utils.data.DataLoader(StreamingPairs(cfg, seed=3, length=12), batch_size=None, num_workers=2,
+                                         collate_fn=lambda x: x)
+    assert [it["id"] for it in loader] == [it["id"] for it in items]
+
+
+def test_scene_spec_fixed_pair():
+    rng = random.Random(0)
+    from spatialcore.data.scene import random_scene
+
+    spec = SceneSpec(fixed_objects=(("red", "circle"), ("blue", "square")), max_relations=1,
+                     relation_types=("left of", "above"))
+    for _ in range(10):
+        s = random_scene(spec, rng)
+        assert {o.ident for o in s.objects} == {("red", "circle"), ("blue", "square")}
+        assert len(s.relations) == 1 and s.relations[0].type in ("left of", "above")
+
+
+def test_synth_cli_and_config_errors(tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "set"
+    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "data", "synth", "--out", str(out), "--pairs", "20",
+                           "--difficulty", "easy", "--size", "64", "--workers", "1"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = (out / "pairs.jsonl").read_text().splitlines()
+    assert len(lines) == 20 and json.loads(lines[0])["id"] == "0-00000000"
+    assert Image.open(out / json.loads(lines[0])["chosen"]).size == (64, 64)
+    bad = subprocess.run([sys.executable, "-m", "spatialcore.cli", "data", "synth", "--out", str(tmp_path / "x"),
+                          "--pairs", "2", "perturbation_types=[twist]"], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "perturbation_types" in bad.stderr and "Traceback" not in bad.stderr
