@@ -204,6 +204,8 @@ class PairSet(torch.utils.data.Dataset):
         self.folder = Path(folder)
         records, problems = scan_pair_set(self.folder, check_images=check_images)
         self.problems = problems
+        if not records and any(p.line == 0 for p in problems):
+            raise PairSetError(str(problems[0]))
         errors = [p for p in problems if p.severity == "error"]
         if errors and strict:
             shown = "\n".join(str(p) for p in errors[:20])
@@ -212,8 +214,6 @@ class PairSet(torch.utils.data.Dataset):
         if errors:
             warnings.warn(f"{self.folder}: skipped {len(errors)} problem(s) in {len({p.line for p in errors})} "
                           f"record(s); run `spatialcore data validate {self.folder}` for the list", stacklevel=2)
-        if not records and any(p.line == 0 for p in problems):
-            raise PairSetError(str(problems[0]))
         self.records = [r for r in records if split is None or r.split == split]
         self.split = split
 

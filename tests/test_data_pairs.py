@@ -1,0 +1,168 @@
+"""Pair-set loading: validation of broken inputs, skip/strict loading, resumable sharded sampler, collate."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from spatialcore.config import from_dict
+from spatialcore.data.pairs import PairCollator, PairSampler, PairSet, PairSetError, load_image, scan_pair_set
+from spatialcore.data.synth import DIFFICULTIES, SynthConfig, synth_pair_set
+
+
+def _rec(i, chosen, rejected, **kw):
+    return {"id": f"p{i}", "prompt": "the red circle is to the left of the blue square.", "chosen": chosen,
+            "rejected": rejected, "n_perturbations": 1, "perturbations": ["flip"], "split": "train", **kw}
+
+
+@pytest.fixture
+def broken_set(tmp_path):
+    d = tmp_path / "broken"
+    (d / "img").mkdir(parents=True)
+    good = Image.new("RGB", (64, 64), (200, 10, 10))
+    good.save(d / "img/good.png")
+    good.save(d / "img/good2.png")
+    buf = d / "img/truncated.png"
+    good.save(buf)
+    buf.write_bytes(buf.read_bytes()[:60])
+    (d / "img/zero.png").write_bytes(b"")
+    (d / "img/text.png").write_text("this is not an image")
+    Image.new("CMYK", (64, 64), (0, 200, 200, 0)).save(d / "img/cmyk.jpg")
+    Image.new("P", (64, 64), 3).save(d / "img/palette.png")
+    Image.fromarray(np.full((64, 64), 40000, dtype=np.uint16)).save(d / "img/sixteen.png")
+    Image.new("RGBA", (64, 64), (10, 200, 10, 128)).save(d / "img/rgba.png")
+    Image.new("RGB", (1, 1)).save(d / "img/tiny.png")
+    lines = [
+        json.dumps(_rec(1, "img/good.png", "img/good2.png")),                 # 1 good
+        json.dumps(_rec(2, "img/truncated.png", "img/good.png")),             # 2 truncated
+        json.dumps(_rec(3, "img/zero.png", "img/good.png")),                  # 3 zero bytes
+        json.dumps(_rec(4, "img/missing.png", "img/good.png")),               # 4 missing file
+        json.dumps(_rec(5, "img/text.png", "img/good.png")),                  # 5 not an image
+        '{"id": "p6", "prompt": "oops"',                                      # 6 bad JSON
+        json.dumps({k: v for k, v in _rec(7, "img/good.png", "img/good.png").items() if k != "split"}),  # 7 missing
+        json.dumps(_rec(8, "img/good.png", "img/good.png", n_perturbations="2")),  # 8 mistyped
+        json.dumps(_rec(1, "img/good.png", "img/good.png")),                  # 9 duplicate id
+        json.dumps(_rec(10, "img/cmyk.jpg", "img/palette.png")),              # 10 odd modes (warnings)
+        json.dumps(_rec(11, "img/sixteen.png", "img/rgba.png")),              # 11 odd modes (warnings)
+        json.dumps(_rec(12, "img/tiny.png", "img/good.png")),                 # 12 1x1 image
+        json.dumps(_rec(13, "img/good.png", "img/good.png", split="dev")),    # 13 bad split
+        "",                                                                   # 14 blank: ignored
+        json.dumps(_rec(15, "../outside.png", "img/good.png")),               # 15 escapes the folder
+        "[1, 2]",                                                             # 16 not an object
+    ]
+    (d / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return d
+
+
+EXPECTED_ERRORS = {2: "unreadable", 3: "empty file", 4: "file not found", 5: "not an image", 6: "bad JSON",
+                   7: "missing field", 8: "must be an integer", 9: "duplicate id", 12: "too small", 13: "split",
+                   15: "inside the folder", 16: "JSON object"}
+
+
+def test_validate_reports_every_problem_with_its_line(broken_set):
+    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "data", "validate", str(broken_set)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stdout + proc.stderr
+    out = proc.stdout.splitlines()
+    for line, fragment in EXPECTED_ERRORS.items():
+        hits = [o for o in out if o.startswith(f"line {line}: ") and "warning" not in o]
+        assert hits and any(fragment in h for h in hits), (line, fragment, out)
+    for line in (10, 11):
+        assert any(o.startswith(f"line {line}: warning:") for o in out)
+        assert not any(o.startswith(f"line {line}: ") and "warning" not in o for o in out)
+    assert not any(o.startswith(("line 1:", "line 14:")) for o in out)
+    assert out[-1].startswith("3 good record(s), 12 bad record(s)")
+
+
+def test_loader_skips_bad_records_and_strict_refuses(broken_set):
+    with pytest.warns(UserWarning, match="skipped"):
+        ds = PairSet(broken_set)
+    assert [r.id for r in ds.records] == ["p1", "p10", "p11"]
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["chosen"].mode == "RGB" and item["rejected"].mode == "RGB"
+    sixteen = ds[2]["chosen"]
+    assert abs(int(np.asarray(sixteen)[0, 0, 0]) - round(40000 / 65535 * 255)) <= 1  # scaled, not clipped
+    rgba = np.asarray(ds[2]["rejected"])[0, 0]
+    assert rgba[1] > rgba[0]  # alpha composited on white keeps the green
+    with pytest.raises(PairSetError, match="line 2"):
+        PairSet(broken_set, strict=True)
+    with pytest.raises(PairSetError, match="no pairs.jsonl"):
+        PairSet(broken_set / "img")
+
+
+def test_clean_set_validates(tmp_path):
+    cfg = from_dict(SynthConfig, DIFFICULTIES["easy"])
+    synth_pair_set(tmp_path / "s", 30, 0, cfg, progress=False)
+    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "data", "validate", str(tmp_path / "s")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("0 error(s), 0 warning(s)")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ds = PairSet(tmp_path / "s", split="train", strict=True)
+    assert 0 < len(ds) <= 30 and all(r.split == "train" for r in ds.records)
+    stats = subprocess.run([sys.executable, "-m", "spatialcore.cli", "data", "stats", str(tmp_path / "s"), "--json"],
+                           capture_output=True, text=True, timeout=120)
+    assert stats.returncode == 0, stats.stderr
+    data = json.loads(stats.stdout)
+    assert data["pairs"] == 30 and sum(data["splits"].values()) == 30
+    assert data["relations_per_prompt"] == {"1": 30}
+    assert (tmp_path / "s" / "stats.png").stat().st_size > 0
+
+
+def test_sampler_shards_cover_every_record_once():
+    for n, world in ((10, 3), (7, 2), (5, 8)):
+        shards = [list(PairSampler(n, seed=1, rank=r, world_size=world)) for r in range(world)]
+        flat = [i for s in shards for i in s]
+        assert sorted(flat) == list(range(n))
+        even = [list(PairSampler(n, seed=1, rank=r, world_size=world, even=True)) for r in range(world)]
+        assert len({len(s) for s in even}) == 1 and len({i for s in even for i in s}) == sum(map(len, even))
+    a = list(PairSampler(10, seed=1))
+    s = PairSampler(10, seed=1)
+    list(s)
+    assert list(s) != a  # the next epoch is a new permutation
+
+
+def test_sampler_resume_continues_with_the_next_batch():
+    data = list(range(23))
+    ref_sampler = PairSampler(len(data), seed=4, rank=1, world_size=2)
+    loader = torch.utils.data.DataLoader(data, batch_size=3, sampler=ref_sampler)
+    it = iter(loader)
+    seen = [next(it).tolist() for _ in range(2)]
+    state = ref_sampler.state_dict()
+    rest = [b.tolist() for b in it]
+    fresh = PairSampler(len(data), seed=4, rank=1, world_size=2)
+    fresh.load_state_dict(state)
+    resumed = [b.tolist() for b in torch.utils.data.DataLoader(data, batch_size=3, sampler=fresh)]
+    assert resumed == rest
+    assert seen[0] + seen[1] + [x for b in rest for x in b] == PairSampler(23, seed=4, rank=1, world_size=2).shard(0)
+    with pytest.raises(ValueError, match="sampler state"):
+        PairSampler(24, seed=4, rank=1, world_size=2).load_state_dict(state)
+
+
+def test_collate_feeds_the_qwen_processor(tmp_path, tiny_dir):
+    from transformers import AutoProcessor
+
+    cfg = from_dict(SynthConfig, DIFFICULTIES["easy"])
+    synth_pair_set(tmp_path / "s", 6, 0, cfg, progress=False)
+    ds = PairSet(tmp_path / "s")
+    batch = PairCollator(AutoProcessor.from_pretrained(tiny_dir / "reward"))([ds[i] for i in range(3)])
+    inputs = batch["inputs"]
+    assert inputs["input_ids"].shape[0] == 6 and inputs["image_grid_thw"].shape == (6, 3)
+    assert batch["n_perturbations"].tolist() == [1, 1, 1] and len(batch["ids"]) == 3
+    assert torch.equal(inputs["input_ids"][:3], inputs["input_ids"][3:])  # same prompts, chosen then rejected
+
+
+def test_load_image_modes(tmp_path):
+    Image.new("LA", (20, 20), (100, 0)).save(tmp_path / "la.png")
+    Image.new("1", (20, 20), 1).save(tmp_path / "bw.png")
+    assert load_image(tmp_path / "la.png").getpixel((0, 0)) == (255, 255, 255)  # fully transparent -> white
+    assert load_image(tmp_path / "bw.png").getpixel((0, 0)) == (255, 255, 255)
+    records, problems = scan_pair_set(tmp_path)
+    assert records == [] and "no pairs.jsonl" in str(problems[0])
