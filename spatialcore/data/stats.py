@@ -47,15 +47,16 @@ def plot_stats(stats: dict, path: str | Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(2, 2, figsize=(10, 7), dpi=100)
+    fig, axes = plt.subplots(2, 3, figsize=(14, 7), dpi=100)
     panels = [("splits", "pairs per split"), ("relations_per_prompt", "relations per prompt"),
-              ("perturbation_types", "perturbation operations"), ("n_perturbations", "violated relations per pair")]
-    for ax, (key, title) in zip(axes.flat[:3], panels[:3], strict=True):
+              ("relation_types", "relation types"), ("perturbation_types", "perturbation operations"),
+              ("n_perturbations", "violated relations per pair")]
+    for ax, (key, title) in zip(axes.flat[:5], panels, strict=True):
         data = stats[key]
         ax.bar([str(k) for k in data], list(data.values()), color="#4477aa")
         ax.set_title(title)
         ax.tick_params(axis="x", labelrotation=30)
-    ax = axes.flat[3]
+    ax = axes.flat[5]
     ax.hist(stats["_words"], bins=30, color="#aa7744")
     ax.set_title("prompt length (words)")
     fig.tight_layout()
