@@ -126,6 +126,67 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_reward_train(args: argparse.Namespace) -> int:
+    from .trainers.reward import RewardTrainConfig, train
+
+    cfg = load_config(RewardTrainConfig, args.config, args.overrides)
+    if not Path(cfg.data).is_dir():
+        raise ConfigError("data", f"{cfg.data} is not a folder (make one with `spatialcore data synth`)")
+    if not Path(cfg.model).exists() and cfg.model.count("/") != 1:
+        raise ConfigError("model", f"{cfg.model} is neither a local folder nor a hub id (owner/name)")
+    metrics = train(cfg)
+    if args.json and metrics:
+        print(json.dumps({k: v for k, v in metrics.items() if k != "calibration"}, indent=2))
+    return 0
+
+
+def _cmd_reward_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .data.pairs import PairSet, PairSetError
+    from .reward.evaluate import format_table, pair_metrics, pair_scores
+    from .reward.model import SpatialScore
+
+    try:
+        data = PairSet(args.data, split=args.split, strict=args.strict)
+    except PairSetError as err:
+        print(f"spatialcore reward eval: {err}", file=sys.stderr)
+        return 1
+    if len(data) == 0:
+        print(f"spatialcore reward eval: no '{args.split}' pairs in {args.data}", file=sys.stderr)
+        return 1
+    model = SpatialScore.from_pretrained(args.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True))
+    print(format_table(metrics, name=Path(args.model).name))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    return 0
+
+
+def _cmd_reward_score(args: argparse.Namespace) -> int:
+    import torch
+
+    from .reward.model import SpatialScore
+
+    missing = [p for p in args.images if not Path(p).is_file()]
+    if missing:
+        print(f"spatialcore reward score: not found: {', '.join(missing)}", file=sys.stderr)
+        return 1
+    model = SpatialScore.from_pretrained(args.model)
+    if torch.cuda.is_available():
+        model = model.cuda()
+    mu, sigma = model.score([args.prompt] * len(args.images), args.images)
+    rows = [{"image": p, "mu": float(m), "sigma": float(s)} for p, m, s in zip(args.images, mu, sigma, strict=True)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            print(f"{r['mu']:+.4f} ± {r['sigma']:.4f}  {r['image']}")
+    return 0
+
+
 def _cmd_config_show(args: argparse.Namespace) -> int:
     import yaml
 
@@ -151,7 +212,12 @@ def _config_kinds() -> dict[str, Callable[[], type]]:
 
         return SynthConfig
 
-    return {"tiny": tiny, "demo": demo, "synth": synth}
+    def reward() -> type:
+        from .trainers.reward import RewardTrainConfig
+
+        return RewardTrainConfig
+
+    return {"tiny": tiny, "demo": demo, "synth": synth, "reward": reward}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -208,6 +274,35 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--png", metavar="FILE", help="figure path (default DIR/stats.png)")
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.set_defaults(func=_cmd_data_stats)
+
+    p = sub.add_parser("reward", help="SpatialScore reward model: train, evaluate, score",
+                       description="SpatialScore: a Qwen2.5-VL reward model with a Gaussian head.")
+    rsub = p.add_subparsers(dest="reward_command", metavar="ACTION")
+    rsub.required = True
+    r = rsub.add_parser("train", help="train on a pair set (torchrun for several processes)",
+                        description="Train SpatialScore on a pair folder; resumes from the run folder's latest "
+                                    "checkpoint. Launch with torchrun for DDP.")
+    r.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
+    _add_config_args(r)
+    r.set_defaults(func=_cmd_reward_train)
+    r = rsub.add_parser("eval", help="pairwise accuracy table (overall / 1 / 2-3 perturbations)",
+                        description="Evaluate a SpatialScore model on a pair set: accuracy overall, with 1 and "
+                                    "with 2-3 perturbations, mean margin and calibration.")
+    r.add_argument("--model", required=True, metavar="DIR")
+    r.add_argument("--data", required=True, metavar="DIR")
+    r.add_argument("--split", default="test", choices=["train", "val", "test"])
+    r.add_argument("--batch-size", type=int, default=16)
+    r.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
+    r.add_argument("--strict", action="store_true", help="refuse a pair set with bad records")
+    r.add_argument("--json", metavar="OUT", help="also write the metrics (with calibration bins) as JSON")
+    r.set_defaults(func=_cmd_reward_eval)
+    r = rsub.add_parser("score", help="score images against a prompt",
+                        description="Print mu and sigma of SpatialScore for each image against the prompt.")
+    r.add_argument("--model", required=True, metavar="DIR")
+    r.add_argument("--prompt", required=True)
+    r.add_argument("images", nargs="+", metavar="IMAGE")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_cmd_reward_score)
 
     p = sub.add_parser("info", help="versions, device, attention kernels available",
                        description="Print the environment: versions, device, GPUs (NVML), attention backends.")

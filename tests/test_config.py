@@ -38,10 +38,10 @@ def test_defaults_and_yaml(tmp_path):
 
 
 def test_overrides_are_typed_by_field():
-    cfg = load_config(Outer, None, ["steps=7", "label=123", "maybe=4", "flag=true", "inner.mode=slow",
+    cfg = load_config(Outer, None, ["steps=7", "label=123", "maybe=4", "flag=true", "inner.mode=slow", "inner.rate=1e-3",
                                     "inner.names=[p, q]"])
     assert cfg.steps == 7 and cfg.label == "123" and cfg.maybe == 4 and cfg.flag is True
-    assert cfg.inner.mode == "slow" and cfg.inner.names == ["p", "q"]
+    assert cfg.inner.mode == "slow" and cfg.inner.names == ["p", "q"] and cfg.inner.rate == 1e-3
     assert load_config(Outer, None, ["maybe=null"]).maybe is None
 
 

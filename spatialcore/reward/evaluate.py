@@ -1,0 +1,74 @@
+"""Pairwise evaluation in the published table format: accuracy overall / 1 / 2-3 perturbations,
+mean margin, and calibration of the predicted pair probability."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..kernels import pairwise_accuracy
+
+
+@torch.no_grad()
+def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = None, progress: bool = False):
+    """(mu_w, var_w, mu_l, var_l, n_perturbations) over the dataset's pairs, float32 CPU tensors."""
+    from ..data.pairs import PairCollator
+    from ..logs import progress as bar
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    collate = PairCollator(model.processor)
+    outs = []
+    model.eval()
+    starts = range(0, n, batch_size)
+    for s in bar(starts, desc="eval", unit="batch") if progress else starts:
+        items = [dataset[i] for i in range(s, min(n, s + batch_size))]
+        batch = collate(items)
+        inputs = {k: v.to(model.device) for k, v in batch["inputs"].items()}
+        mu, lv = model(**inputs)
+        k = len(items)
+        outs.append((mu[:k].float().cpu(), lv[:k].float().exp().cpu(), mu[k:].float().cpu(), lv[k:].float().exp().cpu(),
+                     batch["n_perturbations"]))
+    if not outs:
+        raise ValueError("no pairs to evaluate")
+    return tuple(torch.cat(x) for x in zip(*outs, strict=True))
+
+
+def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 10) -> dict:
+    """The table's numbers plus margin and calibration (predicted p vs observed wins)."""
+    one = n_pert == 1
+    many = n_pert >= 2
+    z = (mu_w - mu_l) / torch.sqrt(1 + math.pi / 8 * (var_w + var_l))
+    p = torch.sigmoid(z)
+    win = (mu_w > mu_l).float() + 0.5 * (mu_w == mu_l).float()
+    calib = []
+    edges = torch.linspace(0, 1, bins + 1)
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        m = (p >= lo) & ((p < hi) | (hi == 1))
+        if m.any():
+            calib.append({"p_lo": float(lo), "p_hi": float(hi), "n": int(m.sum()), "predicted": float(p[m].mean()),
+                          "observed": float(win[m].mean())})
+    ece = sum(c["n"] * abs(c["predicted"] - c["observed"]) for c in calib) / max(1, len(p))
+    return {
+        "pairs": len(mu_w),
+        "accuracy": pairwise_accuracy(mu_w, mu_l),
+        "accuracy_1": pairwise_accuracy(mu_w[one], mu_l[one]) if one.any() else float("nan"),
+        "accuracy_2_3": pairwise_accuracy(mu_w[many], mu_l[many]) if many.any() else float("nan"),
+        "pairs_1": int(one.sum()), "pairs_2_3": int(many.sum()),
+        "mean_margin": float((mu_w - mu_l).mean()),
+        "ece": float(ece),
+        "calibration": calib,
+    }
+
+
+def format_table(metrics: dict, name: str = "SpatialScore") -> str:
+    def f(x):
+        return "  n/a" if x != x else f"{x:.3f}"
+
+    return "\n".join([
+        "| model | overall | 1 perturbation | 2-3 perturbations | mean margin | ECE |",
+        "|---|---:|---:|---:|---:|---:|",
+        f"| {name} | {f(metrics['accuracy'])} | {f(metrics['accuracy_1'])} | {f(metrics['accuracy_2_3'])} | "
+        f"{metrics['mean_margin']:.3f} | {metrics['ece']:.3f} |",
+        f"\n({metrics['pairs']} pairs: {metrics['pairs_1']} with 1 perturbation, {metrics['pairs_2_3']} with 2-3)",
+    ])

@@ -1,0 +1,210 @@
+"""SpatialScore: a Qwen2.5-VL backbone without the language-model head plus a Gaussian head.
+
+    hidden = backbone(prompt, image).last_hidden_state                 [B, T, H]
+    (mu, log_var) = reward_head(hidden, last prompt token, W [2, H], b)   (spatialcore.kernels)
+
+The backbone is ``Qwen2_5_VLModel`` (no ``lm_head``): vocabulary logits are never computed.
+A model folder written by :meth:`SpatialScore.save_pretrained` holds ``spatialscore.json``,
+``head.safetensors``, the processor, and either the full backbone (``backbone/``) or a LoRA
+adapter (``adapter/``) on top of the base checkpoint named in the json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..kernels import reward_head
+from ..logs import info
+
+ATTENTION = ("sdpa", "flash_attention_2", "eager")
+
+
+@dataclass
+class LoraSpec:
+    rank: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                        "up_proj", "down_proj"])
+
+
+def resolve_attention(requested: str) -> str:
+    """The attention implementation to load: flash_attention_2 only when the package exists."""
+    if requested not in ATTENTION:
+        raise ValueError(f"attention must be one of {ATTENTION}, got {requested!r}")
+    if requested == "flash_attention_2":
+        import importlib.util
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            info("flash_attention_2 requested but flash-attn/CUDA is unavailable: using sdpa", who="reward")
+            return "sdpa"
+    return requested
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position of each row's last real token, for left or right padding ([B] int64)."""
+    T = attention_mask.shape[1]
+    pos = torch.arange(T, device=attention_mask.device).expand_as(attention_mask)
+    return torch.where(attention_mask.bool(), pos, -1).amax(1)
+
+
+class SpatialScore(nn.Module):
+    """Reward model: ``forward(**processor_batch) -> (mu [B], log_var [B])`` in float32."""
+
+    def __init__(self, backbone: nn.Module, processor, *, base: str, attention: str, lora: LoraSpec | None,
+                 variance_head: bool = True):
+        super().__init__()
+        self.backbone = backbone
+        self.processor = processor
+        hidden = backbone.config.text_config.hidden_size
+        self.head = nn.Linear(hidden, 2)
+        nn.init.normal_(self.head.weight, std=hidden**-0.5)
+        nn.init.zeros_(self.head.bias)
+        self.base, self.attention, self.lora, self.variance_head = base, attention, lora, variance_head
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_backbone(cls, path: str | os.PathLike, *, attention: str = "sdpa", dtype: torch.dtype | None = None,
+                      lora: LoraSpec | None = None, variance_head: bool = True) -> SpatialScore:
+        """A fresh head on a Qwen2.5-VL checkpoint (local folder or hub id)."""
+        from transformers import AutoProcessor, Qwen2_5_VLModel
+
+        attention = resolve_attention(attention)
+        backbone = Qwen2_5_VLModel.from_pretrained(path, attn_implementation=attention, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(path)
+        if lora is not None:
+            backbone = _wrap_lora(backbone, lora)
+        info(f"backbone {path}: {sum(p.numel() for p in backbone.parameters()):,} parameters, "
+             f"attention={backbone.config._attn_implementation}, lora={'r' + str(lora.rank) if lora else 'off'}",
+             who="reward")
+        return cls(backbone, processor, base=str(path), attention=attention, lora=lora, variance_head=variance_head)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, attention: str | None = None,
+                        dtype: torch.dtype | None = None) -> SpatialScore:
+        """Load a folder written by :meth:`save_pretrained`."""
+        from safetensors.torch import load_file
+        from transformers import AutoProcessor, Qwen2_5_VLModel
+
+        path = Path(path)
+        meta_file = path / "spatialscore.json"
+        if not meta_file.is_file():
+            raise FileNotFoundError(f"{path} is not a SpatialScore folder (no spatialscore.json)")
+        meta = json.loads(meta_file.read_text())
+        attention = resolve_attention(attention or meta["attention"])
+        lora = LoraSpec(**meta["lora"]) if meta["lora"] else None
+        if lora is None:
+            backbone = Qwen2_5_VLModel.from_pretrained(path / "backbone", attn_implementation=attention, dtype=dtype)
+        else:
+            from peft import PeftModel
+
+            base = Qwen2_5_VLModel.from_pretrained(meta["base"], attn_implementation=attention, dtype=dtype)
+            backbone = PeftModel.from_pretrained(base, path / "adapter")
+        processor = AutoProcessor.from_pretrained(path / "processor")
+        model = cls(backbone, processor, base=meta["base"], attention=attention, lora=lora,
+                    variance_head=meta["variance_head"])
+        model.head.load_state_dict(load_file(path / "head.safetensors"))
+        return model
+
+    def save_pretrained(self, path: str | os.PathLike) -> None:
+        """Write head + (adapter | full backbone) + processor as safetensors, atomically."""
+        import shutil
+        import tempfile
+
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
+        try:
+            save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
+                      tmp / "head.safetensors")
+            if self.lora is None:
+                self.backbone.save_pretrained(tmp / "backbone", safe_serialization=True)
+            else:
+                self.backbone.save_pretrained(tmp / "adapter", safe_serialization=True)
+            self.processor.save_pretrained(tmp / "processor")
+            meta = {"base": self.base, "attention": self.attention, "lora": asdict(self.lora) if self.lora else None,
+                    "variance_head": self.variance_head, "format": 1}
+            (tmp / "spatialscore.json").write_text(json.dumps(meta, indent=2))
+            if path.exists():
+                shutil.rmtree(path)
+            tmp.rename(path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                image_grid_thw: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            image_grid_thw=image_grid_thw, use_cache=False, return_dict=True)
+        hidden = out.last_hidden_state
+        mu, log_var = reward_head(hidden, last_token_index(attention_mask), self.head.weight, self.head.bias,
+                                  backend=backend)
+        if not self.variance_head:
+            log_var = torch.full_like(mu, -30.0)  # sigma ~ 0: plain Bradley-Terry
+        return mu, log_var
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    # ------------------------------------------------------------------ scoring
+    @torch.no_grad()
+    def score(self, prompts: list[str] | str, images, *, batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+        """Score (prompt, image) pairs: returns ``(mu, sigma)`` float32 ``[N]`` on CPU.
+
+        ``images``: PIL images, file paths, or a ``[N, 3, H, W]`` tensor in [0, 1] on any device
+        (preprocessed where it lives). Batches are built from prompts of similar token length.
+        """
+        from ..data.pairs import chat_text, load_image
+
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        tensor_input = torch.is_tensor(images)
+        n = images.shape[0] if tensor_input else len(images)
+        if len(prompts) == 1 and n > 1:
+            prompts = prompts * n
+        if len(prompts) != n:
+            raise ValueError(f"{len(prompts)} prompts for {n} images")
+        self.eval()
+        texts = [chat_text(self.processor, p) for p in prompts]
+        lengths = [len(self.processor.tokenizer(t).input_ids) for t in texts]
+        order = sorted(range(n), key=lambda i: lengths[i])
+        mu = torch.empty(n)
+        sigma = torch.empty(n)
+        for start in range(0, n, batch_size):
+            idx = order[start:start + batch_size]
+            if tensor_input:
+                batch = self._batch_from_tensors([texts[i] for i in idx], images[idx])
+            else:
+                ims = [load_image(images[i]) if isinstance(images[i], (str, os.PathLike)) else images[i].convert("RGB")
+                       for i in idx]
+                batch = self.processor(text=[texts[i] for i in idx], images=ims, return_tensors="pt", padding=True)
+                batch.pop("mm_token_type_ids", None)
+            batch = {k: v.to(self.device) for k, v in batch.items()}
+            m, lv = self(**batch)
+            mu[idx] = m.float().cpu()
+            sigma[idx] = torch.exp(0.5 * lv.float()).cpu()
+        return mu, sigma
+
+    def _batch_from_tensors(self, texts: list[str], images: torch.Tensor) -> dict:
+        from ..data.pairs import encode_judgements
+
+        return encode_judgements(self.processor, texts, images)
+
+
+def _wrap_lora(backbone: nn.Module, lora: LoraSpec) -> nn.Module:
+    from peft import LoraConfig, get_peft_model
+
+    # Only the language model's projections: the vision tower stays frozen.
+    pattern = r".*language_model.*\.(" + "|".join(lora.targets) + r")$"
+    config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=pattern)
+    return get_peft_model(backbone, config)

@@ -1,0 +1,182 @@
+"""SpatialScore: no vocabulary logits, save/load, tensor preprocessing, trainer resume and DDP."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from spatialcore.trainers.reward import RewardTrainConfig, train
+
+from spatialcore.config import from_dict, load_config
+from spatialcore.data.pairs import PairCollator, PairSet, chat_text
+from spatialcore.data.synth import DIFFICULTIES, SynthConfig, synth_pair_set
+from spatialcore.reward import LoraSpec, SpatialScore, last_token_index, preprocess_images
+
+PROMPT = "the red circle is to the left of the blue square."
+
+
+@pytest.fixture(scope="module")
+def easy_pairs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("pairs") / "easy"
+    synth_pair_set(out, 80, 0, from_dict(SynthConfig, {**DIFFICULTIES["easy"], "test_fraction": 0.2}),
+                   progress=False, workers=1)
+    return out
+
+
+def _images():
+    rng = np.random.RandomState(0)
+    return [Image.fromarray(rng.randint(0, 255, (h, w, 3)).astype(np.uint8)) for h, w in ((56, 56), (64, 90))]
+
+
+def test_last_token_index_left_and_right_padding():
+    mask = torch.tensor([[0, 0, 1, 1], [1, 1, 1, 0], [1, 1, 1, 1]])
+    assert last_token_index(mask).tolist() == [3, 2, 3]
+
+
+def test_no_vocabulary_logits_ever(tiny_dir):
+    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    vocab = model.backbone.config.text_config.vocab_size
+    assert not any("lm_head" in n for n, _ in model.named_modules())
+    widths = []
+    hooks = [m.register_forward_hook(lambda mod, i, o: widths.append(o.shape[-1]))
+             for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    mu, sigma = model.score([PROMPT, PROMPT], _images())
+    for h in hooks:
+        h.remove()
+    assert widths and max(widths) < vocab, "a vocabulary-sized projection ran"
+    assert mu.shape == (2,) and (sigma > 0).all()
+
+
+@pytest.mark.parametrize("lora", [None, LoraSpec(rank=4)])
+def test_save_load_gives_identical_scores(tiny_dir, tmp_path, lora):
+    torch.manual_seed(0)
+    model = SpatialScore.from_backbone(tiny_dir / "reward", lora=lora)
+    with torch.no_grad():  # make the head and (for LoRA) the adapter non-trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n or n.startswith("head."):
+                p.normal_(0, 0.1)
+    a = model.score([PROMPT] * 2, _images())
+    model.save_pretrained(tmp_path / "m")
+    files = {p.name for p in (tmp_path / "m").iterdir()}
+    assert {"spatialscore.json", "head.safetensors", "processor"} <= files
+    assert ("adapter" if lora else "backbone") in files
+    assert not list((tmp_path / "m").rglob("*.bin")) and not list((tmp_path / "m").rglob("*.pt"))
+    b = SpatialScore.from_pretrained(tmp_path / "m").score([PROMPT] * 2, _images())
+    torch.testing.assert_close(a[0], b[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-6)
+
+
+def test_tensor_preprocessing_matches_stock_processor(tiny_dir):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_dir / "reward")
+    ip = proc.image_processor
+    for im in _images() + [Image.new("RGB", (33, 120), (3, 200, 40))]:
+        ref = ip(images=[im], return_tensors="pt")
+        t = torch.from_numpy(np.asarray(im)).permute(2, 0, 1)[None].float() / 255
+        pv, grid = preprocess_images(t, min_pixels=ip.size["shortest_edge"], max_pixels=ip.size["longest_edge"])
+        assert torch.equal(grid, ref["image_grid_thw"])
+        torch.testing.assert_close(pv, ref["pixel_values"], rtol=0, atol=1e-5)
+    # Scoring from tensors equals scoring from PIL images of the same pixels.
+    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    ims = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (56, 56, 3)).astype(np.uint8)) for i in range(3)]
+    t = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in ims]).float() / 255
+    torch.testing.assert_close(model.score(PROMPT, t)[0], model.score(PROMPT, ims)[0], rtol=0, atol=1e-5)
+
+
+def test_fast_collate_equals_stock_processor(tiny_dir, easy_pairs):
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(tiny_dir / "reward")
+    items = [PairSet(easy_pairs)[i] for i in range(4)]
+    batch = PairCollator(proc)(items)["inputs"]
+    texts = [chat_text(proc, it["prompt"]) for it in items] * 2
+    ref = proc(text=texts, images=[it["chosen"] for it in items] + [it["rejected"] for it in items],
+               return_tensors="pt", padding=True)
+    for key in ("input_ids", "attention_mask", "image_grid_thw"):
+        assert torch.equal(batch[key], ref[key]), key
+    torch.testing.assert_close(batch["pixel_values"], ref["pixel_values"], rtol=0, atol=1e-5)
+
+
+def _cfg(tiny_dir, data, out, **kw):
+    base = {"model": str(tiny_dir / "reward"), "data": str(data), "out": str(out), "batch_size": 4, "max_steps": 6,
+            "warmup_steps": 2, "eval_every": 3, "eval_pairs": 8, "save_every": 3, "log_every": 1, "lr": 1e-3,
+            "threads": 1}
+    base.update(kw)
+    return from_dict(RewardTrainConfig, base)
+
+
+def _weights(out):
+    from safetensors.torch import load_file
+
+    return load_file(out / "model" / "head.safetensors"), load_file(out / "model" / "backbone" / "model.safetensors")
+
+
+def test_killed_run_resumes_to_the_same_weights(tiny_dir, easy_pairs, tmp_path):
+    train(_cfg(tiny_dir, easy_pairs, tmp_path / "straight"))
+    assert train(_cfg(tiny_dir, easy_pairs, tmp_path / "resumed", stop_after=3)) == {}
+    assert not (tmp_path / "resumed" / "model").exists()
+    train(_cfg(tiny_dir, easy_pairs, tmp_path / "resumed"))
+    for a, b in zip(_weights(tmp_path / "straight"), _weights(tmp_path / "resumed"), strict=True):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    straight = [json.loads(x) for x in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(x) for x in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    loss = {r["step"]: r["loss"] for r in straight if "loss" in r}
+    for r in resumed:
+        if "loss" in r:
+            assert abs(r["loss"] - loss[r["step"]]) < 1e-5
+    assert (tmp_path / "resumed" / "accuracy.png").is_file() and (tmp_path / "resumed" / "eval.md").is_file()
+
+
+def test_torchrun_two_processes_matches_one(tiny_dir, easy_pairs, tmp_path):
+    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable))
+    assert torchrun, "torchrun is installed with torch"
+    one = _cfg(tiny_dir, easy_pairs, tmp_path / "one", batch_size=4, max_steps=4, save_every=4, eval_every=4)
+    train(one)
+    args = [torchrun, "--nproc_per_node", "2", "--master_port", "29533", "-m", "spatialcore.cli", "reward", "train",
+            f"model={tiny_dir / 'reward'}", f"data={easy_pairs}", f"out={tmp_path / 'two'}", "batch_size=2",
+            "max_steps=4", "warmup_steps=2", "eval_every=4", "eval_pairs=8", "save_every=4", "log_every=1", "lr=1e-3",
+            "threads=1"]
+    proc = subprocess.run(args, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a = [json.loads(x) for x in (tmp_path / "one" / "metrics.jsonl").read_text().splitlines()]
+    b = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    la = [r["loss"] for r in a if "loss" in r]
+    lb = [r["loss"] for r in b if "loss" in r]
+    assert len(la) == len(lb) == 4
+    np.testing.assert_allclose(lb, la, rtol=0, atol=1e-4)
+
+
+def test_reward_cli_eval_and_score(tiny_dir, easy_pairs, tmp_path):
+    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model.save_pretrained(tmp_path / "m")
+    out = tmp_path / "eval.json"
+    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "reward", "eval", "--model", str(tmp_path / "m"),
+                           "--data", str(easy_pairs), "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "| overall | 1 perturbation | 2-3 perturbations |" in proc.stdout
+    metrics = json.loads(out.read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["pairs"] == metrics["pairs_1"] + metrics["pairs_2_3"]
+    img = tmp_path / "a.png"
+    _images()[0].save(img)
+    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "reward", "score", "--model", str(tmp_path / "m"),
+                           "--prompt", PROMPT, str(img), "--json"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert rows[0]["image"] == str(img) and rows[0]["sigma"] > 0
+    bad = subprocess.run([sys.executable, "-m", "spatialcore.cli", "reward", "train", "data=/nonexistent"],
+                         capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 2 and "'data'" in bad.stderr
+
+
+def test_config_files_load():
+    for name in ("tiny_cpu", "qwen2_5_vl_7b"):
+        cfg = load_config(RewardTrainConfig, f"configs/reward/{name}.yaml")
+        assert cfg.max_steps > cfg.warmup_steps

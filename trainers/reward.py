@@ -1,0 +1,254 @@
+"""SpatialScore trainer: one readable loop (launch with ``torchrun`` for several processes).
+
+    spatialcore reward train --config configs/reward/tiny_cpu.yaml [key=value ...]
+    torchrun --nproc_per_node 8 $(which spatialcore) reward train --config configs/reward/qwen2_5_vl_7b.yaml
+
+Per optimizer step: ``grad_accum`` micro-batches of pairs -> one Qwen2.5-VL forward over the
+2B (prompt, image) judgements -> Gaussian head -> ``kernels.pair_loss`` -> backward; gradient
+clipping, AdamW, warm-up + cosine schedule. Every ``eval_every`` steps the held-out pairs are
+scored (table format), every ``save_every`` steps an atomic checkpoint is written; a run
+restarted with the same config resumes from the latest checkpoint exactly (weights,
+optimizer, scheduler, RNG, data position).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from ..config import ConfigError, param, save_config
+from ..logs import MetricsFile, info, progress, step_line
+
+
+@dataclass
+class RewardTrainConfig:
+    model: str = param("runs/tiny/reward", help="Qwen2.5-VL checkpoint (folder or hub id)")
+    data: str = param("runs/pairs", help="pair folder (pairs.jsonl + images)")
+    eval_split: Literal["val", "test"] = "test"
+    out: str = "runs/reward"
+    seed: int = param(0, min=0)
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    lora_rank: int = param(0, min=0, help="0: full fine-tuning")
+    lora_alpha: int = param(32, min=1)
+    variance_head: bool = False  # plain Bradley-Terry trained better in calibration runs
+    gradient_checkpointing: bool = False
+    batch_size: int = param(16, min=1, help="pairs per rank per micro-batch")
+    grad_accum: int = param(1, min=1)
+    lr: float = param(3e-4, min=0.0)
+    head_lr: float = param(3e-3, min=0.0)
+    weight_decay: float = param(0.0, min=0.0)
+    warmup_steps: int = param(50, min=0)
+    max_steps: int = param(1000, min=1)
+    min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
+    grad_clip: float = param(1.0, min=0.0)
+    eval_every: int = param(100, min=1)
+    eval_pairs: int = param(512, min=1)
+    save_every: int = param(200, min=1)
+    log_every: int = param(10, min=1)
+    num_workers: int = param(0, min=0)
+    shuffle_prompts: bool = False  # control: pair each image with another pair's prompt
+    threads: int = param(0, min=0, help="torch CPU threads (0: torch's default)")
+    stop_after: int = param(0, min=0, help="end the process after this many steps, as if killed (tests)")
+    plots: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
+
+    def check(self) -> None:
+        if self.warmup_steps >= self.max_steps:
+            raise ConfigError("warmup_steps", f"{self.warmup_steps} must be < max_steps={self.max_steps}")
+
+
+def lr_lambda(cfg: RewardTrainConfig):
+    def f(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def _trainable(model) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in model.named_parameters() if p.requires_grad}
+
+
+def train(cfg: RewardTrainConfig) -> dict:
+    from ..checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from ..data.pairs import PairCollator, PairSampler, PairSet
+    from ..dist import barrier, init, is_main, mean, shutdown
+    from ..kernels import pair_loss, pairwise_accuracy
+    from ..reward.evaluate import format_table, pair_metrics, pair_scores
+    from ..reward.model import LoraSpec, SpatialScore
+
+    rank, world, device = init()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    if is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+
+    # ---- model
+    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha) if cfg.lora_rank else None
+    model = SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
+                                       variance_head=cfg.variance_head).to(device)
+    if cfg.gradient_checkpointing:
+        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = _trainable(model)
+    head = [p for n, p in params.items() if n.startswith("head.")]
+    body = [p for n, p in params.items() if not n.startswith("head.")]
+    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
+                            weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+    ddp = model
+    if world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+
+    # ---- data
+    train_set = PairSet(cfg.data, split="train")
+    eval_set = PairSet(cfg.data, split=cfg.eval_split)
+    if len(train_set) < cfg.batch_size * world:
+        raise ConfigError("batch_size", f"{len(train_set)} training pairs cannot fill {world} x {cfg.batch_size}")
+    sampler = PairSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world, even=True)
+    collate = PairCollator(model.processor)
+    per_epoch = len(sampler) // cfg.batch_size
+
+    # ---- resume
+    step, epoch, batch_in_epoch = 0, 0, 0
+    ckpt = latest_checkpoint(out)
+    if ckpt is not None:
+        tensors, state = load_checkpoint(ckpt)
+        missing = set(params) - set(tensors)
+        if missing:
+            raise RuntimeError(f"checkpoint {ckpt} lacks {sorted(missing)[:3]}...: was the config changed?")
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(tensors[n])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        info(f"resumed from {ckpt} at step {step}", who="reward")
+
+    def batches():
+        nonlocal epoch, batch_in_epoch
+        while True:
+            sampler.set_epoch(epoch)
+            sampler.position = batch_in_epoch * cfg.batch_size
+            loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
+                                                 collate_fn=collate, num_workers=cfg.num_workers, drop_last=True)
+            for batch in loader:
+                batch_in_epoch += 1
+                yield batch
+            epoch, batch_in_epoch = epoch + 1, 0
+
+    def evaluate() -> dict:
+        was = ddp.training
+        scores = pair_scores(model, eval_set, batch_size=cfg.batch_size, limit=cfg.eval_pairs)
+        ddp.train(was)
+        return pair_metrics(*scores)
+
+    def checkpoint() -> None:
+        states = [None] * world
+        if world > 1:
+            torch.distributed.all_gather_object(states, rng_state())
+        else:
+            states = [rng_state()]
+        if is_main():
+            save_checkpoint(out, step, _trainable(model), {
+                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": states, "step": step,
+                "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+        barrier()
+
+    metrics = MetricsFile(out / "metrics.jsonl") if is_main() else None
+    it = batches()
+    ddp.train()
+    bar = progress(range(step, cfg.max_steps), desc="reward", unit="step") if is_main() else range(step, cfg.max_steps)
+    t_last, pairs_since = time.perf_counter(), 0
+    last_eval: dict = {}
+    for _ in bar:
+        loss_sum, acc_sum = 0.0, 0.0
+        for _micro in range(cfg.grad_accum):
+            batch = next(it)
+            inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+            if cfg.shuffle_prompts:
+                inputs = _shuffle_prompts(inputs, cfg.batch_size, step)
+            mu, log_var = ddp(**inputs)
+            B = mu.shape[0] // 2
+            lv = (log_var[:B], log_var[B:]) if cfg.variance_head else (None, None)
+            loss = pair_loss(mu[:B], lv[0], mu[B:], lv[1])
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"non-finite loss at step {step}: check lr / data")
+            (loss / cfg.grad_accum).backward()
+            loss_sum += float(loss.detach())
+            acc_sum += pairwise_accuracy(mu[:B].detach(), mu[B:].detach())
+            pairs_since += B * world
+        gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip) if cfg.grad_clip else None
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        if step % cfg.log_every == 0 or step == cfg.max_steps:
+            dt = time.perf_counter() - t_last
+            rec = {"step": step, "loss": mean(loss_sum / cfg.grad_accum, device),
+                   "train_acc": mean(acc_sum / cfg.grad_accum, device), "lr": sched.get_last_lr()[0],
+                   "grad_norm": float(gnorm) if gnorm is not None else None, "pairs_per_s": pairs_since / dt}
+            if device.type == "cuda":
+                rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            t_last, pairs_since = time.perf_counter(), 0
+            if metrics:
+                metrics.write(rec)
+                if hasattr(bar, "set_postfix_str"):
+                    bar.set_postfix_str(f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f}")
+        if step % cfg.eval_every == 0 or step == cfg.max_steps:
+            last_eval = evaluate()
+            if metrics:
+                metrics.write({"step": step, **{f"eval_{k}": v for k, v in last_eval.items() if k != "calibration"}})
+                info(step_line(step, cfg.max_steps, eval_acc=last_eval["accuracy"], acc_1=last_eval["accuracy_1"],
+                               acc_2_3=last_eval["accuracy_2_3"], margin=last_eval["mean_margin"]), who="reward")
+        if step % cfg.save_every == 0 or step == cfg.max_steps:
+            checkpoint()
+        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
+            info(f"stopping at step {step} (stop_after)", who="reward")
+            if metrics:
+                metrics.close()
+            shutdown()
+            return {}
+    if is_main():
+        model.save_pretrained(out / "model")
+        _plot(out)
+        (out / "eval.md").write_text(format_table(last_eval) + "\n")
+        metrics.close()
+        info(f"done: model -> {out / 'model'}", who="reward")
+    shutdown()
+    return last_eval
+
+
+def _shuffle_prompts(inputs: dict, B: int, step: int) -> dict:
+    """Control run: every image is paired with another pair's prompt (same for chosen and
+    rejected), so a model that reads the prompt cannot beat chance on held-out data."""
+    g = torch.Generator().manual_seed(step)
+    perm = torch.randperm(B, generator=g)
+    idx = torch.cat([perm, perm + B])
+    out = dict(inputs)
+    out["input_ids"] = inputs["input_ids"][idx]
+    out["attention_mask"] = inputs["attention_mask"][idx]
+    return out
+
+
+def _plot(out: Path) -> None:
+    from ..logs import read_metrics
+    from ..plots import curves
+
+    recs = read_metrics(out / "metrics.jsonl")
+    loss = [(r["step"], r["loss"]) for r in recs if "loss" in r]
+    acc = [(r["step"], r["train_acc"]) for r in recs if "train_acc" in r]
+    ev = [(r["step"], r["eval_accuracy"]) for r in recs if "eval_accuracy" in r]
+    curves({"train loss": loss}, out / "loss.png", ylabel="pair loss")
+    curves({"train (batch)": acc, "held-out": ev}, out / "accuracy.png", ylabel="pairwise accuracy")
