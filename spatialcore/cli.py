@@ -130,7 +130,7 @@ def _cmd_reward_train(args: argparse.Namespace) -> int:
     from .trainers.reward import RewardTrainConfig, train
 
     cfg = load_config(RewardTrainConfig, args.config, args.overrides)
-    if not Path(cfg.data).is_dir():
+    if not cfg.data.startswith("stream:") and not Path(cfg.data).is_dir():
         raise ConfigError("data", f"{cfg.data} is not a folder (make one with `spatialcore data synth`)")
     if not Path(cfg.model).exists() and cfg.model.count("/") != 1:
         raise ConfigError("model", f"{cfg.model} is neither a local folder nor a hub id (owner/name)")

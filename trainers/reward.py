@@ -28,7 +28,8 @@ from ..logs import MetricsFile, info, progress, step_line
 @dataclass
 class RewardTrainConfig:
     model: str = param("runs/tiny/reward", help="Qwen2.5-VL checkpoint (folder or hub id)")
-    data: str = param("runs/pairs", help="pair folder (pairs.jsonl + images)")
+    data: str = param("runs/pairs", help="pair folder (pairs.jsonl + images), or stream:<easy|medium|hard> "
+                                         "for fresh synthetic pairs rendered on the fly")
     eval_split: Literal["val", "test"] = "test"
     out: str = "runs/reward"
     seed: int = param(0, min=0)
@@ -79,6 +80,7 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 def train(cfg: RewardTrainConfig) -> dict:
     from ..checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
     from ..data.pairs import PairCollator, PairSampler, PairSet
+    from ..data.synth import StreamingPairs
     from ..dist import barrier, init, is_main, mean, shutdown
     from ..kernels import pair_loss, pairwise_accuracy
     from ..reward.evaluate import format_table, pair_metrics, pair_scores
@@ -111,13 +113,17 @@ def train(cfg: RewardTrainConfig) -> dict:
         ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     # ---- data
-    train_set = PairSet(cfg.data, split="train")
-    eval_set = PairSet(cfg.data, split=cfg.eval_split)
-    if len(train_set) < cfg.batch_size * world:
-        raise ConfigError("batch_size", f"{len(train_set)} training pairs cannot fill {world} x {cfg.batch_size}")
-    sampler = PairSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world, even=True)
     collate = PairCollator(model.processor)
-    per_epoch = len(sampler) // cfg.batch_size
+    streaming = cfg.data.startswith("stream:")
+    if streaming:
+        synth_cfg = synth_config(cfg.data)
+        eval_set = held_out_pairs(synth_cfg, cfg.seed, cfg.eval_pairs, cfg.eval_split)
+    else:
+        train_set = PairSet(cfg.data, split="train")
+        eval_set = PairSet(cfg.data, split=cfg.eval_split)
+        if len(train_set) < cfg.batch_size * world:
+            raise ConfigError("batch_size", f"{len(train_set)} training pairs cannot fill {world} x {cfg.batch_size}")
+        sampler = PairSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world, even=True)
 
     # ---- resume
     step, epoch, batch_in_epoch = 0, 0, 0
@@ -138,6 +144,14 @@ def train(cfg: RewardTrainConfig) -> dict:
 
     def batches():
         nonlocal epoch, batch_in_epoch
+        if streaming:  # item k of this rank's stream is a pure function of (seed, rank, k)
+            stream = StreamingPairs(synth_cfg, cfg.seed, rank=rank, world_size=world,
+                                    start=batch_in_epoch * cfg.batch_size)
+            loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate,
+                                                 num_workers=cfg.num_workers)
+            for batch in loader:
+                batch_in_epoch += 1
+                yield batch
         while True:
             sampler.set_epoch(epoch)
             sampler.position = batch_in_epoch * cfg.batch_size
@@ -228,6 +242,34 @@ def train(cfg: RewardTrainConfig) -> dict:
         info(f"done: model -> {out / 'model'}", who="reward")
     shutdown()
     return last_eval
+
+
+def synth_config(data: str):
+    from ..config import from_dict
+    from ..data.synth import DIFFICULTIES, SynthConfig
+
+    name = data.split(":", 1)[1]
+    if name not in DIFFICULTIES:
+        raise ConfigError("data", f"unknown stream preset {name!r} (known: {', '.join(DIFFICULTIES)})")
+    return from_dict(SynthConfig, DIFFICULTIES[name])
+
+
+def held_out_pairs(synth_cfg, seed: int, n: int, split: str) -> list[dict]:
+    """The first ``n`` pairs of a separate seed whose prompts fall in the held-out ``split``."""
+    from ..data.synth import make_pair
+
+    out, i = [], 0
+    spec = synth_cfg.spec()
+    while len(out) < n and i < 200 * n:
+        pair = make_pair(synth_cfg, f"heldout-{seed}", i, spec)
+        i += 1
+        if pair.record["split"] == split:
+            r = pair.record
+            out.append({"id": r["id"], "prompt": r["prompt"], "chosen": pair.chosen, "rejected": pair.rejected,
+                        "n_perturbations": r["n_perturbations"], "perturbations": r["perturbations"]})
+    if not out:
+        raise ConfigError("eval_split", f"no '{split}' pairs in the synthetic stream")
+    return out
 
 
 def _shuffle_prompts(inputs: dict, B: int, step: int) -> dict:
