@@ -180,3 +180,12 @@ def test_config_files_load():
     for name in ("tiny_cpu", "qwen2_5_vl_7b"):
         cfg = load_config(RewardTrainConfig, f"configs/reward/{name}.yaml")
         assert cfg.max_steps > cfg.warmup_steps
+
+
+def test_streaming_training_and_prompt_shuffle_control(tiny_dir, tmp_path):
+    cfg = _cfg(tiny_dir, "stream:easy", tmp_path / "s", max_steps=3, eval_every=3, save_every=3, eval_pairs=6,
+               shuffle_prompts=True)
+    metrics = train(cfg)
+    assert metrics["pairs"] == 6 and metrics["pairs_1"] == 6
+    with pytest.raises(Exception, match="unknown stream preset"):
+        train(_cfg(tiny_dir, "stream:extreme", tmp_path / "x"))
