@@ -158,7 +158,8 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
     model = SpatialScore.from_pretrained(args.model)
     if torch.cuda.is_available():
         model = model.cuda()
-    metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True))
+    metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
+                                        shuffle_prompts=args.shuffle_prompts))
     print(format_table(metrics, name=Path(args.model).name))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
@@ -294,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
     r.add_argument("--strict", action="store_true", help="refuse a pair set with bad records")
+    r.add_argument("--shuffle-prompts", action="store_true",
+                   help="control: judge each pair against another pair's prompt (a model that reads the "
+                        "prompt drops to about 0.5)")
     r.add_argument("--json", metavar="OUT", help="also write the metrics (with calibration bins) as JSON")
     r.set_defaults(func=_cmd_reward_eval)
     r = rsub.add_parser("score", help="score images against a prompt",

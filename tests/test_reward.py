@@ -71,6 +71,20 @@ def test_save_load_gives_identical_scores(tiny_dir, tmp_path, lora):
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=1e-6)
 
 
+def test_shuffled_prompt_scores_use_other_prompts(tiny_dir):
+    from spatialcore.reward.evaluate import pair_scores
+
+    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    ims = _images()
+    data = [{"id": str(i), "prompt": p, "chosen": ims[0], "rejected": ims[1], "n_perturbations": 1, "perturbations": []}
+            for i, p in enumerate(["the red circle is above the blue square.", "a green star is below a pink ring.",
+                                   "the cyan cross is left of the yellow arrow."])]
+    plain = pair_scores(model, data)
+    shuffled = pair_scores(model, data, shuffle_prompts=True)
+    assert not torch.equal(plain[0], shuffled[0])
+    assert sorted(plain[0].tolist()) == pytest.approx(sorted(shuffled[0].tolist()), abs=1e-5)
+
+
 def test_tensor_preprocessing_matches_stock_processor(tiny_dir):
     from transformers import AutoProcessor
 
@@ -164,6 +178,9 @@ def test_reward_cli_eval_and_score(tiny_dir, easy_pairs, tmp_path):
     assert "| overall | 1 perturbation | 2-3 perturbations |" in proc.stdout
     metrics = json.loads(out.read_text())
     assert 0 <= metrics["accuracy"] <= 1 and metrics["pairs"] == metrics["pairs_1"] + metrics["pairs_2_3"]
+    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "reward", "eval", "--model", str(tmp_path / "m"),
+                           "--data", str(easy_pairs), "--shuffle-prompts"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
     img = tmp_path / "a.png"
     _images()[0].save(img)
     proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "reward", "score", "--model", str(tmp_path / "m"),
@@ -177,7 +194,7 @@ def test_reward_cli_eval_and_score(tiny_dir, easy_pairs, tmp_path):
 
 
 def test_config_files_load():
-    for name in ("tiny_cpu", "qwen2_5_vl_7b"):
+    for name in ("tiny_cpu", "tiny_cpu_unseen", "qwen2_5_vl_7b"):
         cfg = load_config(RewardTrainConfig, f"configs/reward/{name}.yaml")
         assert cfg.max_steps > cfg.warmup_steps
 
@@ -189,3 +206,24 @@ def test_streaming_training_and_prompt_shuffle_control(tiny_dir, tmp_path):
     assert metrics["pairs"] == 6 and metrics["pairs_1"] == 6
     with pytest.raises(Exception, match="unknown stream preset"):
         train(_cfg(tiny_dir, "stream:extreme", tmp_path / "x"))
+
+
+def test_curriculum_advances_and_resumes(tiny_dir, tmp_path):
+    stages = ["curriculum=[{relation_types: [left of]}, {relation_types: [left of, right of]}]"]
+    base = dict(max_steps=6, eval_every=2, save_every=2, eval_pairs=4, advance_at=0.0)
+    cfg = load_config(RewardTrainConfig, None, [*stages, *(f"{k}={v}" for k, v in base.items()),
+                                                f"model={tiny_dir / 'reward'}", "data=stream:easy", "batch_size=2",
+                                                "warmup_steps=1", "threads=1", f"out={tmp_path / 'a'}"])
+    train(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["stage"] for r in recs if "stage" in r] == [0, 1, 2]
+    # Stopped after the first stage change and resumed: same final weights as straight through.
+    import dataclasses
+
+    train(dataclasses.replace(cfg, out=str(tmp_path / "b"), stop_after=4))
+    train(dataclasses.replace(cfg, out=str(tmp_path / "b")))
+    for a, b in zip(_weights(tmp_path / "a"), _weights(tmp_path / "b"), strict=True):
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
+    with pytest.raises(Exception, match="curriculum"):
+        load_config(RewardTrainConfig, None, [*stages, "data=runs/pairs"])

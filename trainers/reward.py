@@ -17,7 +17,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
@@ -28,8 +28,14 @@ from ..logs import MetricsFile, info, progress, step_line
 @dataclass
 class RewardTrainConfig:
     model: str = param("runs/tiny/reward", help="Qwen2.5-VL checkpoint (folder or hub id)")
+    init_from: str | None = None  # a SpatialScore folder to start from (curriculum stages)
     data: str = param("runs/pairs", help="pair folder (pairs.jsonl + images), or stream:<easy|medium|hard> "
                                          "for fresh synthetic pairs rendered on the fly")
+    stream: dict[str, Any] = field(default_factory=dict)  # synth-config overrides for data=stream:<preset>
+    # Streaming only: stages of synth overrides trained before the final task (the preset +
+    # `stream`); a stage ends once its held-out accuracy reaches `advance_at`.
+    curriculum: list[dict[str, Any]] = field(default_factory=list)
+    advance_at: float = param(0.95, min=0.0, max=1.0)
     eval_split: Literal["val", "test"] = "test"
     out: str = "runs/reward"
     seed: int = param(0, min=0)
@@ -59,6 +65,8 @@ class RewardTrainConfig:
     plots: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
 
     def check(self) -> None:
+        if self.curriculum and not self.data.startswith("stream:"):
+            raise ConfigError("curriculum", "needs data=stream:<preset>")
         if self.warmup_steps >= self.max_steps:
             raise ConfigError("warmup_steps", f"{self.warmup_steps} must be < max_steps={self.max_steps}")
 
@@ -98,8 +106,14 @@ def train(cfg: RewardTrainConfig) -> dict:
     # ---- model
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
     lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha) if cfg.lora_rank else None
-    model = SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
-                                       variance_head=cfg.variance_head).to(device)
+    if cfg.init_from:
+        model = SpatialScore.from_pretrained(cfg.init_from, attention=cfg.attention, dtype=dtype)
+        model.variance_head = cfg.variance_head
+        info(f"initialised from {cfg.init_from}", who="reward")
+    else:
+        model = SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
+                                           variance_head=cfg.variance_head)
+    model = model.to(device)
     if cfg.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = _trainable(model)
@@ -115,9 +129,21 @@ def train(cfg: RewardTrainConfig) -> dict:
     # ---- data
     collate = PairCollator(model.processor)
     streaming = cfg.data.startswith("stream:")
+    stages = [*cfg.curriculum, {}]
+    eval_sets: dict[int, list] = {}
+
+    def stage_synth(i: int):
+        return synth_config(cfg.data, {**cfg.stream, **stages[i]})
+
+    def stage_eval(i: int):
+        if i not in eval_sets:
+            eval_sets[i] = held_out_pairs(stage_synth(i), cfg.seed, cfg.eval_pairs, cfg.eval_split)
+        return eval_sets[i]
+
     if streaming:
-        synth_cfg = synth_config(cfg.data)
-        eval_set = held_out_pairs(synth_cfg, cfg.seed, cfg.eval_pairs, cfg.eval_split)
+        for i in range(len(stages)):
+            stage_synth(i)  # fail on a bad stage before any training
+        eval_set = stage_eval(len(stages) - 1)
     else:
         train_set = PairSet(cfg.data, split="train")
         eval_set = PairSet(cfg.data, split=cfg.eval_split)
@@ -126,7 +152,7 @@ def train(cfg: RewardTrainConfig) -> dict:
         sampler = PairSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world, even=True)
 
     # ---- resume
-    step, epoch, batch_in_epoch = 0, 0, 0
+    step, epoch, batch_in_epoch, stage = 0, 0, 0, 0
     ckpt = latest_checkpoint(out)
     if ckpt is not None:
         tensors, state = load_checkpoint(ckpt)
@@ -140,12 +166,13 @@ def train(cfg: RewardTrainConfig) -> dict:
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        stage = state.get("stage", 0)
         info(f"resumed from {ckpt} at step {step}", who="reward")
 
     def batches():
         nonlocal epoch, batch_in_epoch
-        if streaming:  # item k of this rank's stream is a pure function of (seed, rank, k)
-            stream = StreamingPairs(synth_cfg, cfg.seed, rank=rank, world_size=world,
+        if streaming:  # item k of this rank's stream is a pure function of (seed, stage, rank, k)
+            stream = StreamingPairs(stage_synth(stage), f"{cfg.seed}-{stage}", rank=rank, world_size=world,
                                     start=batch_in_epoch * cfg.batch_size)
             loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate,
                                                  num_workers=cfg.num_workers)
@@ -162,9 +189,9 @@ def train(cfg: RewardTrainConfig) -> dict:
                 yield batch
             epoch, batch_in_epoch = epoch + 1, 0
 
-    def evaluate() -> dict:
+    def evaluate(data) -> dict:
         was = ddp.training
-        scores = pair_scores(model, eval_set, batch_size=cfg.batch_size, limit=cfg.eval_pairs)
+        scores = pair_scores(model, data, batch_size=cfg.batch_size, limit=cfg.eval_pairs)
         ddp.train(was)
         return pair_metrics(*scores)
 
@@ -177,7 +204,7 @@ def train(cfg: RewardTrainConfig) -> dict:
         if is_main():
             save_checkpoint(out, step, _trainable(model), {
                 "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": states, "step": step,
-                "epoch": epoch, "batch_in_epoch": batch_in_epoch})
+                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "stage": stage})
         barrier()
 
     metrics = MetricsFile(out / "metrics.jsonl") if is_main() else None
@@ -221,11 +248,18 @@ def train(cfg: RewardTrainConfig) -> dict:
                 if hasattr(bar, "set_postfix_str"):
                     bar.set_postfix_str(f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f}")
         if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            last_eval = evaluate()
+            final = stage == len(stages) - 1
+            last_eval = evaluate(eval_set if final or not streaming else stage_eval(stage))
             if metrics:
-                metrics.write({"step": step, **{f"eval_{k}": v for k, v in last_eval.items() if k != "calibration"}})
-                info(step_line(step, cfg.max_steps, eval_acc=last_eval["accuracy"], acc_1=last_eval["accuracy_1"],
-                               acc_2_3=last_eval["accuracy_2_3"], margin=last_eval["mean_margin"]), who="reward")
+                metrics.write({"step": step, "stage": stage,
+                               **{f"eval_{k}": v for k, v in last_eval.items() if k != "calibration"}})
+                info(step_line(step, cfg.max_steps, stage=f"{stage + 1}/{len(stages)}", eval_acc=last_eval["accuracy"],
+                               acc_1=last_eval["accuracy_1"], acc_2_3=last_eval["accuracy_2_3"],
+                               margin=last_eval["mean_margin"]), who="reward")
+            if not final and last_eval["accuracy"] >= cfg.advance_at:
+                stage, batch_in_epoch = stage + 1, 0
+                it = batches()
+                info(f"curriculum: stage {stage + 1}/{len(stages)} from step {step}", who="reward")
         if step % cfg.save_every == 0 or step == cfg.max_steps:
             checkpoint()
         if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
@@ -234,6 +268,8 @@ def train(cfg: RewardTrainConfig) -> dict:
                 metrics.close()
             shutdown()
             return {}
+    if streaming and stage < len(stages) - 1:  # the run ended mid-curriculum: report the final task
+        last_eval = evaluate(eval_set)
     if is_main():
         model.save_pretrained(out / "model")
         _plot(out)
@@ -244,14 +280,14 @@ def train(cfg: RewardTrainConfig) -> dict:
     return last_eval
 
 
-def synth_config(data: str):
+def synth_config(data: str, overrides: dict | None = None):
     from ..config import from_dict
     from ..data.synth import DIFFICULTIES, SynthConfig
 
     name = data.split(":", 1)[1]
     if name not in DIFFICULTIES:
         raise ConfigError("data", f"unknown stream preset {name!r} (known: {', '.join(DIFFICULTIES)})")
-    return from_dict(SynthConfig, DIFFICULTIES[name])
+    return from_dict(SynthConfig, {**DIFFICULTIES[name], **(overrides or {})}, "stream")
 
 
 def held_out_pairs(synth_cfg, seed: int, n: int, split: str) -> list[dict]:

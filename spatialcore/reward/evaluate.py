@@ -11,18 +11,29 @@ from ..kernels import pairwise_accuracy
 
 
 @torch.no_grad()
-def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = None, progress: bool = False):
-    """(mu_w, var_w, mu_l, var_l, n_perturbations) over the dataset's pairs, float32 CPU tensors."""
+def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = None, progress: bool = False,
+                shuffle_prompts: bool = False):
+    """(mu_w, var_w, mu_l, var_l, n_perturbations) over the dataset's pairs, float32 CPU tensors.
+
+    ``shuffle_prompts``: judge every pair against another pair's prompt (a fixed permutation),
+    the control that shows whether the model reads the prompt at all.
+    """
     from ..data.pairs import PairCollator
     from ..logs import progress as bar
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     collate = PairCollator(model.processor)
+    prompt_of = list(range(n))
+    if shuffle_prompts:
+        prompt_of = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     outs = []
     model.eval()
     starts = range(0, n, batch_size)
     for s in bar(starts, desc="eval", unit="batch") if progress else starts:
         items = [dataset[i] for i in range(s, min(n, s + batch_size))]
+        if shuffle_prompts:
+            items = [{**it, "prompt": _prompt(dataset, prompt_of[i])} for i, it in zip(range(s, s + len(items)), items,
+                                                                                        strict=True)]
         batch = collate(items)
         inputs = {k: v.to(model.device) for k, v in batch["inputs"].items()}
         mu, lv = model(**inputs)
@@ -32,6 +43,11 @@ def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = Non
     if not outs:
         raise ValueError("no pairs to evaluate")
     return tuple(torch.cat(x) for x in zip(*outs, strict=True))
+
+
+def _prompt(dataset, i: int) -> str:
+    records = getattr(dataset, "records", None)  # a PairSet: no need to decode images
+    return records[i].prompt if records is not None else dataset[i]["prompt"]
 
 
 def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 10) -> dict:
