@@ -158,6 +158,8 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
     model = SpatialScore.from_pretrained(args.model)
     if torch.cuda.is_available():
         model = model.cuda()
+    if args.quantize:
+        model.quantize(args.quantize)
     metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
                                         shuffle_prompts=args.shuffle_prompts))
     print(format_table(metrics, name=Path(args.model).name))
@@ -295,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--batch-size", type=int, default=16)
     r.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
     r.add_argument("--strict", action="store_true", help="refuse a pair set with bad records")
+    r.add_argument("--quantize", choices=["int8", "float8"], help="torchao inference quantisation")
     r.add_argument("--shuffle-prompts", action="store_true",
                    help="control: judge each pair against another pair's prompt (a model that reads the "
                         "prompt drops to about 0.5)")

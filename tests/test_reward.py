@@ -227,3 +227,18 @@ def test_curriculum_advances_and_resumes(tiny_dir, tmp_path):
             torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6, msg=k)
     with pytest.raises(Exception, match="curriculum"):
         load_config(RewardTrainConfig, None, [*stages, "data=runs/pairs"])
+
+
+def test_int8_weight_only_scoring(tiny_dir):
+    torch.manual_seed(0)
+    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    ims = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (56, 56, 3)).astype(np.uint8)) for i in range(6)]
+    before = model.score(PROMPT, ims)[0]
+    model.quantize("int8")
+    lin = model.backbone.language_model.layers[0].self_attn.q_proj
+    assert type(lin.weight).__name__ == "Int8Tensor"  # torchao stores int8 weights with scales
+    after = model.score(PROMPT, ims)[0]
+    assert (after - before).abs().max() <= 0.05 * before.abs().max() + 1e-3
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="float8"):
+            SpatialScore.from_backbone(tiny_dir / "reward").quantize("float8")

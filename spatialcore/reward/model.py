@@ -152,6 +152,29 @@ class SpatialScore(nn.Module):
             log_var = torch.full_like(mu, -30.0)  # sigma ~ 0: plain Bradley-Terry
         return mu, log_var
 
+    def quantize(self, mode: str) -> SpatialScore:
+        """Inference quantisation of the backbone's linear layers with torchao, in place:
+        ``"int8"`` (weight-only, CPU and GPU) or ``"float8"`` (dynamic activations + weights,
+        CUDA sm_89+). The head stays in full precision."""
+        from torchao.quantization import (
+            Float8DynamicActivationFloat8WeightConfig,
+            Int8WeightOnlyConfig,
+            quantize_,
+        )
+
+        if mode == "int8":
+            config = Int8WeightOnlyConfig()
+        elif mode == "float8":
+            if not torch.cuda.is_available() or torch.cuda.get_device_capability() < (8, 9):
+                raise RuntimeError("float8 needs a CUDA GPU with compute capability 8.9+ (Ada/Hopper)")
+            config = Float8DynamicActivationFloat8WeightConfig()
+        else:
+            raise ValueError(f"quantize mode must be 'int8' or 'float8', got {mode!r}")
+        backbone = getattr(self.backbone, "language_model", None) or self.backbone
+        quantize_(backbone, config)
+        info(f"quantised the language model's linear layers: {mode}", who="reward")
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device
