@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-call GPU check for the kernels (<= 8 minutes on an H100/H200):
+# One-call GPU check for the kernels (a BUDGET of 470 s, inside an 8-minute call, on an H100/H200):
 #   1. environment facts (GPU, driver, torch, triton);
 #   2. install carried wheels from .whl/ (if any) beside the machine's own packages;
 #   3. make `spatialcore` importable without installing (a symlink shim);
@@ -17,7 +17,10 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 SPATIALCORE_PROGRESS=0
 PY=${PYTHON:-python3}
 t0=$(date +%s)
+BUDGET=${BUDGET:-470}  # seconds for the whole check (8-minute device calls leave a margin)
 stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
+# left CAP: seconds a step may take: its cap, or what is left of the budget if less.
+left() { local rest=$(( BUDGET - ($(date +%s) - t0) )); (( rest < 5 )) && rest=5; (( rest < $1 )) && echo $rest || echo $1; }
 
 stamp "1/7 environment"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
@@ -41,20 +44,20 @@ export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
 $PY -c "import spatialcore.kernels as k; print('spatialcore.kernels from', k.__file__)"
 
 stamp "4/7 native extension (cmake + nvcc, sm_90a)"
-if timeout 300 cmake -S . -B /tmp/sc-build -G Ninja -DPython3_EXECUTABLE="$(command -v $PY)" \
+if timeout "$(left 120)" cmake -S . -B /tmp/sc-build -G Ninja -DPython3_EXECUTABLE="$(command -v $PY)" \
      -DSPATIALCORE_LIB_DIR="$SHIM/spatialcore" > "$OUT/build.log" 2>&1 \
-   && timeout 300 cmake --build /tmp/sc-build -j 16 >> "$OUT/build.log" 2>&1; then
+   && timeout "$(left 150)" cmake --build /tmp/sc-build -j 16 >> "$OUT/build.log" 2>&1; then
   echo "built $SHIM/spatialcore/_C.so"
 else
   echo "native build FAILED (tail of build.log):"; tail -20 "$OUT/build.log"
 fi
 
 stamp "5/7 CUDA kernel tests"
-timeout 240 $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -ra > "$OUT/tests.log" 2>&1
+timeout "$(left 120)" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -ra > "$OUT/tests.log" 2>&1
 echo "tests exit $?"; tail -5 "$OUT/tests.log"
 
 stamp "6/7 kernel benchmarks"
-SPATIALCORE_BENCH_JSON=$OUT/bench.json timeout 330 $PY -m pytest -q -p no:cacheprovider profiling/benchmarks \
+SPATIALCORE_BENCH_JSON=$OUT/bench.json timeout "$(left $(( BUDGET - 20 )))" $PY -m pytest -q -p no:cacheprovider profiling/benchmarks \
   --benchmark-only --benchmark-columns=median,iqr,rounds > "$OUT/bench.log" 2>&1
 echo "bench exit $?"
 
