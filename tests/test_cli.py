@@ -46,3 +46,14 @@ def test_packaging_has_one_import_root(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+def test_pinned_liger_patch_imports_with_pinned_transformers():
+    # liger-kernel 0.8.5's Qwen2.5-VL patch breaks on transformers >= 5.23 (removed output class):
+    # the pins in pyproject keep the pair importable.
+    import transformers
+    from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
+
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    assert (major, minor) < (5, 23)
+    assert callable(apply_liger_kernel_to_qwen2_5_vl)
