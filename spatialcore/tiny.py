@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .atomic import atomic_dir
 from .config import ConfigError, param, save_config
 from .vocab import tokenizer_corpus
 
@@ -292,9 +291,7 @@ def build_tiny(cfg: TinyConfig, out: str | Path, *, overwrite: bool = False) -> 
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (pass overwrite=True / --force)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         corpus = tokenizer_corpus(cfg.seed)
         summary = {
             "seed": cfg.seed,
@@ -302,12 +299,6 @@ def build_tiny(cfg: TinyConfig, out: str | Path, *, overwrite: bool = False) -> 
             "flux": build_flux(cfg.flux, tmp / "flux", cfg.seed, corpus),
         }
         save_config(cfg, tmp / "tiny.yaml")
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     summary["reward"]["path"] = str(out / "reward")
     summary["flux"]["path"] = str(out / "flux")
     return summary

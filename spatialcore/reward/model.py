@@ -114,15 +114,11 @@ class SpatialScore(nn.Module):
 
     def save_pretrained(self, path: str | os.PathLike) -> None:
         """Write head + (adapter | full backbone) + processor as safetensors, atomically."""
-        import shutil
-        import tempfile
-
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}-", dir=path.parent))
-        try:
+        from ..atomic import atomic_dir
+
+        with atomic_dir(path) as tmp:
             save_file({k: v.detach().contiguous().cpu() for k, v in self.head.state_dict().items()},
                       tmp / "head.safetensors")
             if self.lora is None:
@@ -133,12 +129,6 @@ class SpatialScore(nn.Module):
             meta = {"base": self.base, "attention": self.attention, "lora": asdict(self.lora) if self.lora else None,
                     "variance_head": self.variance_head, "format": 1}
             (tmp / "spatialscore.json").write_text(json.dumps(meta, indent=2))
-            if path.exists():
-                shutil.rmtree(path)
-            tmp.rename(path)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
