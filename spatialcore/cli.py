@@ -140,12 +140,19 @@ def _cmd_reward_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_reward_eval(args: argparse.Namespace) -> int:
+def _load_spatialscore(path: str):
     import torch
+
+    from .reward.model import SpatialScore
+
+    model = SpatialScore.from_pretrained(path)
+    return model.cuda() if torch.cuda.is_available() else model
+
+
+def _cmd_reward_eval(args: argparse.Namespace) -> int:
 
     from .data.pairs import PairSet, PairSetError
     from .reward.evaluate import format_table, pair_metrics, pair_scores
-    from .reward.model import SpatialScore
 
     try:
         data = PairSet(args.data, split=args.split, strict=args.strict)
@@ -155,9 +162,7 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
     if len(data) == 0:
         print(f"spatialcore reward eval: no '{args.split}' pairs in {args.data}", file=sys.stderr)
         return 1
-    model = SpatialScore.from_pretrained(args.model)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = _load_spatialscore(args.model)
     if args.quantize:
         model.quantize(args.quantize)
     metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
@@ -169,17 +174,13 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_reward_score(args: argparse.Namespace) -> int:
-    import torch
 
-    from .reward.model import SpatialScore
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
         print(f"spatialcore reward score: not found: {', '.join(missing)}", file=sys.stderr)
         return 1
-    model = SpatialScore.from_pretrained(args.model)
-    if torch.cuda.is_available():
-        model = model.cuda()
+    model = _load_spatialscore(args.model)
     mu, sigma = model.score([args.prompt] * len(args.images), args.images)
     rows = [{"image": p, "mu": float(m), "sigma": float(s)} for p, m, s in zip(args.images, mu, sigma, strict=True)]
     if args.json:
