@@ -35,6 +35,17 @@ def rng_state() -> dict:
     return state
 
 
+def all_rng_states() -> list[dict]:
+    """Every rank's RNG state, gathered (a collective under torchrun); index = rank."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [rng_state()]
+    states = [None] * dist.get_world_size()
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
 def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     n = state["numpy"]

@@ -140,6 +140,153 @@ def _cmd_reward_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_grpo_train(args: argparse.Namespace) -> int:
+    from .trainers.grpo import GRPOTrainConfig, train
+
+    cfg = load_config(GRPOTrainConfig, args.config, args.overrides)
+    for key in ("model", "reward_model"):
+        value = getattr(cfg, key)
+        if value and not Path(value).exists() and value.count("/") != 1:
+            raise ConfigError(key, f"{value} is neither a local folder nor a hub id (owner/name)")
+    final = train(cfg)
+    if args.json and final:
+        print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=2))
+    return 0
+
+
+def _cmd_grpo_compare(args: argparse.Namespace) -> int:
+    from .trainers.grpo import compare_runs
+
+    runs = {}
+    for item in args.runs:
+        label, _, folder = item.rpartition("=")
+        folder = Path(folder)
+        if not (folder / "metrics.jsonl").is_file():
+            print(f"spatialcore grpo compare: {folder} has no metrics.jsonl", file=sys.stderr)
+            return 1
+        runs[label or folder.name] = folder
+    print(compare_runs(runs, Path(args.out), key=args.key))
+    return 0
+
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from .config import from_dict
+    from .logs import info
+    from .sampler import FluxSampler, SamplerConfig, load_pipeline, to_pil
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    scfg = from_dict(SamplerConfig, {"steps": args.steps, "image_size": args.size, "guidance": args.guidance,
+                                     "compile": args.compile}, "sample")
+    scfg.check()
+    prompts = list(args.prompt)
+    if args.prompts_file:
+        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+    if not prompts:
+        raise ConfigError("prompt", "give --prompt and/or --prompts-file")
+    pipe = load_pipeline(args.model, dtype=dtype, device=device)
+    if args.lora:
+        from .policy import load_policy_weights
+
+        info(f"policy weights: {load_policy_weights(pipe, args.lora)} from {args.lora}", who="sample")
+    sampler = FluxSampler(pipe, scfg)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, prompt in enumerate(prompts):
+        seeds = [args.seed + i * args.n + j for j in range(args.n)]
+        traj = sampler.sample([prompt] * args.n, seeds, sde=args.sde)
+        for j, im in enumerate(to_pil(traj.images)):
+            path = out / f"{i:04d}_{j:02d}.png"
+            im.save(path)
+            rows.append({"prompt": prompt, "seed": seeds[j], "image": str(path)})
+    (out / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    info(f"{len(rows)} images -> {out}", who="sample")
+    return 0
+
+
+SUITE_DEFAULTS = {
+    # (tiny, full): tiny runs anywhere in seconds; full needs a large GPU (FLUX.1-dev / Qwen2.5-VL-7B shapes)
+    "score": ({"batch": 4, "image_size": 64, "prompt_tokens": 40},
+              {"batch": 24, "image_size": 512, "prompt_tokens": 80}),
+    "sample": ({"sizes": [64], "steps": 4, "rl_steps": 4, "rl_window": 2, "rl_size": 64,
+                "variants": ["eager", "rl-eager"],
+                "lora_rank": 4},
+               {"sizes": [512, 1024], "steps": 28, "rl_steps": 16, "rl_window": 8, "rl_size": 512,
+                "variants": ["eager", "compile-regional", "compile-full", "compile-fp8", "rl-eager", "rl-compile"],
+                "lora_rank": 32}),
+    "grpo": ({"steps": 4, "window": 2, "size": 32, "group_size": 8, "local_samples": 4, "top_k": 2,
+              "train_timesteps": 2, "micro_batch": 2, "lora_rank": 4},
+             {"steps": 16, "window": 8, "size": 512, "group_size": 24, "local_samples": 6, "top_k": 6,
+              "train_timesteps": 4, "micro_batch": 2, "lora_rank": 32}),
+}
+
+
+def _suite_run(args: argparse.Namespace):
+    """(callable running the suite -> (rows, info), device, tiny_dir) for bench and profile."""
+    import tempfile
+
+    import torch
+
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.shape == "full" and device.type != "cuda":
+        raise ConfigError("shape", "full-size shapes need a CUDA GPU (use --shape tiny on the CPU)")
+    tiny_dir = Path(args.tiny) if args.tiny else None
+    if tiny_dir is None:
+        from .tiny import TinyConfig, build_tiny
+
+        tiny_dir = Path(tempfile.mkdtemp(prefix="spatialcore-bench-")) / "tiny"
+        build_tiny(TinyConfig(), tiny_dir)
+    params = dict(SUITE_DEFAULTS.get(args.suite, ({}, {}))[args.shape == "full"])
+    for item in args.set or []:
+        key, _, value = item.partition("=")
+        if key not in params:
+            raise ConfigError(key, f"unknown {args.suite} parameter (known: {', '.join(params)})")
+        params[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
+    from .profiling import bench
+
+    reps, warmup = args.reps, args.warmup
+    shape = {"score": "7b", "sample": "flux-dev"}.get(args.suite, "full") if args.shape == "full" else "tiny"
+    if args.suite == "score":
+        return (lambda: bench.bench_score(tiny_dir, device, shape=shape, reps=reps, warmup=warmup, **params)), device
+    if args.suite == "sample":
+        return (lambda: bench.bench_sample(tiny_dir, device, shape=shape, reps=reps, warmup=warmup, **params)), device
+    if args.suite == "grpo":
+        return (lambda: bench.bench_grpo(tiny_dir, device, shape=shape, reps=reps, **params)), device
+    out = Path(args.out)
+    return (lambda: bench.bench_kernels(out)), device
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from .logs import info
+    from .profiling import bench
+
+    run, device = _suite_run(args)
+    rows, setup = run()
+    data = bench.to_json(args.suite, rows, setup, bench.environment(device))
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.suite}.json").write_text(json.dumps(data, indent=2) + "\n")
+    md = bench.to_markdown(data)
+    (out / f"{args.suite}.md").write_text(md)
+    print(md)
+    info(f"-> {out / (args.suite + '.json')}, {out / (args.suite + '.md')}", who="bench")
+    return 0
+
+
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .logs import info
+    from .profiling.profile import run_profile
+
+    run, _ = _suite_run(args)
+    out = Path(args.out)
+    summary = run_profile(run, out, title=f"{args.suite} ({args.shape})")
+    info(f"{summary['wall_s']:.2f} s profiled -> {out / 'trace.json'}, {out / 'profile.md'}", who="profile")
+    return 0
+
+
 def _load_spatialscore(path: str):
     import torch
 
@@ -163,8 +310,13 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
         print(f"spatialcore reward eval: no '{args.split}' pairs in {args.data}", file=sys.stderr)
         return 1
     model = _load_spatialscore(args.model)
-    if args.quantize:
-        model.quantize(args.quantize)
+    try:
+        if args.quantize:
+            model.quantize(args.quantize)
+        model.accelerate(liger=args.liger, compile=args.compile)
+    except RuntimeError as err:  # float8 / liger on a machine that cannot run them
+        print(f"spatialcore reward eval: {err}", file=sys.stderr)
+        return 1
     metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
                                         shuffle_prompts=args.shuffle_prompts))
     print(format_table(metrics, name=Path(args.model).name))
@@ -221,7 +373,12 @@ def _config_kinds() -> dict[str, Callable[[], type]]:
 
         return RewardTrainConfig
 
-    return {"tiny": tiny, "demo": demo, "synth": synth, "reward": reward}
+    def grpo() -> type:
+        from .trainers.grpo import GRPOTrainConfig
+
+        return GRPOTrainConfig
+
+    return {"tiny": tiny, "demo": demo, "synth": synth, "reward": reward, "grpo": grpo}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -299,6 +456,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--limit", type=int, default=None, help="evaluate at most this many pairs")
     r.add_argument("--strict", action="store_true", help="refuse a pair set with bad records")
     r.add_argument("--quantize", choices=["int8", "float8"], help="torchao inference quantisation")
+    r.add_argument("--liger", action="store_true", help="liger-kernel RMSNorm/SwiGLU/RoPE kernels (CUDA)")
+    r.add_argument("--compile", action="store_true", help="torch.compile the decoder layers")
     r.add_argument("--shuffle-prompts", action="store_true",
                    help="control: judge each pair against another pair's prompt (a model that reads the "
                         "prompt drops to about 0.5)")
@@ -311,6 +470,61 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("images", nargs="+", metavar="IMAGE")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_cmd_reward_score)
+
+    p = sub.add_parser("grpo", help="Spatial-RL: GRPO with Top-k filtering on Flux",
+                       description="Spatial-RL: online GRPO with Top-k filtering on a Flux generator.")
+    gsub = p.add_subparsers(dest="grpo_command", metavar="ACTION")
+    gsub.required = True
+    g = gsub.add_parser("train", help="train a LoRA (or full) policy (torchrun for several processes)",
+                        description="GRPO on Flux with SDE sampling, group advantages with Top-k filtering and "
+                                    "the Flow-GRPO clipped loss; resumes from the run folder's latest checkpoint.")
+    g.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    _add_config_args(g)
+    g.set_defaults(func=_cmd_grpo_train)
+    g = gsub.add_parser("compare", help="plot held-out reward of several runs per iteration and per second",
+                        description="One PNG comparing runs (e.g. Top-k vs its ablation) against iterations and "
+                                    "training wall-clock seconds.")
+    g.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR")
+    g.add_argument("--out", required=True, metavar="PNG")
+    g.add_argument("--key", default="eval_reward", help="metric to plot (default eval_reward)")
+    g.set_defaults(func=_cmd_grpo_compare)
+
+    p = sub.add_parser("sample", help="generate images with a Flux checkpoint (+ a trained policy)",
+                       description="Sample images from prompts with any Flux checkpoint, optionally with a "
+                                   "trained policy (LoRA or full transformer from `grpo train`).")
+    p.add_argument("--model", required=True, metavar="DIR|HUB_ID", help="Flux pipeline")
+    p.add_argument("--lora", metavar="DIR", help="policy folder written by grpo train (out/policy)")
+    p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
+    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("-n", type=int, default=4, help="images per prompt")
+    p.add_argument("--steps", type=int, default=28)
+    p.add_argument("--size", type=int, default=1024)
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--sde", action="store_true", help="stochastic (SDE) sampling instead of the ODE")
+    p.add_argument("--compile", choices=["none", "regional", "full"], default="none")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.set_defaults(func=_cmd_sample)
+
+    for name, helptext in (("bench", "benchmarks with same-run baselines -> JSON + Markdown"),
+                           ("profile", "torch.profiler trace, top ops, NVTX phases, NVML timeline")):
+        p = sub.add_parser(name, help=helptext,
+                           description=("Benchmark" if name == "bench" else "Profile") + " a suite: score (SpatialScore "
+                           "vs the stock path), sample (Flux eager vs compiled / float8), grpo (one Spatial-RL step), "
+                           "kernels (microbenchmarks). --shape full builds FLUX.1-dev / Qwen2.5-VL-7B shapes with "
+                           "random weights on the GPU; --shape tiny runs the tiny models anywhere.")
+        p.add_argument("suite", choices=["score", "sample", "grpo"] + (["kernels"] if name == "bench" else []))
+        p.add_argument("--shape", choices=["tiny", "full"], default="tiny")
+        p.add_argument("--out", default=f"runs/{name}", metavar="DIR")
+        p.add_argument("--tiny", metavar="DIR", help="tiny checkpoints (default: build them in a temp folder)")
+        p.add_argument("--device", default=None, help="default: cuda when available")
+        p.add_argument("--reps", type=int, default=5 if name == "bench" else 1)
+        p.add_argument("--warmup", type=int, default=2 if name == "bench" else 1)
+        p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help="suite parameter, e.g. batch=8 or sizes=[512] (see the suite defaults)")
+        p.set_defaults(func=_cmd_bench if name == "bench" else _cmd_profile)
 
     p = sub.add_parser("info", help="versions, device, attention kernels available",
                        description="Print the environment: versions, device, GPUs (NVML), attention backends.")

@@ -138,6 +138,13 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     raise ConfigError(key, f"unsupported field type {tp!r}")
 
 
+def _deep_merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     """Build dataclass ``cls`` from a plain mapping, validating keys, types and ranges."""
     if data is None:
@@ -155,7 +162,12 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     for name, f in known.items():
         key = _join(prefix, name)
         if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], key)
+            value = data[name]
+            if dataclasses.is_dataclass(hints[name]) and isinstance(value, dict) \
+                    and f.default_factory is not dataclasses.MISSING:
+                # overrides of a nested config apply on top of the field's own default
+                value = _deep_merge(to_dict(f.default_factory()), value)
+            kwargs[name] = _coerce(hints[name], value, key)
         elif dataclasses.is_dataclass(hints[name]) and f.default is dataclasses.MISSING \
                 and f.default_factory is dataclasses.MISSING:
             kwargs[name] = from_dict(hints[name], {}, key)

@@ -23,6 +23,23 @@ def init() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def start_run(cfg) -> tuple[int, int, torch.device]:
+    """A trainer's first lines: process group, CPU threads (``cfg.threads``), seed (``cfg.seed``),
+    and on rank 0 the run folder ``cfg.out`` with the resolved ``config.yaml``."""
+    from pathlib import Path
+
+    from .config import save_config
+
+    rank, world, device = init()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    if is_main():
+        Path(cfg.out).mkdir(parents=True, exist_ok=True)
+        save_config(cfg, Path(cfg.out) / "config.yaml")
+    return rank, world, device
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 
-from ..config import ConfigError, param, save_config
+from ..config import ConfigError, param
 from ..logs import MetricsFile, info, progress, step_line
 
 
@@ -42,9 +42,14 @@ class RewardTrainConfig:
     attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     dtype: Literal["float32", "bfloat16"] = "float32"
     lora_rank: int = param(0, min=0, help="0: full fine-tuning")
+    # Data parallelism under torchrun: DDP (a full replica per rank) or FSDP2 (fully_shard per
+    # decoder/vision block: parameters, gradients and optimizer state sharded; for the 7B).
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
     lora_alpha: int = param(32, min=1)
     variance_head: bool = False  # plain Bradley-Terry trained better in calibration runs
     gradient_checkpointing: bool = False
+    liger: bool = False  # liger-kernel RMSNorm/SwiGLU/RoPE Triton kernels in the backbone (CUDA)
+    compile: bool = False  # torch.compile of each decoder layer
     batch_size: int = param(16, min=1, help="pairs per rank per micro-batch")
     grad_accum: int = param(1, min=1)
     lr: float = param(3e-4, min=0.0)
@@ -86,22 +91,22 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 
 
 def train(cfg: RewardTrainConfig) -> dict:
-    from ..checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+    from ..checkpoint import (
+        all_rng_states,
+        latest_checkpoint,
+        load_checkpoint,
+        save_checkpoint,
+        set_rng_state,
+    )
     from ..data.pairs import PairCollator, PairSampler, PairSet
     from ..data.synth import StreamingPairs
-    from ..dist import barrier, init, is_main, mean, shutdown
+    from ..dist import barrier, is_main, mean, shutdown, start_run
     from ..kernels import pair_loss, pairwise_accuracy
     from ..reward.evaluate import format_table, pair_metrics, pair_scores
     from ..reward.model import LoraSpec, SpatialScore
 
-    rank, world, device = init()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
+    rank, world, device = start_run(cfg)
     out = Path(cfg.out)
-    if is_main():
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
 
     # ---- model
     dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
@@ -114,17 +119,21 @@ def train(cfg: RewardTrainConfig) -> dict:
         model = SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
                                            variance_head=cfg.variance_head)
     model = model.to(device)
+    model.accelerate(liger=cfg.liger, compile=cfg.compile)
     if cfg.gradient_checkpointing:
         model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    fsdp = cfg.parallel == "fsdp2" and world > 1
+    ddp = model
+    if fsdp:
+        _fully_shard(model)
+    elif world > 1:
+        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
     params = _trainable(model)
     head = [p for n, p in params.items() if n.startswith("head.")]
     body = [p for n, p in params.items() if not n.startswith("head.")]
     opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
                             weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
-    ddp = model
-    if world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
     # ---- data
     collate = PairCollator(model.processor)
@@ -159,10 +168,13 @@ def train(cfg: RewardTrainConfig) -> dict:
         missing = set(params) - set(tensors)
         if missing:
             raise RuntimeError(f"checkpoint {ckpt} lacks {sorted(missing)[:3]}...: was the config changed?")
-        with torch.no_grad():
-            for n, p in params.items():
-                p.copy_(tensors[n])
-        opt.load_state_dict(state["optimizer"])
+        if fsdp:
+            _fsdp_load(model, opt, tensors, state["optimizer"])
+        else:
+            with torch.no_grad():
+                for n, p in params.items():
+                    p.copy_(tensors[n])
+            opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
         step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -196,14 +208,14 @@ def train(cfg: RewardTrainConfig) -> dict:
         return pair_metrics(*scores)
 
     def checkpoint() -> None:
-        states = [None] * world
-        if world > 1:
-            torch.distributed.all_gather_object(states, rng_state())
+        states = all_rng_states()
+        if fsdp:  # every rank takes part in gathering the full tensors; rank 0 writes them
+            tensors, optim = _fsdp_full(model, opt)
         else:
-            states = [rng_state()]
+            tensors, optim = _trainable(model), opt.state_dict() if is_main() else None
         if is_main():
-            save_checkpoint(out, step, _trainable(model), {
-                "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "rng": states, "step": step,
+            save_checkpoint(out, step, tensors, {
+                "optimizer": optim, "scheduler": sched.state_dict(), "rng": states, "step": step,
                 "epoch": epoch, "batch_in_epoch": batch_in_epoch, "stage": stage})
         barrier()
 
@@ -231,6 +243,8 @@ def train(cfg: RewardTrainConfig) -> dict:
             acc_sum += pairwise_accuracy(mu[:B].detach(), mu[B:].detach())
             pairs_since += B * world
         gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip) if cfg.grad_clip else None
+        if gnorm is not None and hasattr(gnorm, "full_tensor"):
+            gnorm = gnorm.full_tensor()
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
@@ -270,7 +284,10 @@ def train(cfg: RewardTrainConfig) -> dict:
             return {}
     if streaming and stage < len(stages) - 1:  # the run ended mid-curriculum: report the final task
         last_eval = evaluate(eval_set)
+    final_tensors = _fsdp_full(model, None)[0] if fsdp else None
     if is_main():
+        if fsdp:  # a plain copy of the model on rank 0 holds the gathered weights for saving
+            model = _unsharded_copy(cfg, final_tensors, dtype, lora)
         model.save_pretrained(out / "model")
         _plot(out)
         (out / "eval.md").write_text(format_table(last_eval) + "\n")
@@ -278,6 +295,62 @@ def train(cfg: RewardTrainConfig) -> dict:
         info(f"done: model -> {out / 'model'}", who="reward")
     shutdown()
     return last_eval
+
+
+def _fully_shard(model) -> None:
+    """FSDP2: one shard group per language-model decoder layer and per vision block, then the rest."""
+    from torch.distributed.fsdp import fully_shard
+
+    backbone = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
+    for layer in backbone.language_model.layers:
+        fully_shard(layer)
+    for block in backbone.visual.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def _fsdp_full(model, opt) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """Full (unsharded) trainable weights and optimizer state on rank 0 (a collective: all ranks call)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    full = get_model_state_dict(model, options=options)
+    names = set(_trainable(model))
+    tensors = {n: t for n, t in full.items() if n in names}
+    optim = get_optimizer_state_dict(model, opt, options=options) if opt is not None else None
+    return tensors, optim
+
+
+def _fsdp_load(model, opt, tensors: dict[str, torch.Tensor], optim: dict) -> None:
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    options = StateDictOptions(full_state_dict=True, strict=False)
+    set_model_state_dict(model, tensors, options=options)
+    set_optimizer_state_dict(model, opt, optim_state_dict=optim, options=options)
+
+
+def _unsharded_copy(cfg: RewardTrainConfig, tensors: dict[str, torch.Tensor], dtype, lora):
+    from ..reward.model import SpatialScore
+
+    if cfg.init_from:
+        model = SpatialScore.from_pretrained(cfg.init_from, attention=cfg.attention, dtype=dtype)
+        model.variance_head = cfg.variance_head
+    else:
+        model = SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
+                                           variance_head=cfg.variance_head)
+    matched = [n for n, _ in model.named_parameters() if n in tensors]
+    model.load_state_dict(tensors, strict=False)
+    if len(matched) != len(tensors):
+        raise RuntimeError("the gathered FSDP2 weights do not match a fresh model's parameter names")
+    return model
 
 
 def synth_config(data: str, overrides: dict | None = None):

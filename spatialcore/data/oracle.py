@@ -235,22 +235,28 @@ def pixel_score(image: Image.Image, relations: list[Relation] | str, *, min_mass
         if any(m < min_mass for m, _, _ in pts):
             scores.append(-1.0)
             continue
-        (_, ax, ay), (_, bx, by) = pts[0], pts[1]
-        if rel.type == "left of":
-            s = bx - ax
-        elif rel.type == "right of":
-            s = ax - bx
-        elif rel.type == "above":
-            s = by - ay
-        elif rel.type == "below":
-            s = ay - by
-        elif rel.type == "between":
-            cx, cy = pts[2][1], pts[2][2]
-            vx, vy = cx - bx, cy - by
-            n2 = vx * vx + vy * vy or 1e-9
-            t = ((ax - bx) * vx + (ay - by) * vy) / n2
-            s = 0.5 - abs(t - 0.5)
-        else:  # next to / depth: closeness of the two colour masses
-            s = NEXT_TO + 0.2 - float(np.hypot(ax - bx, ay - by))
+        s = relation_value(rel.type, [(x, y) for _, x, y in pts])
         scores.append(float(np.clip(2 * s, -1.0, 1.0)))
     return float(np.mean(scores))
+
+
+def relation_value(rtype: str, pts: list[tuple[float, float]]) -> float:
+    """Signed, unclipped relation evidence from normalised centroids ``[(x, y), ...]`` of the
+    relation's arguments (positive: the relation holds). Shared by the PIL and tensor rewards."""
+    (ax, ay), (bx, by) = pts[0], pts[1]
+    if rtype == "left of":
+        return bx - ax
+    if rtype == "right of":
+        return ax - bx
+    if rtype == "above":
+        return by - ay
+    if rtype == "below":
+        return ay - by
+    if rtype == "between":
+        cx, cy = pts[2]
+        vx, vy = cx - bx, cy - by
+        n2 = vx * vx + vy * vy or 1e-9
+        t = ((ax - bx) * vx + (ay - by) * vy) / n2
+        return 0.5 - abs(t - 0.5)
+    # next to / depth: closeness of the two colour masses
+    return NEXT_TO + 0.2 - float(np.hypot(ax - bx, ay - by))

@@ -165,6 +165,29 @@ class SpatialScore(nn.Module):
         info(f"quantised the language model's linear layers: {mode}", who="reward")
         return self
 
+    def accelerate(self, *, liger: bool = False, compile: bool = False) -> SpatialScore:
+        """Optional speed-ups, logged when applied. ``liger``: liger-kernel's RMSNorm, SwiGLU and
+        RoPE Triton kernels patched into the backbone (CUDA only; note that liger also swaps the
+        classes in transformers' Qwen2.5-VL module, so models built later in this process get
+        them too). ``compile``: ``torch.compile`` of each language-model decoder layer (regional:
+        one compiled graph reused by every layer, dynamic sequence length)."""
+        backbone = self.backbone.get_base_model() if hasattr(self.backbone, "get_base_model") else self.backbone
+        if liger:
+            if self.device.type != "cuda":
+                raise RuntimeError("liger-kernel's Triton kernels need the model on a CUDA GPU")
+            from liger_kernel.transformers import apply_liger_kernel_to_qwen2_5_vl
+
+            # no fused linear cross-entropy: a reward model has no LM head to fuse
+            apply_liger_kernel_to_qwen2_5_vl(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                             fused_linear_cross_entropy=False, model=backbone)
+            info("liger-kernel: RMSNorm, SwiGLU and RoPE patched into the backbone", who="reward")
+        if compile:
+            layers = backbone.language_model.layers
+            for layer in layers:
+                layer.compile(dynamic=None)
+            info(f"torch.compile: {len(layers)} decoder layers (regional)", who="reward")
+        return self
+
     @property
     def device(self) -> torch.device:
         return next(self.parameters()).device

@@ -1,0 +1,117 @@
+"""The Spatial-RL policy: LoRA (peft) on the Flux transformer's attention and feed-forward
+projections, or full fine-tuning; the reference policy is the same transformer with the adapter
+disabled (LoRA) or a frozen copy (full fine-tuning, only built when a KL term needs it)."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+from pathlib import Path
+
+import torch
+
+# Attention and feed-forward projections of every dual- and single-stream block (not the
+# embedders, the AdaLN modulations or the final projection).
+LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
+                r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+class Policy:
+    def __init__(self, transformer: torch.nn.Module, *, lora_rank: int, lora_alpha: float | None = None,
+                 need_reference: bool = False):
+        self.transformer = transformer
+        self.lora_rank = lora_rank
+        self._ref = None
+        if lora_rank:
+            from peft import LoraConfig
+
+            transformer.requires_grad_(False)
+            transformer.add_adapter(LoraConfig(r=lora_rank, lora_alpha=lora_alpha or lora_rank,
+                                               target_modules=LORA_TARGETS, init_lora_weights=True))
+        else:
+            transformer.requires_grad_(True)
+            if need_reference:
+                self._ref = copy.deepcopy(transformer).requires_grad_(False).eval()
+        self.params = {n: p for n, p in transformer.named_parameters() if p.requires_grad}
+        if not self.params:
+            raise RuntimeError("the policy has no trainable parameters (no LoRA target matched?)")
+
+    @property
+    def n_trainable(self) -> int:
+        return sum(p.numel() for p in self.params.values())
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Run the frozen reference policy inside this context."""
+        if self.lora_rank:
+            self.transformer.disable_adapters()
+            try:
+                yield self.transformer
+            finally:
+                self.transformer.enable_adapters()
+        else:
+            if self._ref is None:
+                raise RuntimeError("full fine-tuning built no reference copy (need_reference=False)")
+            yield self._ref
+
+    @contextlib.contextmanager
+    def swapped(self, weights: dict[str, torch.Tensor] | None):
+        """Temporarily load ``weights`` (e.g. the EMA) into the trainable parameters."""
+        if not weights:
+            yield
+            return
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(weights[n])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, p in self.params.items():
+                    p.copy_(saved[n])
+
+    def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """LoRA: diffusers' LoRA file (``FluxPipeline.load_lora_weights`` reads it); full: the transformer."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        with self.swapped(weights):
+            if self.lora_rank:
+                from diffusers import FluxPipeline
+                from peft.utils import get_peft_model_state_dict
+
+                FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+                                               safe_serialization=True)
+                (path / "lora.json").write_text(json.dumps({"rank": self.lora_rank}) + "\n")
+            else:
+                self.transformer.save_pretrained(path / "transformer")
+
+
+class EMA:
+    """Exponential moving average of the trainable weights (float32 copies)."""
+
+    def __init__(self, params: dict[str, torch.Tensor], decay: float):
+        self.decay = decay
+        self.weights = {n: p.detach().float().clone() for n, p in params.items()}
+
+    @torch.no_grad()
+    def update(self, params: dict[str, torch.Tensor]) -> None:
+        for n, p in params.items():
+            self.weights[n].lerp_(p.detach().float(), 1 - self.decay)
+
+
+def load_policy_weights(pipe, path: str | Path) -> str:
+    """Load a trained policy folder (LoRA file or full transformer) into a pipeline; returns its kind."""
+    path = Path(path)
+    if (path / LORA_FILE).is_file():
+        pipe.load_lora_weights(path)
+        return "lora"
+    if (path / "transformer").is_dir():
+        from diffusers import FluxTransformer2DModel
+
+        pipe.transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=pipe.transformer.dtype
+                                                                  ).to(pipe.transformer.device)
+        return "full"
+    raise FileNotFoundError(f"{path} holds neither {LORA_FILE} nor transformer/")

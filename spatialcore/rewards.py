@@ -1,0 +1,124 @@
+"""Rewards for Spatial-RL: a function of (images ``[B, 3, H, W]`` in [0, 1] on any device, prompts)
+returning float32 ``[B]`` on the images' device. NaN marks a sample that could not be scored
+(the advantage kernel excludes it).
+
+* ``spatialscore``: the learned reward, ``mu`` of an in-process :class:`SpatialScore` (no grad,
+  batched, images preprocessed where they live; optional int8/float8 weights).
+* ``oracle``: the verifiable pixel reward of the data oracle made dense: each pixel is softly
+  assigned to the palette colours (w_c = softmax_c of -|rgb - colour_c|^2 / 2 tau^2), and a
+  relation's evidence ``oracle.relation_value`` is computed from per-colour positions, clipped
+  2 s to [-1, 1] and averaged over the prompt's relations. ``form="moment"`` (default) uses for the
+  four directions the first moments M_c = mean_p w_c(p) (pos_p - 1/2) (so "red left of blue" is
+  4 (M_blue - M_red) along x: more red mass on the left and more blue on the right); ``"centroid"``
+  uses the mass-normalised centroids everywhere, as ``pixel_score`` does. Unlike the hard colour
+  masks both vary smoothly on the grey-ish images a random generator starts from.
+* ``oracle_hard`` (evaluation): ``oracle.pixel_score`` on the PIL images (-1 when a named colour is
+  absent) and :func:`oracle_accuracy`, the fraction of relations the hard pixel oracle calls true.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from .data.oracle import judge, pixel_score, relation_value
+from .data.scene import parse_prompt
+from .vocab import COLOURS
+
+PALETTE = list(COLOURS)
+
+
+@lru_cache(maxsize=4096)
+def _relations(prompt: str):
+    rels = parse_prompt(prompt)
+    if not rels:
+        raise ValueError(f"the oracle reward needs synthetic-grammar prompts; cannot parse {prompt!r}")
+    return rels
+
+
+def colour_centroids(images: torch.Tensor, tau: float = 60.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Soft palette assignment per pixel -> (mass ``[B, K]``, centroid ``[B, K, 2]`` as (x, y) in
+    [0, 1], first moment ``[B, K, 2]`` = mean over pixels of w (pos - 1/2))."""
+    B, _, H, W = images.shape
+    pal = torch.tensor([COLOURS[c] for c in PALETTE], device=images.device, dtype=torch.float32)  # [K, 3]
+    px = images.float().permute(0, 2, 3, 1) * 255.0  # [B, H, W, 3]
+    d2 = ((px[..., None, :] - pal) ** 2).sum(-1)  # [B, H, W, K]
+    w = torch.softmax(-d2 / (2 * tau * tau), dim=-1)
+    mass = w.sum((1, 2))  # [B, K]
+    xs = (torch.arange(W, device=images.device, dtype=torch.float32) + 0.5) / W
+    ys = (torch.arange(H, device=images.device, dtype=torch.float32) + 0.5) / H
+    mx, my = torch.einsum("bhwk,w->bk", w, xs), torch.einsum("bhwk,h->bk", w, ys)
+    centroid = torch.stack([mx / mass, my / mass], -1)
+    moment = torch.stack([mx - 0.5 * mass, my - 0.5 * mass], -1) / (H * W)
+    return mass / (H * W), centroid, moment
+
+
+DIRECTIONS = ("left of", "right of", "above", "below")
+
+
+def oracle_reward(images: torch.Tensor, prompts: list[str], *, tau: float = 60.0, form: str = "moment"
+                  ) -> torch.Tensor:
+    """Dense pixel-oracle reward in [-1, 1] (see module docstring); ``[B]`` float32."""
+    if images.shape[0] != len(prompts):
+        raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
+    if form not in ("moment", "centroid"):
+        raise ValueError(f"form must be 'moment' or 'centroid', got {form!r}")
+    _, cent, mom = colour_centroids(images, tau)
+    cent, mom = cent.cpu().numpy(), 2 * mom.cpu().numpy()  # 2 s = 4 (M_b - M_a) after the clip's 2x
+    out = []
+    for b, prompt in enumerate(prompts):
+        vals = []
+        for rel in _relations(prompt):
+            src = mom if form == "moment" and rel.type in DIRECTIONS else cent
+            pts = [tuple(src[b, PALETTE.index(colour)]) for colour, _ in rel.args]
+            vals.append(float(np.clip(2 * relation_value(rel.type, pts), -1.0, 1.0)))
+        out.append(float(np.mean(vals)))
+    return torch.tensor(out, dtype=torch.float32, device=images.device)
+
+
+def oracle_hard(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(``pixel_score`` ``[B]``, fraction of relations judged true ``[B]``) with the hard pixel oracle."""
+    from .sampler import to_pil
+
+    scores, acc = [], []
+    for im, prompt in zip(to_pil(images), prompts, strict=True):
+        rels = _relations(prompt)
+        scores.append(pixel_score(im, rels))
+        verdicts = judge(im, rels)
+        acc.append(sum(v is True for v in verdicts) / len(verdicts))
+    return torch.tensor(scores), torch.tensor(acc)
+
+
+class SpatialScoreReward:
+    """``mu`` of a SpatialScore checkpoint, scored in batches without gradients."""
+
+    def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
+                 quantize: str = "none", batch_size: int = 32, liger: bool = False, compile: bool = False):
+        from .reward.model import SpatialScore
+
+        self.model = SpatialScore.from_pretrained(path, dtype=dtype).to(device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        if quantize != "none":
+            self.model.quantize(quantize)
+        self.model.accelerate(liger=liger, compile=compile)
+        self.batch_size = batch_size
+
+    @torch.no_grad()
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        mu, _ = self.model.score(prompts, images, batch_size=self.batch_size)
+        return mu.to(images.device)
+
+
+def make_reward(name: str, *, model: str | None = None, device="cpu", quantize: str = "none", tau: float = 60.0,
+                form: str = "moment", batch_size: int = 32, liger: bool = False, compile: bool = False):
+    if name == "oracle":
+        return lambda images, prompts: oracle_reward(images, prompts, tau=tau, form=form)
+    if name == "spatialscore":
+        if not model:
+            raise ValueError("reward 'spatialscore' needs a model path")
+        return SpatialScoreReward(model, device=device, quantize=quantize, batch_size=batch_size, liger=liger,
+                                  compile=compile)
+    raise ValueError(f"unknown reward {name!r} (known: oracle, spatialscore)")
