@@ -82,6 +82,8 @@ class GRPOTrainConfig:
     lora_rank: int = param(8, min=0, help="0: full fine-tuning")
     lora_alpha: float = param(8.0, min=0.0)
     lr: float = param(1e-2, min=0.0)
+    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> min_lr_ratio * lr over `iterations`
+    min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
     weight_decay: float = param(0.0, min=0.0)
     grad_clip: float = param(1.0, min=0.0)
     train_timesteps: int = param(0, min=0, help="window steps trained per iteration (0: all)")
@@ -127,6 +129,13 @@ class GRPOTrainConfig:
 def sample_seed(seed: int, iteration: int, n: int) -> int:
     """Noise seed of sample ``n`` of ``iteration`` (same on every rank and after a resume)."""
     return int(np.random.SeedSequence([seed, iteration, n]).generate_state(1)[0])
+
+
+def lr_at(cfg: GRPOTrainConfig, iteration: int) -> float:
+    if cfg.lr_schedule == "constant":
+        return cfg.lr
+    t = min(1.0, iteration / max(1, cfg.iterations - 1))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def iteration_seeds(cfg: GRPOTrainConfig, iteration: int, groups: np.ndarray, samples: list[int]) -> list[int]:
@@ -392,6 +401,9 @@ def train(cfg: GRPOTrainConfig) -> dict:
         n_kept = int(keep_all.sum())
         kept_local = [i for i, n in enumerate(mine) if keep_all[n]]
 
+        for group in opt.param_groups:  # a pure function of the iteration: nothing to checkpoint
+            group["lr"] = lr_at(cfg, it)
+
         # 4. train on the kept samples only
         stats: dict[str, float] = {}
         if n_kept:
@@ -423,7 +435,7 @@ def train(cfg: GRPOTrainConfig) -> dict:
                "group_mean": res.mean.tolist(), "group_std": res.std.tolist(),
                "group_prompts": [pool[g] for g in groups], **stats,
                "t_sample": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
-               "samples_per_s": n_total / (t3 - t0), "elapsed_s": elapsed}
+               "samples_per_s": n_total / (t3 - t0), "elapsed_s": elapsed, "lr": lr_at(cfg, it - 1)}
         if device.type == "cuda":
             rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         if it % cfg.eval_every == 0 or it == cfg.iterations:
