@@ -186,7 +186,8 @@ def bench_score(tiny_dir: Path, device: torch.device, *, shape: str, batch: int,
 
 def bench_sample(tiny_dir: Path, device: torch.device, *, shape: str, sizes: list[int], steps: int, rl_steps: int,
                  rl_window: int, rl_size: int, variants: list[str], reps: int, warmup: int, batch: int = 1,
-                 lora_rank: int = 32) -> tuple[list[Row], dict]:
+                 lora_rank: int = 32, emit: Callable[[list[Row], dict], None] | None = None
+                 ) -> tuple[list[Row], dict]:
     """ODE sampling at ``sizes`` for the plain variants; the RL sampler (LoRA, SDE window with
     log-probs) at ``rl_size`` for the ``rl-*`` variants. Each variant gets a freshly built
     transformer (compilation and float8 change a module in place)."""
@@ -218,9 +219,12 @@ def bench_sample(tiny_dir: Path, device: torch.device, *, shape: str, sizes: lis
             try:
                 if "fp8" in variant:
                     _float8(pipe.transformer)
-                compile_transformer(pipe.transformer, "full" if "full" in variant else "regional")
+                compile_transformer(pipe.transformer, "full" if ("full" in variant or "graphs" in variant) else "regional",
+                                    cuda_graphs="graphs" in variant)
             except RuntimeError as err:
                 rows.append(Row(group, variant, None, per=batch, status=f"skipped: {err}"))
+                if emit is not None:
+                    emit(rows, info)
                 continue
 
         def call(sampler=sampler, rl=rl):
@@ -235,6 +239,8 @@ def bench_sample(tiny_dir: Path, device: torch.device, *, shape: str, sizes: lis
         rows.append(Row(group, variant, *med, unit="s/batch", per=batch, baseline=variant in ("eager", "rl-eager"),
                         extra={"first_call_s": first}))
         torch._dynamo.reset()
+        if emit is not None:  # long suites: results so far survive a time limit
+            emit(rows, info)
     return rows, info
 
 

@@ -74,8 +74,10 @@ stamp "8/10 bench grpo (FLUX.1-dev + Qwen2.5-VL-7B shapes, one rank's share of G
 timeout "$(left 120)" $SC bench grpo --shape full --out "$OUT" --reps 2 > "$OUT/grpo.log" 2>&1
 echo "grpo exit $?"; tail -3 "$OUT/grpo.log"
 stamp "9/10 bench sample (FLUX.1-dev shape, 1024² 28 steps; RL sampler 512² 16 steps)"
-timeout "$(left 200)" $SC bench sample --shape full --out "$OUT" --reps 2 --warmup 1 \
-  --set 'sizes=[1024]' > "$OUT/sample.log" 2>&1
+# priority order; every finished row is written at once, so a time limit keeps what ran
+timeout "$(left 230)" $SC bench sample --shape full --out "$OUT" --reps 2 --warmup 0 --set 'sizes=[1024]' \
+  --set 'variants=["eager","compile-regional","rl-eager","rl-compile","compile-fp8-graphs","compile-full","compile-fp8"]' \
+  > "$OUT/sample.log" 2>&1
 echo "sample exit $?"; tail -3 "$OUT/sample.log"
 
 stamp "10/10 summary"

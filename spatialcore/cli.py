@@ -215,7 +215,8 @@ SUITE_DEFAULTS = {
                 "variants": ["eager", "rl-eager"],
                 "lora_rank": 4},
                {"sizes": [512, 1024], "steps": 28, "rl_steps": 16, "rl_window": 8, "rl_size": 512,
-                "variants": ["eager", "compile-regional", "compile-full", "compile-fp8", "rl-eager", "rl-compile"],
+                "variants": ["eager", "compile-regional", "compile-full", "compile-fp8", "compile-fp8-graphs", "rl-eager",
+                             "rl-compile"],
                 "lora_rank": 32}),
     "grpo": ({"steps": 4, "window": 2, "size": 32, "group_size": 8, "local_samples": 4, "top_k": 2,
               "train_timesteps": 2, "micro_batch": 2, "lora_rank": 4},
@@ -224,8 +225,9 @@ SUITE_DEFAULTS = {
 }
 
 
-def _suite_run(args: argparse.Namespace):
-    """(callable running the suite -> (rows, info), device, tiny_dir) for bench and profile."""
+def _suite_run(args: argparse.Namespace, emit=None):
+    """(callable running the suite -> (rows, info), device) for bench and profile; ``emit(rows, info)``
+    receives partial results of the long sample suite."""
     import tempfile
 
     import torch
@@ -252,7 +254,8 @@ def _suite_run(args: argparse.Namespace):
     if args.suite == "score":
         return (lambda: bench.bench_score(tiny_dir, device, shape=shape, reps=reps, warmup=warmup, **params)), device
     if args.suite == "sample":
-        return (lambda: bench.bench_sample(tiny_dir, device, shape=shape, reps=reps, warmup=warmup, **params)), device
+        return (lambda: bench.bench_sample(tiny_dir, device, shape=shape, reps=reps, warmup=warmup, emit=emit,
+                                           **params)), device
     if args.suite == "grpo":
         return (lambda: bench.bench_grpo(tiny_dir, device, shape=shape, reps=reps, **params)), device
     out = Path(args.out)
@@ -263,15 +266,20 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from .logs import info
     from .profiling import bench
 
-    run, device = _suite_run(args)
-    rows, setup = run()
-    data = bench.to_json(args.suite, rows, setup, bench.environment(device))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.suite}.json").write_text(json.dumps(data, indent=2) + "\n")
-    md = bench.to_markdown(data)
-    (out / f"{args.suite}.md").write_text(md)
-    print(md)
+    env: dict = {}
+
+    def write(rows, setup) -> str:
+        data = bench.to_json(args.suite, rows, setup, env)
+        (out / f"{args.suite}.json").write_text(json.dumps(data, indent=2) + "\n")
+        md = bench.to_markdown(data)
+        (out / f"{args.suite}.md").write_text(md)
+        return md
+
+    run, device = _suite_run(args, emit=write)
+    env.update(bench.environment(device))
+    print(write(*run()))
     info(f"-> {out / (args.suite + '.json')}, {out / (args.suite + '.md')}", who="bench")
     return 0
 

@@ -53,7 +53,8 @@ def _grpo_defaults() -> GRPOTrainConfig:
     return GRPOTrainConfig(prompts=[], prompt_stream="easy", stream={"p_sizes": 0.0, "p_background": 0.0},
                            n_stream_prompts=32, reward="spatialscore", reward_model="runs/demo/reward/model",
                            group_size=16, prompts_per_iter=2, top_k=4, train_timesteps=4, lora_rank=0, lr=1e-3,
-                           iterations=400, max_minutes=5.0, eval_every=50, eval_seeds=4, save_every=100)
+                           iterations=400, max_minutes=5.0, eval_every=50, log_every=50, eval_seeds=4,
+                           save_every=100)
 
 
 @dataclass

@@ -222,15 +222,16 @@ class FluxSampler:
         return lp, mean, std
 
 
-def compile_transformer(transformer, mode: str) -> None:
+def compile_transformer(transformer, mode: str, *, cuda_graphs: bool = False) -> None:
     """``regional``: compile each repeated block once (fast cold start, same kernels for all blocks);
-    ``full``: the whole forward."""
+    ``full``: the whole forward (``cuda_graphs``: replayed as CUDA graphs, torch.compile's
+    "reduce-overhead" mode)."""
     if mode == "regional":
         for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
             for block in blocks:
                 block.compile(dynamic=False)
     elif mode == "full":
-        transformer.compile(dynamic=False)
+        transformer.compile(dynamic=False, mode="reduce-overhead" if cuda_graphs else None)
     else:
         raise ValueError(f"compile must be 'none', 'regional' or 'full', got {mode!r}")
 

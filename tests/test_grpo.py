@@ -304,5 +304,5 @@ def test_cosine_learning_rate_is_a_function_of_the_iteration(tiny_dir, tmp_path)
     cfg = _cfg(tiny_dir, tmp_path, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1, iterations=11)
     lrs = [grpo_mod.lr_at(cfg, i) for i in range(11)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4) and lrs[5] == pytest.approx(5.5e-4)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:]))
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     assert grpo_mod.lr_at(_cfg(tiny_dir, tmp_path, lr=1e-3), 7) == 1e-3

@@ -94,6 +94,7 @@ class GRPOTrainConfig:
     gradient_checkpointing: bool = False
     iterations: int = param(300, min=1)
     max_minutes: float = param(0.0, min=0.0, help="stop after this much training time (0: no limit)")
+    log_every: int = param(10, min=1, help="one log line every this many iterations")
     eval_every: int = param(25, min=1)
     eval_seeds: int = param(8, min=1, help="fixed noise seeds per held-out prompt")
     save_every: int = param(50, min=1)
@@ -445,10 +446,13 @@ def train(cfg: GRPOTrainConfig) -> dict:
             metrics.write(rec)
             if hasattr(bar, "set_postfix_str"):
                 bar.set_postfix_str(f"reward {rec['reward_mean']:.3f} kept {rec['kept_fraction']:.2f}")
-            if "eval_reward" in rec:
-                info(step_line(it, cfg.iterations, reward=rec["reward_mean"], eval_reward=rec["eval_reward"],
-                               kept=rec["kept_fraction"], clip=rec.get("clip_fraction", 0.0),
-                               samples_s=rec["samples_per_s"]), who="grpo")
+            if "eval_reward" in rec or it % cfg.log_every == 0:
+                extra = {"eval_reward": rec["eval_reward"]} if "eval_reward" in rec else {}
+                mem = {"gpu_mem_gib": rec["gpu_mem_gib"]} if "gpu_mem_gib" in rec else {}
+                info(step_line(it, cfg.iterations, reward=rec["reward_mean"], std=rec["reward_std_group"],
+                               **extra, kept=rec["kept_fraction"], clip=rec.get("clip_fraction", 0.0),
+                               approx_kl=rec.get("approx_kl", 0.0), samples_s=rec["samples_per_s"], **mem),
+                     who="grpo")
         timed_out = cfg.max_minutes and elapsed >= 60 * cfg.max_minutes
         if it % cfg.save_every == 0 or it == cfg.iterations or timed_out:
             checkpoint()
