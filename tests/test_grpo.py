@@ -283,9 +283,11 @@ def test_config_errors_name_the_key(tiny_dir, tmp_path):
     assert proc.returncode == 2 and "top_k" in proc.stderr
 
 
-def test_sample_cli_with_trained_policy(tiny_dir, tmp_path):
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_sample_cli_with_trained_policy(tiny_dir, tmp_path, lora_rank):
     run = tmp_path / "run"
-    train(_cfg(tiny_dir, run, iterations=2, lr=0.05, save_grids=False))
+    train(_cfg(tiny_dir, run, iterations=2, lr=0.05 if lora_rank else 1e-2, lora_rank=lora_rank, save_grids=False))
+    assert (run / "policy" / ("pytorch_lora_weights.safetensors" if lora_rank else "transformer")).exists()
     outs = {}
     for name, extra in (("base", []), ("policy", ["--lora", str(run / "policy")])):
         proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "sample", "--model", str(tiny_dir / "flux"),
