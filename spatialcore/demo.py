@@ -236,7 +236,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
         def avg(recs, key):
             return sum(r[key] for r in recs) / len(recs)
 
-        lines += [f"Training reward (sampled with the SDE, mean of the first / last 10 iterations): "
+        lines += [f"Training reward (sampled with the SDE, mean of the first / last 10 iterations; it moves mostly "
+                  f"with which prompts were drawn, the held-out table is the measure): "
                   f"{avg(head, 'reward_mean'):.3f} -> {avg(tail, 'reward_mean'):.3f}; within-group std at the start "
                   f"{avg(head, 'reward_std_group'):.3f}; kept fraction {tail[-1]['kept_fraction']:.2f}; "
                   f"{avg(tail, 'samples_per_s'):.1f} samples/s.", ""]
