@@ -136,9 +136,10 @@ class FluxSampler:
         pooled = torch.stack([self._text_cache[p][1] for p in prompts])
         return emb, pooled
 
-    def velocity(self, x: torch.Tensor, sigma: float | torch.Tensor, emb: torch.Tensor, pooled: torch.Tensor
-                 ) -> torch.Tensor:
-        """Transformer velocity for packed latents ``x [B, L, C]`` at ``sigma`` (the pipeline's t / 1000)."""
+    def velocity(self, x: torch.Tensor, sigma: float | torch.Tensor, emb: torch.Tensor, pooled: torch.Tensor,
+                 transformer: torch.nn.Module | None = None) -> torch.Tensor:
+        """Velocity for packed latents ``x [B, L, C]`` at ``sigma`` (the pipeline's t / 1000) from the
+        sampler's transformer, or from ``transformer`` (e.g. a frozen reference copy)."""
         B = x.shape[0]
         t = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma))
         t = t.to(device=x.device, dtype=x.dtype).expand(B)
@@ -146,7 +147,7 @@ class FluxSampler:
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((B,), self.cfg.guidance, device=x.device, dtype=torch.float32)
         txt_ids = torch.zeros(emb.shape[1], 3, device=x.device, dtype=x.dtype)
-        return self.transformer(hidden_states=x, timestep=t, guidance=guidance, pooled_projections=pooled,
+        return (transformer or self.transformer)(hidden_states=x, timestep=t, guidance=guidance, pooled_projections=pooled,
                                 encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=self.img_ids,
                                 return_dict=False)[0]
 
@@ -211,12 +212,12 @@ class FluxSampler:
         return Trajectory(latents, log_probs, sigmas, x, images, emb, pooled)
 
     def step_logprob(self, traj_latents: torch.Tensor, j: int, sigmas: torch.Tensor, emb: torch.Tensor,
-                     pooled: torch.Tensor):
+                     pooled: torch.Tensor, transformer: torch.nn.Module | None = None):
         """Recompute window step ``j`` under the current weights: ``(log_prob [B], mean fp32, std [B])``
         of the recorded transition latents[:, j] -> latents[:, j + 1] (differentiable w.r.t. the weights)."""
         x, x_next = traj_latents[:, j], traj_latents[:, j + 1]
         s, sn = float(sigmas[j]), float(sigmas[j + 1])
-        v = self.velocity(x, s, emb, pooled)
+        v = self.velocity(x, s, emb, pooled, transformer)
         _, lp, mean, std = sde_step_logprob(x, v, s, sn, self.cfg.noise_level, prev_sample=x_next,
                                             sigma_max=float(self.sigmas[1]), cps=self.cfg.sde_type == "cps")
         return lp, mean, std

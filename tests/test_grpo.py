@@ -168,6 +168,28 @@ def test_gradient_equals_kept_only_reference(pipe):
         torch.testing.assert_close(g, ours[n], rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("lora_rank", [4, 0])
+def test_kl_reference_is_the_frozen_policy(pipe, lora_rank):
+    """The KL term compares against the adapter-disabled model (LoRA) or the frozen copy (full)."""
+    policy = Policy(pipe.transformer, lora_rank=lora_rank, need_reference=True)
+    s = FluxSampler(pipe, SamplerConfig(steps=3, image_size=32))
+    traj = s.sample([LEFT] * 2, [1, 2])
+    args = (traj.latents, 0, traj.sigmas, traj.prompt_embeds, traj.pooled)
+    with torch.no_grad():
+        for p in policy.params.values():
+            p.add_(torch.randn_like(p) * 0.05)
+        _, mean_new, _ = s.step_logprob(*args)
+        with policy.reference() as ref:
+            _, mean_ref, _ = s.step_logprob(*args, ref)
+        _, mean_again, _ = s.step_logprob(*args)
+    assert not torch.allclose(mean_new, mean_ref, atol=1e-4)
+    torch.testing.assert_close(mean_again, mean_new, rtol=0, atol=0)  # the policy is back after the context
+    stats = policy_gradient(s, policy, traj.latents, traj.log_probs, traj.prompt_embeds, traj.pooled,
+                            torch.tensor([1.0, -1.0]), [0, 1], traj.sigmas, n_kept_global=2, clip_range=1e-4,
+                            kl_beta=0.1, on_policy=True, micro_batch=0)
+    assert stats["kl"] > 0
+
+
 def test_training_forwards_only_kept_samples(tiny_dir, tmp_path, monkeypatch):
     seen = []
     real = grpo_mod.policy_gradient

@@ -224,8 +224,8 @@ def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch
             old = lp.detach() if on_policy else stored
             kl_args = {}
             if kl_beta > 0:
-                with torch.no_grad(), policy.reference():
-                    _, mean_ref, _ = sampler.step_logprob(traj_latents[sl], j, sigmas, emb[sl], pooled[sl])
+                with torch.no_grad(), policy.reference() as ref:
+                    _, mean_ref, _ = sampler.step_logprob(traj_latents[sl], j, sigmas, emb[sl], pooled[sl], ref)
                 kl_args = {"kl_mean_new": mean, "kl_mean_ref": mean_ref, "kl_std": std, "kl_beta": kl_beta}
             res = flow_grpo_loss(lp, old, adv[sl], keep, clip_range, **kl_args)
             with phase("backward"):
