@@ -330,3 +330,13 @@ def test_cosine_learning_rate_is_a_function_of_the_iteration(tiny_dir, tmp_path)
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4) and lrs[5] == pytest.approx(5.5e-4)
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
     assert grpo_mod.lr_at(_cfg(tiny_dir, tmp_path, lr=1e-3), 7) == 1e-3
+
+
+def test_config_files_load():
+    import glob
+
+    files = sorted(glob.glob("configs/grpo/*.yaml"))
+    assert len(files) >= 5
+    for f in files:
+        cfg = load_config(GRPOTrainConfig, f)
+        assert cfg.group_size >= 2 * cfg.top_k
