@@ -293,7 +293,6 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
             "policy_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
             "trainable": policy.n_trainable, "reward_parameters": sum(p.numel() for p in qwen.parameters())}
     splits: dict[str, list[float]] = {k: [] for k in ("sample", "score", "advantages", "train", "step")}
-    flops = None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     def mark(t: list[float]) -> None:

@@ -98,11 +98,9 @@ class FluxSampler:
         self.channels = self.transformer.config.in_channels // 4
         self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.sigmas = self._schedule()
-        n_tok = (self.latent_hw // 2) ** 2
         self.img_ids = pipe._prepare_latent_image_ids(1, self.latent_hw // 2, self.latent_hw // 2, self.device,
                                                       self.dtype)
-        self.txt_ids = None
-        self.seq_len = n_tok
+        self.seq_len = (self.latent_hw // 2) ** 2  # image tokens after 2x2 packing
         for p in list(pipe.vae.parameters()) + list(pipe.text_encoder.parameters()) + \
                 list(pipe.text_encoder_2.parameters()):
             p.requires_grad_(False)
