@@ -10,7 +10,7 @@ __all__ = ["ADVANTAGE_PRESETS", "GroupAdvantages", "group_advantages", "group_ad
 from .sde_step import ode_step, sde_step_logprob, sde_step_reference, step_coefficients  # noqa: E402
 
 __all__ += ["ode_step", "sde_step_logprob", "sde_step_reference", "step_coefficients"]
-from .grpo_loss import GRPOLoss, flow_grpo_loss, flow_grpo_loss_reference  # noqa: E402
+from .grpo_loss import KL_CONVENTIONS, GRPOLoss, flow_grpo_loss, flow_grpo_loss_reference, kl_std  # noqa: E402
 from .reward_head import (  # noqa: E402
     pair_loss,
     pair_loss_reference,
@@ -19,5 +19,6 @@ from .reward_head import (  # noqa: E402
     reward_head_reference,
 )
 
-__all__ += ["GRPOLoss", "flow_grpo_loss", "flow_grpo_loss_reference", "pair_loss", "pair_loss_reference",
+__all__ += ["KL_CONVENTIONS", "GRPOLoss", "flow_grpo_loss", "flow_grpo_loss_reference", "kl_std", "pair_loss",
+            "pair_loss_reference",
             "pairwise_accuracy", "reward_head", "reward_head_reference"]

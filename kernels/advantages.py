@@ -37,13 +37,18 @@ StdMode = Literal["group", "batch", "none"]
 StatsOver = Literal["kept", "group"]
 
 # Keyword bundles reproducing each anchor's convention: group_advantages(r, **ADVANTAGE_PRESETS["trl"]).
+# Filtering (top_k) is not part of a preset: best-of-n and Spatial-RL take it as an argument.
 ADVANTAGE_PRESETS: dict[str, dict] = {
     # TRL GRPOTrainer: (r - mean) / (std + 1e-4), torch.std (unbiased), no filtering.
     "trl": {"std": "group", "unbiased": True, "eps": 1e-4, "stats_over": "group"},
     # verl compute_grpo_outcome_advantage: (r - mean) / (std + 1e-6), torch.std (unbiased).
     "verl": {"std": "group", "unbiased": True, "eps": 1e-6, "stats_over": "group"},
-    # Flow-GRPO PerPromptStatTracker: np.std (biased), eps 1e-4, advantages clipped to +-5.
-    "flow_grpo": {"std": "group", "unbiased": False, "eps": 1e-4, "clip": 5.0, "stats_over": "group"},
+    # Flow-GRPO's shipped default (config sample.global_std = True; flow_grpo/stat_tracking.py
+    # PerPromptStatTracker): per-prompt mean, np.std of *all* rewards of the batch (biased) + 1e-4,
+    # advantages clipped to +-5 in the training loop.
+    "flow_grpo": {"std": "batch", "unbiased": False, "eps": 1e-4, "clip": 5.0, "stats_over": "group"},
+    # The same tracker with global_std = False: per-prompt std.
+    "flow_grpo_per_prompt": {"std": "group", "unbiased": False, "eps": 1e-4, "clip": 5.0, "stats_over": "group"},
     # DanceGRPO best-of-n: statistics over the whole group (torch.std, eps 1e-8), then keep
     # the top-k and bottom-k samples (pass top_k).
     "dancegrpo": {"std": "group", "unbiased": True, "eps": 1e-8, "stats_over": "group"},

@@ -4,7 +4,7 @@ For samples b (only ``keep[b]``) and trained timesteps t:
 
     ratio = exp(logp_new - logp_old)
     L_bt  = max(-A_b * ratio, -A_b * clamp(ratio, 1 - eps, 1 + eps))
-    KL_bt = mean_{latent dims} (mean_new - mean_ref)^2 / (2 std_bt^2)
+    KL_bt = mean_{latent dims} (mean_new - mean_ref)^2 / (2 s_bt^2)
     loss  = sum_{kept b, t} (L_bt + beta * KL_bt) / (n_kept * T)
 
     dloss/dlogp_new_bt = keep_b * [ -A_b * ratio  if the unclipped branch is the max, else 0 ] / (n_kept * T)
@@ -12,6 +12,12 @@ For samples b (only ``keep[b]``) and trained timesteps t:
 Diagnostics over kept (b, t): ``clip_fraction`` = share with |ratio - 1| > eps,
 ``approx_kl`` = mean 0.5 (logp_new - logp_old)^2, ``kl`` = mean KL_bt (before beta).
 With no kept sample the loss is 0 (still connected to the graph, gradient 0).
+
+``s`` is a convention (:func:`kl_std`): "exact" uses the step's std sigma_t sqrt(-dt) (the true
+KL of the two Gaussian transitions); "flow_grpo" uses what Flow-GRPO's training loop divides by
+(scripts/train_sd3.py with flow_grpo/diffusers_patch/sd3_sde_with_logprob.py): sigma_t without
+sqrt(-dt) for the SDE step, so the same beta weighs the KL 1/|dt| times less than "exact"; for CPS
+both are the step's std.
 
 The surrogate is launch-bound (B*T is a few hundred numbers), so the Triton path is one
 program that counts the kept samples, computes the loss, the diagnostics and the gradient
@@ -30,6 +36,19 @@ try:
     import triton.language as tl
 except ImportError:  # pragma: no cover
     triton = None
+
+
+KL_CONVENTIONS = ("flow_grpo", "exact")
+
+
+def kl_std(std: torch.Tensor, sigma: float, sigma_next: float, *, convention: str, cps: bool = False) -> torch.Tensor:
+    """The ``s`` of the KL term for a step from ``sigma`` to ``sigma_next`` whose std is ``std``
+    (``[B]``, as returned by ``sde_step_logprob``), under ``convention`` (module docstring)."""
+    if convention not in KL_CONVENTIONS:
+        raise ValueError(f"kl convention must be one of {KL_CONVENTIONS}, got {convention!r}")
+    if convention == "exact" or cps:
+        return std
+    return std / (float(sigma) - float(sigma_next)) ** 0.5
 
 
 @dataclass

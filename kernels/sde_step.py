@@ -11,7 +11,13 @@ Per sample b with t = sigma[b], t' = sigma_next[b], dt = t' - t < 0, noise level
         mean = (x - t v) (1 - t') + (x + (1 - t) v) * t' cos(a pi / 2)
 
     x' = mean + std * eps                                   (or the given prev_sample)
-    log p = mean_{non-batch dims} [ -(x' - mean)^2 / (2 std^2) - log std - log(2 pi) / 2 ]
+    log p = mean_{non-batch dims} [ -(x' - mean)^2 / (2 std^2) - log std - log(2 pi) / 2 ]   ("gaussian")
+          = mean_{non-batch dims} [ -(x' - mean)^2 ]                                          ("mse")
+
+"mse" is Flow-GRPO's CPS log-prob (flow_grpo/diffusers_patch/sd3_sde_with_logprob.py: "remove all
+constants"): no variance scaling, so its ratios and clip ranges are not comparable with the
+Gaussian's. Both are ``w_b * (-sum (x' - mean)^2) / D + c_b`` with w = 1/(2 std^2), c = -log std -
+log(2 pi)/2 (gaussian) or w = 1, c = 0 (mse).
 
 Both variants are ``mean = c1 * x + c2 * v`` with per-sample c1, c2, std, so one kernel
 serves both. Math is float32 whatever the input dtype; ``prev_sample`` is returned in
@@ -20,7 +26,7 @@ recomputation from the stored sample gives the same number); ``mean`` is float32
 term on mean differences needs the precision). ``x'`` enters the log-prob detached, as in
 Flow-GRPO, so gradients reach v (and x) through ``mean``:
 
-    dL/dmean_i = gmean_i + gprev_i + glogp_b * (x'_i - mean_i) / (std_b^2 * D)
+    dL/dmean_i = gmean_i + gprev_i + glogp_b * 2 w_b (x'_i - mean_i) / D
     dL/dv = c2 * dL/dmean,   dL/dx = c1 * dL/dmean
 
 Forward reads x, v and the noise (or draws it in-kernel with Philox when none is given, which
@@ -42,6 +48,7 @@ except ImportError:  # pragma: no cover
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 MODE_NOISE, MODE_RNG, MODE_PREV = 0, 1, 2
+LOGPROBS = ("gaussian", "mse")
 
 
 def _per_sample(value, B: int, device, name: str) -> torch.Tensor:
@@ -82,7 +89,7 @@ def step_coefficients(t: torch.Tensor, tn: torch.Tensor, noise_level: float, sig
 
 
 def sde_step_reference(x, v, sigma, sigma_next, noise_level, noise=None, prev_sample=None, *, sigma_max=None,
-                       cps=False, generator=None):
+                       cps=False, generator=None, logprob="gaussian"):
     """Plain PyTorch SPEC §3.2; returns (prev_sample, log_prob [B], mean fp32, std [B])."""
     B = x.shape[0]
     f = torch.float64 if x.dtype == torch.float64 else torch.float32  # float64 only for gradcheck
@@ -97,8 +104,11 @@ def sde_step_reference(x, v, sigma, sigma_next, noise_level, noise=None, prev_sa
             noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=f)
         prev_sample = (mean + std.view(shape) * noise.to(f)).to(x.dtype)
     dims = tuple(range(1, x.dim()))
-    log_prob = (-((prev_sample.detach().to(f) - mean) ** 2) / (2 * std.view(shape) ** 2)).mean(dims) \
-        - torch.log(std) - LOG_SQRT_2PI
+    sq = (prev_sample.detach().to(f) - mean) ** 2
+    if logprob == "mse":
+        log_prob = (-sq).mean(dims)
+    else:
+        log_prob = (-sq / (2 * std.view(shape) ** 2)).mean(dims) - torch.log(std) - LOG_SQRT_2PI
     return prev_sample, log_prob, mean, std
 
 
@@ -128,9 +138,9 @@ if triton is not None:
 
     @triton.jit
     def _sde_fwd_kernel(X, V, NOISE, PREV, MEAN, PART, SIG, SIGN, SMAX, D, S, a, seed,
-                        MODE: tl.constexpr, CPS: tl.constexpr, BLOCK: tl.constexpr):
+                        MODE: tl.constexpr, CPS: tl.constexpr, MSE: tl.constexpr, BLOCK: tl.constexpr):
         """mean = c1 x + c2 v; x' = mean + std * eps (MODE 0: given eps, 1: Philox eps, 2: x' given);
-        PART[b, s] = sum over this block of -(x' - mean)^2 / (2 std^2)."""
+        PART[b, s] = w_b * sum over this block of -(x' - mean)^2, w = 1 (MSE) or 1 / (2 std^2)."""
         b = tl.program_id(0)
         s = tl.program_id(1)
         c1, c2, std = _coefficients(SIG, SIGN, SMAX, b, a, CPS)
@@ -152,13 +162,16 @@ if triton is not None:
             prev = prev_q.to(tl.float32)
         tl.store(MEAN + row + offs, mean, mask=mask)
         diff = tl.where(mask, prev - mean, 0.0)
-        tl.store(PART + b * S + s, -tl.sum(diff * diff, axis=0) / (2.0 * std * std))
+        if MSE:
+            tl.store(PART + b * S + s, -tl.sum(diff * diff, axis=0))
+        else:
+            tl.store(PART + b * S + s, -tl.sum(diff * diff, axis=0) / (2.0 * std * std))
 
     @triton.jit
     def _sde_bwd_kernel(MEAN, PREV, GMEAN, GPREV, GLP, GX, GV, SIG, SIGN, SMAX, D, a,
                         HAS_GMEAN: tl.constexpr, HAS_GPREV: tl.constexpr, NEED_GX: tl.constexpr,
-                        CPS: tl.constexpr, BLOCK: tl.constexpr):
-        """g = gmean + gprev + glogp_b (x' - mean) / (std^2 D);  gv = c2 g,  gx = c1 g."""
+                        CPS: tl.constexpr, MSE: tl.constexpr, BLOCK: tl.constexpr):
+        """g = gmean + gprev + glogp_b 2 w_b (x' - mean) / D;  gv = c2 g,  gx = c1 g."""
         b = tl.program_id(0)
         s = tl.program_id(1)
         c1, c2, std = _coefficients(SIG, SIGN, SMAX, b, a, CPS)
@@ -168,7 +181,10 @@ if triton is not None:
         mean = tl.load(MEAN + row + offs, mask=mask, other=0.0)
         prev = tl.load(PREV + row + offs, mask=mask, other=0.0).to(tl.float32)
         glp = tl.load(GLP + b)
-        g = glp * (prev - mean) / (std * std * D)
+        if MSE:
+            g = glp * 2.0 * (prev - mean) / D
+        else:
+            g = glp * (prev - mean) / (std * std * D)
         if HAS_GMEAN:
             g += tl.load(GMEAN + row + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_GPREV:
@@ -184,7 +200,7 @@ def _block(D: int) -> int:
 
 class _SDEStepTriton(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, v, t, tn, smax, noise, prev_in, a, cps, seed):
+    def forward(ctx, x, v, t, tn, smax, noise, prev_in, a, cps, seed, mse):
         B = x.shape[0]
         D = x.numel() // B
         block = _block(D)
@@ -196,11 +212,13 @@ class _SDEStepTriton(torch.autograd.Function):
         dummy = mean
         _sde_fwd_kernel[(B, S)](
             x, v, noise if noise is not None else dummy, prev, mean, part, t, tn, smax, D, S, float(a), seed,
-            MODE=mode, CPS=cps, BLOCK=block, num_warps=4 if block >= 1024 else 1)
+            MODE=mode, CPS=cps, MSE=mse, BLOCK=block, num_warps=4 if block >= 1024 else 1)
         _, _, std = step_coefficients(t, tn, a, smax, cps)
-        log_prob = part.sum(1) / D - torch.log(std) - LOG_SQRT_2PI
+        log_prob = part.sum(1) / D
+        if not mse:
+            log_prob = log_prob - torch.log(std) - LOG_SQRT_2PI
         ctx.save_for_backward(mean, prev, t, tn, smax)
-        ctx.a, ctx.cps, ctx.sampled, ctx.dtypes = a, cps, prev_in is None, (x.dtype, v.dtype)
+        ctx.a, ctx.cps, ctx.mse, ctx.sampled, ctx.dtypes = a, cps, mse, prev_in is None, (x.dtype, v.dtype)
         ctx.mark_non_differentiable(std)
         out_prev = prev if prev_in is None else torch.empty(0, device=x.device)
         if prev_in is not None:
@@ -224,8 +242,8 @@ class _SDEStepTriton(torch.autograd.Function):
             mean, prev, g_mean.contiguous() if g_mean is not None else mean,
             g_prev.contiguous() if has_gprev else mean, g_lp.float().contiguous(), gx, gv, t, tn, smax, D,
             float(ctx.a), HAS_GMEAN=g_mean is not None, HAS_GPREV=has_gprev, NEED_GX=need_gx, CPS=ctx.cps,
-            BLOCK=block, num_warps=4 if block >= 1024 else 1)
-        return (gx if need_gx else None), gv, None, None, None, None, None, None, None, None
+            MSE=ctx.mse, BLOCK=block, num_warps=4 if block >= 1024 else 1)
+        return (gx if need_gx else None), gv, None, None, None, None, None, None, None, None, None
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -234,7 +252,7 @@ class _SDEStepTriton(torch.autograd.Function):
 def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_level: float,
                      noise: torch.Tensor | None = None, prev_sample: torch.Tensor | None = None, *,
                      sigma_max=None, cps: bool = False, generator: torch.Generator | None = None,
-                     backend: str = "auto"):
+                     logprob: str = "gaussian", backend: str = "auto"):
     """One SDE step with its log-probability (SPEC §3.2).
 
     Args:
@@ -248,6 +266,8 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
         sigma_max: schedule sigma used in the denominator when ``sigma == 1`` (default ``sigma_next``,
             which is the schedule's sigma_1 at the first step).
         cps: coefficients-preserving variant.
+        logprob: ``"gaussian"`` (the exact transition density) or ``"mse"`` (Flow-GRPO's CPS form
+            ``-mean((x' - mean)^2)``; its clip ranges only compare with its own).
 
     Returns:
         ``(prev_sample [x.dtype], log_prob [B] fp32, mean fp32, std [B] fp32)``; differentiable
@@ -262,6 +282,8 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
             raise ValueError(f"{name} must be shaped like x {tuple(x.shape)}, got {tuple(other.shape)}")
     if not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 for an SDE step (got {noise_level}); use ode_step")
+    if logprob not in LOGPROBS:
+        raise ValueError(f"logprob must be one of {LOGPROBS}, got {logprob!r}")
     _check_sigmas(sigma, sigma_next)
     if cps and not torch.is_tensor(sigma_next) and sigma_next == 0:
         raise ValueError("CPS has no noise at sigma_next=0 (no density); use ode_step for the last step")
@@ -269,7 +291,7 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
         backend = "triton" if x.is_cuda and triton is not None else "torch"
     if backend == "torch":
         return sde_step_reference(x, v, sigma, sigma_next, noise_level, noise, prev_sample, sigma_max=sigma_max,
-                                  cps=cps, generator=generator)
+                                  cps=cps, generator=generator, logprob=logprob)
     if backend != "triton":
         raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
     if triton is None:
@@ -284,7 +306,8 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
     prev, log_prob, mean, std = _SDEStepTriton.apply(
         x.contiguous(), v.contiguous(), t, tn, smax, None if noise is None else noise.contiguous(),
-        None if prev_sample is None else prev_sample.contiguous(), float(noise_level), bool(cps), seed)
+        None if prev_sample is None else prev_sample.contiguous(), float(noise_level), bool(cps), seed,
+        logprob == "mse")
     if prev_sample is not None:
         prev = prev_sample
     return prev, log_prob, mean, std

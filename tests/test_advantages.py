@@ -98,6 +98,7 @@ def test_presets_match_oracle(backend):
     r = make_rewards(4, 24, seed=7, bad=True)
     for name, preset in ADVANTAGE_PRESETS.items():
         top_k = 6 if name in ("dancegrpo", "spatial_rl") else None
+        assert "top_k" not in preset
         check(r, backend, top_k=top_k, **preset)
 
 
@@ -178,14 +179,24 @@ def test_preset_verl_formula():
 
 
 def test_preset_flow_grpo_formula():
+    """Written from Flow-GRPO's flow_grpo/stat_tracking.py (PerPromptStatTracker.update, type 'grpo')
+    and scripts/train_sd3.py (advantages clamped to +-adv_clip_max = 5): per-prompt mean; std is
+    np.std over all rewards of the batch (global_std=True, the shipped default) or over the prompt's
+    own rewards (global_std=False); + 1e-4."""
     import numpy as np
 
     r = make_rewards(3, 12, seed=13) * 4
-    expected = []
-    for row in r.numpy().astype(np.float64):  # Flow-GRPO stat tracker: np.std (ddof 0), eps 1e-4, clip 5
-        expected.append(np.clip((row - row.mean()) / (row.std() + 1e-4), -5, 5))
-    got = group_advantages(r, **ADVANTAGE_PRESETS["flow_grpo"], backend="triton").advantages
-    torch.testing.assert_close(got, torch.tensor(np.array(expected), dtype=torch.float32), rtol=1e-5, atol=1e-5)
+    r[1] = r[1] * 0.1  # groups of different spread: batch std and per-prompt std differ
+    rows = r.numpy().astype(np.float64)
+    for preset, global_std in (("flow_grpo", True), ("flow_grpo_per_prompt", False)):
+        expected = []
+        for row in rows:
+            std = (rows.std() if global_std else row.std()) + 1e-4
+            expected.append(np.clip((row - row.mean()) / std, -5, 5))
+        for backend in ("torch", "triton"):
+            got = group_advantages(r, **ADVANTAGE_PRESETS[preset], backend=backend).advantages
+            torch.testing.assert_close(got, torch.tensor(np.array(expected), dtype=torch.float32), rtol=1e-5,
+                                       atol=1e-5, msg=f"{preset} {backend}")
 
 
 def test_preset_dancegrpo_best_of_n_formula():

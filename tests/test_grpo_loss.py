@@ -84,7 +84,9 @@ def test_kl_term():
     mean_ref = mean_new + 0.01 * torch.randn(6, 2, 3, 4, generator=g)
     std = torch.rand(6, 2, generator=g) + 0.5
     expected_kl = (((mean_new - mean_ref) ** 2).mean((2, 3)) / (2 * std**2))[keep].mean()
-    outs = {}
+    # d/dmean_new of beta * sum_{kept b, t} mean_d (m - r)^2 / (2 s^2) / (n T), written out
+    n, T, D = int(keep.sum()), 2, 12
+    expected_grad = 0.1 * (mean_new - mean_ref) / (std**2)[..., None, None] / D / (n * T) * keep[:, None, None, None]
     for backend in ("torch", "triton"):
         m = mean_new.clone().requires_grad_(True)
         out = flow_grpo_loss(new, old, adv, keep, 1e-3, kl_mean_new=m, kl_mean_ref=mean_ref, kl_std=std,
@@ -92,10 +94,43 @@ def test_kl_term():
         torch.testing.assert_close(out.kl, expected_kl)
         torch.testing.assert_close(out.loss.detach(), out.policy_loss + 0.1 * expected_kl)
         out.loss.backward()
-        outs[backend] = m.grad
-    torch.testing.assert_close(outs["triton"], outs["torch"])
+        torch.testing.assert_close(m.grad, expected_grad, rtol=1e-5, atol=1e-9)
     with pytest.raises(ValueError, match="kl_beta"):
         flow_grpo_loss(new, old, adv, keep, 1e-3, kl_beta=0.1)
+
+
+@pytest.mark.parametrize("t,tn", [(0.9, 0.8), (1.0, 0.95), (0.4, 0.3)])
+def test_kl_conventions_match_flow_grpo_and_the_gaussian_kl(t, tn):
+    """flow_grpo: scripts/train_sd3.py computes kl = mean((mean - mean_ref)^2) / (2 std_dev_t^2) with the
+    std_dev_t of flow_grpo/diffusers_patch/sd3_sde_with_logprob.py: sqrt(t / (1 - t)) * a for the SDE step
+    (1 - sigma_max in the denominator at t = 1), sigma_prev * sin(a pi / 2) for CPS.
+    exact: KL(N(m, s^2) || N(r, s^2)) = (m - r)^2 / (2 s^2) per element with s the step's std."""
+    import math
+
+    from spatialcore.kernels import kl_std, sde_step_reference
+
+    a, sigma_max = 0.7, 0.95
+    g = torch.Generator().manual_seed(7)
+    x, v = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    m, r = torch.randn(3, 4, 5, generator=g), torch.randn(3, 4, 5, generator=g)
+    keep = torch.ones(3, dtype=torch.bool)
+    zeros = torch.zeros(3)
+    for cps in (False, True):
+        _, _, _, std = sde_step_reference(x, v, t, tn, a, torch.zeros_like(x), sigma_max=sigma_max, cps=cps)
+        if cps:
+            std_dev_t = tn * math.sin(a * math.pi / 2)
+        else:
+            std_dev_t = math.sqrt(t / (1 - (sigma_max if t == 1 else t))) * a
+        flow = ((m - r) ** 2).mean((1, 2)) / (2 * std_dev_t**2)
+        exact = (((m - r) ** 2) / (2 * std[:, None, None] ** 2)).mean((1, 2))
+        for convention, expected in (("flow_grpo", flow), ("exact", exact)):
+            s = kl_std(std, t, tn, convention=convention, cps=cps)
+            out = flow_grpo_loss(zeros, zeros, zeros, keep, 1e-3, kl_mean_new=m, kl_mean_ref=r, kl_std=s, kl_beta=1.0)
+            torch.testing.assert_close(out.kl, expected.mean(), rtol=1e-5, atol=0, msg=f"{convention} cps={cps}")
+        if not cps:  # the same beta weighs the exact KL 1/|dt| times more
+            torch.testing.assert_close(exact, flow / (t - tn), rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="convention"):
+        kl_std(std, t, tn, convention="k3")
 
 
 def test_reference_gradcheck_and_errors():

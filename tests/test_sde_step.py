@@ -1,4 +1,8 @@
-"""sde_step_logprob: Triton (interpreter) vs reference vs the Flow-GRPO formulas written out."""
+"""sde_step_logprob: Triton (interpreter) vs reference vs the Flow-GRPO formulas written out.
+
+The "sde" and CPS formulas below are written from Flow-GRPO's
+``flow_grpo/diffusers_patch/sd3_sde_with_logprob.py`` (``sde_step_with_logprob``, sde_type "sde" and
+"cps"); the Gaussian CPS log-prob from the transition density N(mean, std^2) itself."""
 
 import math
 
@@ -22,30 +26,39 @@ def flow_grpo_formula(x, v, t, tn, a, noise, sigma_max):
     return prev, lp.mean(), mean
 
 
-def cps_formula(x, v, t, tn, a, noise):
+def flow_grpo_cps_formula(x, v, t, tn, a, noise):
+    """Flow-GRPO's CPS step: x0/x1 predictions, std = sigma_prev sin(a pi / 2), and the log-prob with
+    "all constants removed": -(x' - mean)^2 averaged (no variance scaling)."""
     x, v, noise = x.double(), v.double(), noise.double()
     std = tn * math.sin(a * math.pi / 2)
     x0 = x - t * v
     x1 = x + v * (1 - t)
     mean = x0 * (1 - tn) + x1 * math.sqrt(tn**2 - std**2)
     prev = mean + std * noise
-    lp = -((prev - mean) ** 2) / (2 * std**2) - math.log(std) - 0.5 * math.log(2 * math.pi)
-    return prev, lp.mean(), mean
+    return prev, (-((prev - mean) ** 2)).mean(), mean
 
 
-@pytest.mark.parametrize("cps", [False, True])
+def gaussian_logprob(prev, mean, std):
+    """log N(prev; mean, std^2) per element, averaged: the exact transition density."""
+    var = std**2
+    return (-(prev - mean) ** 2 / (2 * var) - 0.5 * math.log(2 * math.pi * var)).mean()
+
+
+@pytest.mark.parametrize("cps,logprob", [(False, "gaussian"), (True, "mse"), (True, "gaussian")])
 @pytest.mark.parametrize("t,tn", [(0.8, 0.6), (1.0, 0.9), (0.3, 0.0)])
-def test_reference_matches_written_formula(cps, t, tn):
+def test_reference_matches_written_formula(cps, logprob, t, tn):
     if cps and tn == 0:
         with pytest.raises(ValueError, match="CPS"):
             sde_step_logprob(torch.zeros(1, 2), torch.zeros(1, 2), t, tn, 0.7, cps=True)
         return
     g = torch.Generator().manual_seed(0)
     x, v, noise = (torch.randn(2, 3, 4, generator=g, dtype=torch.float64) for _ in range(3))
-    prev, lp, mean, std = sde_step_reference(x, v, t, tn, 0.7, noise, cps=cps)
+    prev, lp, mean, std = sde_step_reference(x, v, t, tn, 0.7, noise, cps=cps, logprob=logprob)
     for b in range(2):
         if cps:
-            p_ref, lp_ref, m_ref = cps_formula(x[b], v[b], t, tn, 0.7, noise[b])
+            p_ref, lp_ref, m_ref = flow_grpo_cps_formula(x[b], v[b], t, tn, 0.7, noise[b])
+            if logprob == "gaussian":
+                lp_ref = gaussian_logprob(p_ref, m_ref, tn * math.sin(0.7 * math.pi / 2))
         else:
             p_ref, lp_ref, m_ref = flow_grpo_formula(x[b], v[b], t, tn, 0.7, noise[b], sigma_max=tn)
         torch.testing.assert_close(prev[b], p_ref)
@@ -57,13 +70,30 @@ def test_reference_matches_written_formula(cps, t, tn):
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("cps", [False, True])
 def test_triton_matches_reference(dtype, shape, cps):
+    _triton_vs_reference(dtype, shape, cps, "gaussian")
+
+
+@pytest.mark.parametrize("shape", [(2, 4096 * 2 + 5), (1, 3, 4096 + 1)])
+def test_triton_multi_block_reduction(shape):
+    """D > 4096: several programs per sample, partial sums reduced outside the kernel (every real
+    Flux latent takes this path)."""
+    _triton_vs_reference(torch.float32, shape, False, "gaussian")
+    _triton_vs_reference(torch.float32, shape, True, "mse")
+
+
+@pytest.mark.parametrize("shape", [(3, 5, 4), (4, 1)])
+def test_triton_matches_reference_mse_logprob(shape):
+    _triton_vs_reference(torch.float32, shape, True, "mse")
+
+
+def _triton_vs_reference(dtype, shape, cps, logprob):
     g = torch.Generator().manual_seed(sum(shape))
     x, v, noise = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
     B = shape[0]
     sigma = torch.linspace(1.0, 0.5, B) if B > 1 else 0.9
     sigma_next = (sigma - 0.1) if torch.is_tensor(sigma) else 0.75
-    out_t = sde_step_logprob(x, v, sigma, sigma_next, 0.7, noise, cps=cps, backend="triton")
-    out_r = sde_step_logprob(x, v, sigma, sigma_next, 0.7, noise, cps=cps, backend="torch")
+    out_t = sde_step_logprob(x, v, sigma, sigma_next, 0.7, noise, cps=cps, logprob=logprob, backend="triton")
+    out_r = sde_step_logprob(x, v, sigma, sigma_next, 0.7, noise, cps=cps, logprob=logprob, backend="torch")
     tol = TOL[dtype]
     torch.testing.assert_close(out_t[0].float(), out_r[0].float(), rtol=tol, atol=tol)
     assert out_t[0].dtype == dtype and out_t[2].dtype == torch.float32 and out_t[1].shape == (B,)
@@ -71,12 +101,14 @@ def test_triton_matches_reference(dtype, shape, cps):
     torch.testing.assert_close(out_t[3], out_r[3], rtol=1e-6, atol=0)
     # The log-prob follows the stored (rounded) sample: at the same sample, fp32 closeness for
     # every input dtype (a 1-ulp bf16 difference in the sample itself moves it by ~ulp/std^2).
-    at_same = sde_step_logprob(x, v, sigma, sigma_next, 0.7, prev_sample=out_t[0], cps=cps, backend="torch")
+    at_same = sde_step_logprob(x, v, sigma, sigma_next, 0.7, prev_sample=out_t[0], cps=cps, logprob=logprob,
+                               backend="torch")
     torch.testing.assert_close(out_t[1], at_same[1], rtol=1e-5, atol=1e-5)
     if dtype == torch.float32:
         torch.testing.assert_close(out_t[1], out_r[1], rtol=1e-5, atol=1e-5)
     # Given prev_sample: same log-prob, the input returned as is.
-    again = sde_step_logprob(x, v, sigma, sigma_next, 0.7, prev_sample=out_t[0], cps=cps, backend="triton")
+    again = sde_step_logprob(x, v, sigma, sigma_next, 0.7, prev_sample=out_t[0], cps=cps, logprob=logprob,
+                             backend="triton")
     assert again[0] is out_t[0]
     torch.testing.assert_close(again[1], out_t[1], rtol=1e-5, atol=1e-5)
 
@@ -94,12 +126,14 @@ def test_gradcheck_reference_float64():
             lambda x, v, cps=cps: sde_step_reference(x, v, 0.8, 0.6, 0.7, noise, cps=cps)[0:3:2], (x, v))
         assert torch.autograd.gradcheck(
             lambda x, v, cps=cps: sde_step_reference(x, v, 0.8, 0.6, 0.7, prev_sample=prev, cps=cps)[1], (x, v))
+    assert torch.autograd.gradcheck(
+        lambda x, v: sde_step_reference(x, v, 0.8, 0.6, 0.7, prev_sample=prev, cps=True, logprob="mse")[1], (x, v))
 
 
 @pytest.mark.parametrize("given_prev", [False, True])
-@pytest.mark.parametrize("cps", [False, True])
+@pytest.mark.parametrize("cps,logprob", [(False, "gaussian"), (True, "gaussian"), (True, "mse")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_gradients_match_reference(given_prev, cps, dtype):
+def test_triton_gradients_match_reference(given_prev, cps, logprob, dtype):
     g = torch.Generator().manual_seed(2)
     shape = (3, 5, 7)
     x0, v0, noise, prev = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
@@ -110,7 +144,8 @@ def test_triton_gradients_match_reference(given_prev, cps, dtype):
         v = v0.clone().requires_grad_(True)
         p, lp, mean, _ = sde_step_logprob(x, v, torch.tensor([0.9, 0.7, 1.0]), torch.tensor([0.8, 0.5, 0.95]), 0.8,
                                           noise=None if given_prev else noise,
-                                          prev_sample=prev if given_prev else None, cps=cps, backend=backend)
+                                          prev_sample=prev if given_prev else None, cps=cps, logprob=logprob,
+                                          backend=backend)
         loss = (w_lp * lp).sum() + (w_mean * mean).sum()
         if not given_prev:
             loss = loss + (w_prev * p.float()).sum()
@@ -155,3 +190,5 @@ def test_ode_step_and_errors():
         sde_step_logprob(x, v[:, :2], 0.8, 0.6, 0.7)
     with pytest.raises(ValueError, match=r"\[B\]"):
         sde_step_logprob(x, v, torch.ones(3) * 0.8, 0.6, 0.7)
+    with pytest.raises(ValueError, match="logprob"):
+        sde_step_logprob(x, v, 0.8, 0.6, 0.7, logprob="l2")
