@@ -14,6 +14,9 @@ the device; ``--shape tiny``: the tiny models, any device, seconds):
   samples/s and MFU of the training forward/backward (FLOPs counted by torch's FlopCounterMode on
   the same step, peak = the device's dense bf16 tensor-core rate).
 * ``kernels`` the kernel microbenchmarks (pytest-benchmark, CUDA events over CUDA graphs).
+* ``logprob`` how far the training recomputation of a stored SDE log-prob is from the sampler's own
+  number (the first PPO ratio is exp of that difference): the RL sampler at the reference setup
+  (bf16 on GPU), recomputed in micro-batches of 1, 3 and G rows; max |delta log p| and max |ratio - 1|.
 
 Every timed region ends with a device synchronize outside the per-iteration work; medians and
 p10/p90 over ``reps`` repetitions after warm-up.
@@ -311,22 +314,21 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
         with phase("advantages"):
             res = group_advantages(torch.cat([r_local, others]).view(1, group_size), top_k=top_k, **preset)
         keep = res.keep[0, :local_samples].to(device)
-        idx = keep.nonzero().squeeze(1)
-        if idx.numel() == 0:  # make sure the step trains something
-            idx = torch.arange(1, device=device)
+        if not keep.any():  # make sure the step trains something
+            keep[0] = True
         adv = res.advantages[0, :local_samples].to(device)
-        n_kept = int(res.keep.sum())
+        n_kept = max(1, int(res.keep.sum()))
         mark(t)
         opt.zero_grad(set_to_none=True)
-        args = (sampler, policy, traj.latents[idx], traj.log_probs[idx], traj.prompt_embeds[idx], traj.pooled[idx],
-                adv[idx], steps_trained, traj.sigmas)
+        args = (sampler, policy, traj.latents, traj.log_probs, traj.prompt_embeds, traj.pooled, adv, keep,
+                steps_trained, traj.sigmas)
         kw = {"n_kept_global": n_kept, "clip_range": 1e-4, "kl_beta": 0.0, "on_policy": True, "micro_batch": micro_batch}
         policy_gradient(*args, **kw)
         with phase("optimizer"):
             opt.step()
         mark(t)
         if rep == 0:
-            info["kept_on_rank"] = int(idx.numel())
+            info["kept_on_rank"] = int(keep.sum())
             continue
         for k, a, b in zip(("sample", "score", "advantages", "train"), t, t[1:], strict=False):
             splits[k].append(b - a)
@@ -350,6 +352,45 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
 
 
 # ----------------------------------------------------------------------------- kernels
+
+
+def bench_logprob(tiny_dir: Path, device: torch.device, *, shape: str, size: int, steps: int, window: int,
+                  group_size: int, micro_batches: list[int], reps: int) -> tuple[list[Row], dict]:
+    """Stored sampling log-probs vs their recomputation at several micro-batch sizes (see module doc)."""
+    from ..sampler import FluxSampler, SamplerConfig
+    from .shapes import build_flux_pipeline, random_text
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    pipe = build_flux_pipeline(tiny_dir, "flux-dev" if shape == "full" else "tiny", device, dtype)
+    sampler = FluxSampler(pipe, SamplerConfig(steps=steps, image_size=size, window_size=window))
+    prompt = "the red circle is to the left of the blue square, the green star is above the yellow ring"
+    random_text(sampler, [prompt], "flux-dev" if shape == "full" else "tiny")
+    with torch.no_grad():
+        traj = sampler.sample([prompt] * group_size, list(range(group_size)), decode=False)
+    rows = []
+    for mb in micro_batches:
+        diffs = []
+
+        def recompute(mb=mb, diffs=diffs):
+            diffs.clear()
+            with torch.no_grad():
+                for j in range(traj.log_probs.shape[1]):
+                    for s in range(0, group_size, mb):
+                        rows_ = slice(s, s + mb)
+                        lp, _, _ = sampler.step_logprob(traj.latents[rows_], j, traj.sigmas, traj.prompt_embeds[rows_],
+                                                        traj.pooled[rows_])
+                        diffs.append((lp - traj.log_probs[rows_, j]).abs().max())
+
+        med, p10, p90 = time_call(recompute, reps=reps, warmup=1, device=device)
+        worst = float(torch.stack(diffs).max())
+        ratio = float(torch.expm1(torch.tensor(worst)))
+        rows.append(Row("recompute stored log-probs", f"micro-batch {mb}", med, p10, p90, per=group_size,
+                        baseline=mb == micro_batches[-1],
+                        status=f"ok: max abs(d log p) {worst:.3g}, max abs(ratio - 1) {ratio:.3g}",
+                        extra={"max_abs_logp_diff": worst, "max_abs_ratio_minus_1": ratio, "bitwise": worst == 0.0}))
+    info = {"shape": shape, "dtype": str(dtype)[6:], "image": size, "steps": steps, "sde_window": window,
+            "group_size": group_size}
+    return rows, info
 
 
 def bench_kernels(out: Path) -> tuple[list[Row], dict]:

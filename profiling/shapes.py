@@ -106,7 +106,7 @@ def fresh_transformer(old, tiny_dir: Path, shape: str, device, dtype):
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if shape == "tiny":
-        return FluxTransformer2DModel.from_pretrained(tiny_dir / "flux" / "transformer", torch_dtype=dtype).to(device)
+        return FluxTransformer2DModel.from_pretrained(tiny_dir / "flux" / "transformer", dtype=dtype).to(device)
     with on_device(device, dtype):
         return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
 

@@ -3,8 +3,15 @@
 ``save_checkpoint(run_dir, step, tensors, state)`` writes ``checkpoints/step_XXXXXXXX/`` via a
 temporary folder and a rename, then points ``checkpoints/latest`` at it (temp file +
 ``os.replace``). ``tensors`` (trainable weights) go to safetensors; ``state`` (optimizer,
-scheduler, RNG, data position, step) to a file loaded with ``torch.load(weights_only=True)``.
-A run killed at any moment leaves either the previous or the new checkpoint, never half of one.
+scheduler, RNG, data position, step) to a file loaded with ``torch.load(weights_only=True)``;
+``meta.json``, written last, records the step and the byte size of every file.
+
+``resume_checkpoint(run_dir)`` picks the newest *complete* checkpoint: one whose ``meta.json``
+exists and whose files have the recorded sizes. A torn one (a missing ``latest`` pointer, a
+missing ``meta.json``, a truncated file) is skipped with a logged fall-back to the previous
+complete checkpoint; when checkpoints exist but none is complete, or a complete-looking one
+cannot be read, :class:`CheckpointError` names the file. A run is never silently restarted from
+step 0 while its folder holds checkpoints.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .atomic import atomic_dir
+from .errors import CheckpointError
+
+WEIGHTS, STATE, META = "weights.safetensors", "state.pt", "meta.json"
 
 
 def rng_state() -> dict:
@@ -59,11 +69,14 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
                     *, keep: int = 2) -> Path:
     root = Path(run_dir) / "checkpoints"
     root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".step_*"):  # temporaries of a write that was killed
+        shutil.rmtree(stale, ignore_errors=True)
     final = root / f"step_{step:08d}"
     with atomic_dir(final) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / "weights.safetensors")
-        torch.save(state, tmp / "state.pt")
-        (tmp / "meta.json").write_text(json.dumps({"step": step}))
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp / WEIGHTS)
+        torch.save(state, tmp / STATE)
+        sizes = {name: (tmp / name).stat().st_size for name in (WEIGHTS, STATE)}
+        (tmp / META).write_text(json.dumps({"step": step, "bytes": sizes}))
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
@@ -73,14 +86,61 @@ def save_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Ten
     return final
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    pointer = Path(run_dir) / "checkpoints" / "latest"
-    if not pointer.is_file():
+def incomplete(path: Path) -> str | None:
+    """Why checkpoint folder ``path`` is incomplete (naming the file), or None when it is complete."""
+    meta_file = path / META
+    try:
+        meta = json.loads(meta_file.read_text())
+    except FileNotFoundError:
+        return f"{meta_file} is missing"
+    except (OSError, ValueError) as err:
+        return f"{meta_file} is unreadable ({err})"
+    for name, size in meta.get("bytes", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"{f} is missing"
+        if f.stat().st_size != size:
+            return f"{f} is truncated ({f.stat().st_size} of {size} bytes)"
+    return None
+
+
+def resume_checkpoint(run_dir: str | Path, log=None) -> Path | None:
+    """The newest complete checkpoint of ``run_dir`` (None when it has none at all); every
+    torn checkpoint passed over is reported through ``log``."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
         return None
-    path = pointer.parent / pointer.read_text().strip()
-    return path if (path / "meta.json").is_file() else None
+    found = sorted((p for p in root.glob("step_*") if p.is_dir()), reverse=True)
+    pointer = root / "latest"
+    named = pointer.read_text().strip() if pointer.is_file() else None
+    if not found:
+        if named:
+            raise CheckpointError(f"{pointer} names {named}, which does not exist")
+        return None
+    skipped = []
+    for path in found:
+        reason = incomplete(path)
+        if reason is None:
+            if log is not None:
+                for why in skipped:
+                    log(f"{why}: falling back to {path.name}")
+                if named is None:
+                    log(f"{pointer} is missing: resuming from the newest complete checkpoint, {path.name}")
+                elif named != path.name and not skipped:
+                    log(f"{pointer} names {named}, but {path.name} is complete and newer: resuming from it")
+            return path
+        skipped.append(reason)
+    raise CheckpointError(f"no complete checkpoint in {root}: {skipped[0]}")
 
 
 def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     path = Path(path)
-    return load_file(path / "weights.safetensors"), torch.load(path / "state.pt", weights_only=True)
+    try:
+        tensors = load_file(path / WEIGHTS)
+    except Exception as err:  # safetensors raises its own error types
+        raise CheckpointError(f"{path / WEIGHTS} cannot be read ({err})") from None
+    try:
+        state = torch.load(path / STATE, weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f"{path / STATE} cannot be read ({err})") from None
+    return tensors, state

@@ -127,13 +127,16 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
 
 
 def _cmd_reward_train(args: argparse.Namespace) -> int:
+    from .paths import require
     from .trainers.reward import RewardTrainConfig, train
 
     cfg = load_config(RewardTrainConfig, args.config, args.overrides)
-    if not cfg.data.startswith("stream:") and not Path(cfg.data).is_dir():
-        raise ConfigError("data", f"{cfg.data} is not a folder (make one with `spatialcore data synth`)")
-    if not Path(cfg.model).exists() and cfg.model.count("/") != 1:
-        raise ConfigError("model", f"{cfg.model} is neither a local folder nor a hub id (owner/name)")
+    if not cfg.data.startswith("stream:"):
+        require(cfg.data, "data", "pairs")
+    if cfg.init_from:
+        require(cfg.init_from, "init_from", "spatialscore")
+    else:
+        require(cfg.model, "model", "qwen", hub=True)
     metrics = train(cfg)
     if args.json and metrics:
         print(json.dumps({k: v for k, v in metrics.items() if k != "calibration"}, indent=2))
@@ -141,13 +144,13 @@ def _cmd_reward_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_grpo_train(args: argparse.Namespace) -> int:
+    from .paths import require
     from .trainers.grpo import GRPOTrainConfig, train
 
     cfg = load_config(GRPOTrainConfig, args.config, args.overrides)
-    for key in ("model", "reward_model"):
-        value = getattr(cfg, key)
-        if value and not Path(value).exists() and value.count("/") != 1:
-            raise ConfigError(key, f"{value} is neither a local folder nor a hub id (owner/name)")
+    require(cfg.model, "model", "flux", hub=True)
+    if cfg.reward == "spatialscore":
+        require(cfg.reward_model, "reward_model", "spatialscore")
     final = train(cfg)
     if args.json and final:
         print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=2))
@@ -162,8 +165,7 @@ def _cmd_grpo_compare(args: argparse.Namespace) -> int:
         label, _, folder = item.rpartition("=")
         folder = Path(folder)
         if not (folder / "metrics.jsonl").is_file():
-            print(f"spatialcore grpo compare: {folder} has no metrics.jsonl", file=sys.stderr)
-            return 1
+            raise ConfigError(item, f"{folder} has no metrics.jsonl (expected a grpo run folder)")
         runs[label or folder.name] = folder
     print(compare_runs(runs, Path(args.out), key=args.key))
     return 0
@@ -183,9 +185,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     scfg.check()
     prompts = list(args.prompt)
     if args.prompts_file:
+        if not Path(args.prompts_file).is_file():
+            raise ConfigError("--prompts-file", f"{args.prompts_file} does not exist (expected one prompt per line)")
         prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
     if not prompts:
         raise ConfigError("prompt", "give --prompt and/or --prompts-file")
+    from .paths import require, require_policy
+
+    require(args.model, "--model", "flux", hub=True)
+    require_policy(args.lora, "--lora")
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
     if args.lora:
         from .policy import load_policy_weights
@@ -218,6 +226,8 @@ SUITE_DEFAULTS = {
                 "variants": ["eager", "compile-regional", "compile-full", "compile-fp8", "compile-fp8-graphs", "rl-eager",
                              "rl-compile"],
                 "lora_rank": 32}),
+    "logprob": ({"size": 32, "steps": 4, "window": 2, "group_size": 6, "micro_batches": [1, 3, 6]},
+                {"size": 512, "steps": 16, "window": 8, "group_size": 6, "micro_batches": [1, 3, 6]}),
     "grpo": ({"steps": 4, "window": 2, "size": 32, "group_size": 8, "local_samples": 4, "top_k": 2,
               "train_timesteps": 2, "micro_batch": 2, "lora_rank": 4},
              {"steps": 16, "window": 8, "size": 512, "group_size": 24, "local_samples": 6, "top_k": 6,
@@ -251,6 +261,8 @@ def _suite_run(args: argparse.Namespace, emit=None):
 
     reps, warmup = args.reps, args.warmup
     shape = {"score": "7b", "sample": "flux-dev"}.get(args.suite, "full") if args.shape == "full" else "tiny"
+    if args.suite == "logprob":
+        return (lambda: bench.bench_logprob(tiny_dir, device, shape=shape, reps=reps, **params)), device
     if args.suite == "score":
         return (lambda: bench.bench_score(tiny_dir, device, shape=shape, reps=reps, warmup=warmup, **params)), device
     if args.suite == "sample":
@@ -298,8 +310,10 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 def _load_spatialscore(path: str):
     import torch
 
+    from .paths import require
     from .reward.model import SpatialScore
 
+    require(path, "--model", "spatialscore")
     model = SpatialScore.from_pretrained(path)
     return model.cuda() if torch.cuda.is_available() else model
 
@@ -307,8 +321,11 @@ def _load_spatialscore(path: str):
 def _cmd_reward_eval(args: argparse.Namespace) -> int:
 
     from .data.pairs import PairSet, PairSetError
+    from .paths import require
     from .reward.evaluate import format_table, pair_metrics, pair_scores
 
+    require(args.model, "--model", "spatialscore")
+    require(args.data, "--data", "pairs")
     try:
         data = PairSet(args.data, split=args.split, strict=args.strict)
     except PairSetError as err:
@@ -338,8 +355,7 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
 
     missing = [p for p in args.images if not Path(p).is_file()]
     if missing:
-        print(f"spatialcore reward score: not found: {', '.join(missing)}", file=sys.stderr)
-        return 1
+        raise ConfigError("IMAGE", f"not found: {', '.join(missing)}")
     model = _load_spatialscore(args.model)
     mu, sigma = model.score([args.prompt] * len(args.images), args.images)
     rows = [{"image": p, "mu": float(m), "sigma": float(s)} for p, m, s in zip(args.images, mu, sigma, strict=True)]
@@ -521,9 +537,9 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext,
                            description=("Benchmark" if name == "bench" else "Profile") + " a suite: score (SpatialScore "
                            "vs the stock path), sample (Flux eager vs compiled / float8), grpo (one Spatial-RL step), "
-                           "kernels (microbenchmarks). --shape full builds FLUX.1-dev / Qwen2.5-VL-7B shapes with "
+                           "kernels (microbenchmarks), logprob (stored vs recomputed SDE log-probs). --shape full builds FLUX.1-dev / Qwen2.5-VL-7B shapes with "
                            "random weights on the GPU; --shape tiny runs the tiny models anywhere.")
-        p.add_argument("suite", choices=["score", "sample", "grpo"] + (["kernels"] if name == "bench" else []))
+        p.add_argument("suite", choices=["score", "sample", "grpo"] + (["kernels", "logprob"] if name == "bench" else []))
         p.add_argument("--shape", choices=["tiny", "full"], default="tiny")
         p.add_argument("--out", default=f"runs/{name}", metavar="DIR")
         p.add_argument("--tiny", metavar="DIR", help="tiny checkpoints (default: build them in a temp folder)")
@@ -556,11 +572,16 @@ def main(argv: list[str] | None = None) -> int:
     from .logs import quiet_third_party
 
     quiet_third_party()
+    from .errors import RunError
+
     try:
         return int(args.func(args) or 0)
     except ConfigError as err:
         print(f"spatialcore {args.command}: {err}", file=sys.stderr)
         return EXIT_CONFIG
+    except RunError as err:  # a run that cannot start or go on (torn checkpoints, non-finite losses)
+        print(f"spatialcore {args.command}: {err}", file=sys.stderr)
+        return 1
     except BrokenPipeError:
         return 0
     except KeyboardInterrupt:

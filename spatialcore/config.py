@@ -8,7 +8,8 @@ checks everything before any model is built:
   else is converted silently);
 * a value outside the range declared with :func:`param` fails;
 * a dataclass may define ``check(self)`` for rules that involve several fields; it raises
-  :class:`ConfigError` naming the key.
+  :class:`ConfigError` naming the key;
+* a key a config no longer has fails naming its replacement (the class's ``RENAMED`` mapping).
 
 Errors are :class:`ConfigError` carrying the full dotted key, so the CLI can print one line
 and exit non-zero without a traceback.
@@ -153,7 +154,10 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
         raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    renamed = getattr(cls, "RENAMED", {})
     for key in data:
+        if key in renamed and key not in known:
+            raise ConfigError(_join(prefix, str(key)), f"was replaced by '{_join(prefix, renamed[key])}'")
         if key not in known:
             close = difflib.get_close_matches(str(key), list(known), n=1)
             hint = f" (did you mean '{_join(prefix, close[0])}'?)" if close else ""

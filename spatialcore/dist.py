@@ -1,4 +1,12 @@
-"""torchrun helpers: process group set-up from the environment, rank facts, all-reduce of metrics."""
+"""torchrun helpers: process group set-up from the environment, rank facts, collectives on any device.
+
+The trainers exchange two kinds of tensors: model-sized ones on the device (gradients, handled by
+DDP/FSDP2 or :func:`all_reduce_`) and small host-side ones (rewards, metrics, RNG states). NCCL
+serves CUDA tensors only, so a CUDA run starts a device-mapped process group
+(:func:`backend_for`: gloo for CPU tensors, NCCL for CUDA tensors) and every collective the trainers
+call goes to the backend that serves its tensor's device. Multi-node launches need nothing more:
+``torchrun --nnodes N --rdzv-backend c10d --rdzv-endpoint HOST:PORT ...`` sets the same variables.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +15,26 @@ import os
 import torch
 import torch.distributed as dist
 
+# Which tensor devices a process-group backend serves (for a device-mapped "cpu:gloo,cuda:nccl"
+# string, the devices it names).
+_SERVES = {"gloo": {"cpu"}, "nccl": {"cuda"}, "mpi": {"cpu", "cuda"}}
+
+
+def backend_for(device_type: str) -> str:
+    """The process-group backend a run on ``device_type`` starts: ``cpu:gloo,cuda:nccl`` on CUDA
+    (host-side tensors of the trainers go through gloo), ``gloo`` on the CPU."""
+    return "cpu:gloo,cuda:nccl" if device_type == "cuda" else "gloo"
+
+
+def served_devices(backend: str) -> set[str]:
+    """Device types whose tensors ``backend`` (plain or device-mapped) can reduce."""
+    if ":" not in backend:
+        return set(_SERVES.get(backend, set()))
+    return {part.split(":", 1)[0].strip() for part in backend.split(",")}
+
 
 def init() -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initialises the process group under torchrun (gloo on CPU)."""
+    """(rank, world_size, device); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -19,7 +44,7 @@ def init() -> tuple[int, int, torch.device]:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group(backend_for(device.type))
     return rank, world, device
 
 
@@ -40,15 +65,35 @@ def start_run(cfg) -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
 def is_main() -> bool:
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
-def mean(value: float, device: torch.device | str = "cpu") -> float:
+def all_reduce_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (identity without a process group)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape on all ranks), index = rank."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [tensor]
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return parts
+
+
+def mean(value: float) -> float:
     """Average a Python number over ranks (identity without a process group)."""
     if not dist.is_initialized():
         return float(value)
-    t = torch.tensor([float(value)], device=device)
+    t = torch.tensor([float(value)], dtype=torch.float64)
     dist.all_reduce(t)
     return float(t) / dist.get_world_size()
 

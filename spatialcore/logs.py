@@ -49,7 +49,8 @@ def step_line(step: int, total: int | None = None, **metrics: Any) -> str:
 
 
 class MetricsFile:
-    """Append-only JSONL metrics; each record gets a wall-clock ``time`` field."""
+    """Append-only JSONL metrics; each record gets a wall-clock ``time`` field. Non-finite numbers
+    are written as null (strict JSON; a NaN is never averaged into a plot by accident)."""
 
     def __init__(self, path: str | Path, *, append: bool = True):
         self.path = Path(path)
@@ -57,7 +58,7 @@ class MetricsFile:
         self._fh = open(self.path, "a" if append else "w", encoding="utf-8")  # noqa: SIM115
 
     def write(self, record: dict[str, Any]) -> None:
-        record = {"time": round(time.time(), 3), **record}
+        record = _finite({"time": round(time.time(), 3), **record})
         self._fh.write(json.dumps(record, default=_json_default) + "\n")
         self._fh.flush()
 
@@ -69,6 +70,16 @@ class MetricsFile:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -73,20 +73,48 @@ class Policy:
                 for n, p in self.params.items():
                     p.copy_(saved[n])
 
-    def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> None:
-        """LoRA: diffusers' LoRA file (``FluxPipeline.load_lora_weights`` reads it); full: the transformer."""
+    def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None, *, merged: bool = False) -> None:
+        """LoRA: diffusers' LoRA file with its adapter config as metadata (so that
+        ``FluxPipeline.load_lora_weights`` applies the trained alpha / rank scale), plus, with
+        ``merged``, ``transformer/`` with the adapter folded into the weights; full fine-tuning:
+        ``transformer/``. Either transformer loads with ``FluxTransformer2DModel.from_pretrained``."""
+        from safetensors.torch import save_file
+
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with self.swapped(weights):
-            if self.lora_rank:
-                from diffusers import FluxPipeline
-                from peft.utils import get_peft_model_state_dict
-
-                FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(self.transformer),
-                                               safe_serialization=True)
-                (path / "lora.json").write_text(json.dumps({"rank": self.lora_rank}) + "\n")
-            else:
+            if not self.lora_rank:
                 self.transformer.save_pretrained(path / "transformer")
+                return
+            from diffusers import FluxPipeline
+            from peft.utils import get_peft_model_state_dict
+
+            config = self.transformer.peft_config["default"].to_dict()
+            FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+                                           safe_serialization=True, transformer_lora_adapter_metadata=config)
+            (path / "lora.json").write_text(json.dumps({"rank": self.lora_rank, "alpha": config["lora_alpha"]}) + "\n")
+            if merged:
+                (path / "transformer").mkdir(exist_ok=True)
+                self.transformer.save_config(path / "transformer")
+                save_file(merged_state_dict(self.transformer), path / "transformer" / "diffusion_pytorch_model.safetensors")
+
+
+def merged_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The plain transformer's weights with every LoRA adapter folded in: W + (alpha / r) B A under the
+    base layer's own name (peft's ``get_delta_weight``); the adapter matrices are left out."""
+    from peft.tuners.lora import LoraLayer
+
+    deltas = {}
+    for name, module in transformer.named_modules():
+        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+            deltas[f"{name}.base_layer.weight"] = module.get_delta_weight("default")
+    out = {}
+    for key, value in transformer.state_dict().items():
+        if ".lora_" in key:
+            continue
+        merged = value + deltas[key].to(value.dtype) if key in deltas else value
+        out[key.replace(".base_layer.", ".")] = merged.detach().contiguous().cpu()
+    return out
 
 
 class EMA:
@@ -111,7 +139,7 @@ def load_policy_weights(pipe, path: str | Path) -> str:
     if (path / "transformer").is_dir():
         from diffusers import FluxTransformer2DModel
 
-        pipe.transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", torch_dtype=pipe.transformer.dtype
+        pipe.transformer = FluxTransformer2DModel.from_pretrained(path / "transformer", dtype=pipe.transformer.dtype
                                                                   ).to(pipe.transformer.device)
         return "full"
     raise FileNotFoundError(f"{path} holds neither {LORA_FILE} nor transformer/")

@@ -34,6 +34,9 @@ class SamplerConfig:
     guidance: float = param(3.5, min=0.0, help="Flux guidance embedding (CFG-free)")
     noise_level: float = param(0.7, min=0.0, help="a: SDE noise level (Flow-GRPO 0.7)")
     sde_type: Literal["sde", "cps"] = "sde"
+    # CPS only: the log-prob of a CPS step. flow_grpo: Flow-GRPO's -mean((x' - mean)^2) (no variance
+    # scaling: its clip ranges carry over); gaussian: the exact transition density.
+    cps_logprob: Literal["flow_grpo", "gaussian"] = "flow_grpo"
     # SDE on steps [window_start, window_start + window_size); ODE elsewhere. 0: every step
     # (the last step excluded for CPS, which has no density at sigma = 0).
     window_start: int = param(0, min=0)
@@ -50,6 +53,10 @@ class SamplerConfig:
                                              "window before it")
         if end <= start and self.noise_level > 0:
             raise ConfigError("window_size", "empty SDE window")
+
+    def logprob(self) -> str:
+        """The kernel's ``logprob`` argument for this sampler's steps."""
+        return "mse" if self.sde_type == "cps" and self.cps_logprob == "flow_grpo" else "gaussian"
 
     def window(self) -> tuple[int, int]:
         if self.window_size:
@@ -73,13 +80,23 @@ class Trajectory:
     prompt_embeds: torch.Tensor
     pooled: torch.Tensor
 
+    @classmethod
+    def cat(cls, parts: list[Trajectory]) -> Trajectory:
+        """Several sampler calls' trajectories as one batch (same window and schedule)."""
+        if len(parts) == 1:
+            return parts[0]
+        images = None if parts[0].images is None else torch.cat([t.images for t in parts])
+        return cls(torch.cat([t.latents for t in parts]), torch.cat([t.log_probs for t in parts]), parts[0].sigmas,
+                   torch.cat([t.final for t in parts]), images, torch.cat([t.prompt_embeds for t in parts]),
+                   torch.cat([t.pooled for t in parts]))
+
 
 def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
     from diffusers import FluxPipeline
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.disable_progress_bar()
-    pipe = FluxPipeline.from_pretrained(path, torch_dtype=dtype)
+    pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -139,6 +156,13 @@ class FluxSampler:
         """Velocity for packed latents ``x [B, L, C]`` at ``sigma`` (the pipeline's t / 1000) from the
         sampler's transformer, or from ``transformer`` (e.g. a frozen reference copy)."""
         B = x.shape[0]
+        if B == 1:
+            # A single row takes the BLAS matrix-vector path in the conditioning embedders, whose
+            # summation order differs from the matrix-matrix kernel of any larger batch: run it as two
+            # identical rows so that a sample's numbers (and a recomputed log-prob) never depend on the
+            # size of the batch it is in.
+            return self.velocity(x.expand(2, *x.shape[1:]), sigma, emb.expand(2, *emb.shape[1:]),
+                                 pooled.expand(2, *pooled.shape[1:]), transformer)[:1]
         t = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma))
         t = t.to(device=x.device, dtype=x.dtype).expand(B)
         guidance = None
@@ -193,7 +217,7 @@ class FluxSampler:
             if stochastic and w0 <= i < w1:
                 kept.append(x)
                 x, lp, _, _ = sde_step_logprob(x, v, sig[i], sig[i + 1], cfg.noise_level, noise=eps[:, i],
-                                               sigma_max=sig[1], cps=cfg.sde_type == "cps")
+                                               sigma_max=sig[1], cps=cfg.sde_type == "cps", logprob=cfg.logprob())
                 logps.append(lp)
             else:
                 x = ode_step(x, v, sig[i], sig[i + 1])
@@ -217,7 +241,8 @@ class FluxSampler:
         s, sn = float(sigmas[j]), float(sigmas[j + 1])
         v = self.velocity(x, s, emb, pooled, transformer)
         _, lp, mean, std = sde_step_logprob(x, v, s, sn, self.cfg.noise_level, prev_sample=x_next,
-                                            sigma_max=float(self.sigmas[1]), cps=self.cfg.sde_type == "cps")
+                                            sigma_max=float(self.sigmas[1]), cps=self.cfg.sde_type == "cps",
+                                            logprob=self.cfg.logprob())
         return lp, mean, std
 
 

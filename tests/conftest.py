@@ -1,8 +1,12 @@
 import os
 
-# Must be set before any @triton.jit function is defined: the kernels run on the CPU through
-# Triton's interpreter in these tests.
-os.environ.setdefault("TRITON_INTERPRET", "1")
+# The Triton kernels run on the CPU through Triton's interpreter only where there is no GPU: on a CUDA
+# machine `make test` tests the compiled kernels. Must be decided before any @triton.jit function is
+# defined.
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SPATIALCORE_PROGRESS", "0")
 
@@ -20,4 +24,16 @@ def tiny_dir(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("tiny") / "ckpt"
     build_tiny(TinyConfig(seed=0), out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def easy_pairs(tmp_path_factory):
+    """80 synthetic pairs of the easy preset (20 % test split), written once per test session."""
+    from spatialcore.config import from_dict
+    from spatialcore.data.synth import DIFFICULTIES, SynthConfig, synth_pair_set
+
+    out = tmp_path_factory.mktemp("pairs") / "easy"
+    synth_pair_set(out, 80, 0, from_dict(SynthConfig, {**DIFFICULTIES["easy"], "test_fraction": 0.2}),
+                   progress=False, workers=1)
     return out

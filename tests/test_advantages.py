@@ -5,7 +5,10 @@ import random
 
 import pytest
 import torch
+from kernel_device import on_device
 from spatialcore.kernels import ADVANTAGE_PRESETS, group_advantages
+
+group_advantages = on_device(group_advantages)
 
 
 def oracle(rows, *, std="group", unbiased=False, eps=1e-4, clip=None, top_k=None, stats_over="kept",

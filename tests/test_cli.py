@@ -17,20 +17,21 @@ def test_help(cmd, capsys):
     assert "usage: spatialcore" in capsys.readouterr().out
 
 
-def test_info_json_runs_without_gpu():
-    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "info", "--json"], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    report = json.loads(proc.stdout)
+def test_info_json_runs_without_gpu(capsys):
+    from spatialcore.cli import main
+
+    assert main(["info", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
     assert report["attention"]["sdpa"] is True
     assert isinstance(report["gpus"], list)
 
 
-def test_config_show_fills_defaults():
-    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "config", "show", "tiny", "seed=5"],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "seed: 5" in proc.stdout and "text_rope_theta: 100.0" in proc.stdout
+def test_config_show_fills_defaults(capsys):
+    from spatialcore.cli import main
+
+    assert main(["config", "show", "tiny", "seed=5"]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 5" in out and "text_rope_theta: 100.0" in out
 
 
 def test_packaging_has_one_import_root(tmp_path):
@@ -57,3 +58,29 @@ def test_pinned_liger_patch_imports_with_pinned_transformers():
     major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
     assert (major, minor) < (5, 23)
     assert callable(apply_liger_kernel_to_qwen2_5_vl)
+
+
+def test_no_deprecation_warnings_from_our_calls(tiny_dir, tmp_path):
+    """Loading and sampling a pipeline, a trained policy and a SpatialScore through the CLI warns about
+    nothing deprecated (e.g. diffusers' `torch_dtype`, replaced by `dtype`)."""
+    import warnings
+
+    import torch
+
+    from spatialcore.cli import main
+    from spatialcore.reward.model import SpatialScore
+    from spatialcore.sampler import load_pipeline
+
+    pipe = load_pipeline(tiny_dir / "flux")
+    pipe.transformer.save_pretrained(tmp_path / "policy" / "transformer")  # a "fully fine-tuned" policy
+    SpatialScore.from_backbone(tiny_dir / "reward").save_pretrained(tmp_path / "m")
+    image = torch.rand(1, 3, 32, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["sample", "--model", str(tiny_dir / "flux"), "--lora", str(tmp_path / "policy"), "--prompt",
+                     "a red circle", "--out", str(tmp_path / "s"), "-n", "1", "--steps", "2", "--size", "32",
+                     "--dtype", "float32"]) == 0
+        SpatialScore.from_pretrained(tmp_path / "m").score("a red circle", image)
+    bad = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
+           if issubclass(w.category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning))]
+    assert not bad, bad

@@ -1,8 +1,6 @@
 """Pair-set loading: validation of broken inputs, skip/strict loading, resumable sharded sampler, collate."""
 
 import json
-import subprocess
-import sys
 import warnings
 
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from spatialcore.cli import main
 from spatialcore.config import from_dict
 from spatialcore.data.pairs import PairCollator, PairSampler, PairSet, PairSetError, load_image, scan_pair_set
 from spatialcore.data.synth import DIFFICULTIES, SynthConfig, synth_pair_set
@@ -64,12 +63,9 @@ EXPECTED_ERRORS = {2: "unreadable", 3: "empty file", 4: "file not found", 5: "no
                    15: "inside the folder", 16: "JSON object"}
 
 
-def test_validate_reports_every_problem_with_its_line(broken_set):
-    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "data", "validate", str(broken_set)],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
-    assert "Traceback" not in proc.stdout + proc.stderr
-    out = proc.stdout.splitlines()
+def test_validate_reports_every_problem_with_its_line(broken_set, capsys):
+    assert main(["data", "validate", str(broken_set)]) == 1
+    out = capsys.readouterr().out.splitlines()
     for line, fragment in EXPECTED_ERRORS.items():
         hits = [o for o in out if o.startswith(f"line {line}: ") and "warning" not in o]
         assert hits and any(fragment in h for h in hits), (line, fragment, out)
@@ -97,20 +93,17 @@ def test_loader_skips_bad_records_and_strict_refuses(broken_set):
         PairSet(broken_set / "img")
 
 
-def test_clean_set_validates(tmp_path):
+def test_clean_set_validates(tmp_path, capsys):
     cfg = from_dict(SynthConfig, DIFFICULTIES["easy"])
-    synth_pair_set(tmp_path / "s", 30, 0, cfg, progress=False)
-    proc = subprocess.run([sys.executable, "-m", "spatialcore.cli", "data", "validate", str(tmp_path / "s")],
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0 and proc.stdout.strip().endswith("0 error(s), 0 warning(s)")
+    synth_pair_set(tmp_path / "s", 30, 0, cfg, progress=False, workers=1)
+    assert main(["data", "validate", str(tmp_path / "s")]) == 0
+    assert capsys.readouterr().out.strip().endswith("0 error(s), 0 warning(s)")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         ds = PairSet(tmp_path / "s", split="train", strict=True)
     assert 0 < len(ds) <= 30 and all(r.split == "train" for r in ds.records)
-    stats = subprocess.run([sys.executable, "-m", "spatialcore.cli", "data", "stats", str(tmp_path / "s"), "--json"],
-                           capture_output=True, text=True, timeout=120)
-    assert stats.returncode == 0, stats.stderr
-    data = json.loads(stats.stdout)
+    assert main(["data", "stats", str(tmp_path / "s"), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
     assert data["pairs"] == 30 and sum(data["splits"].values()) == 30
     assert data["relations_per_prompt"] == {"1": 30}
     assert (tmp_path / "s" / "stats.png").stat().st_size > 0

@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+from kernel_device import on_device
 from spatialcore.kernels import (
     pair_loss,
     pair_loss_reference,
@@ -11,6 +12,8 @@ from spatialcore.kernels import (
     reward_head,
     reward_head_reference,
 )
+
+reward_head, pair_loss = on_device(reward_head), on_device(pair_loss)
 
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
 

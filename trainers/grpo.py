@@ -12,16 +12,23 @@ Per iteration:
 2. **score** the decoded images with the reward (in-process SpatialScore or the pixel oracle) and
    all-gather the rewards, so every rank sees the whole ``[P, G]`` matrix;
 3. **advantages** with ``kernels.group_advantages`` (Spatial-RL preset: keep the top-K and bottom-K
-   of each group, statistics over the kept); only kept samples go on;
-4. **train** on a subsample of the window's timesteps: recompute each kept transition's log-prob
+   of each group, statistics over the kept); non-finite rewards and (by default) zero-std groups
+   get ``keep=False``; only kept samples go on;
+4. **update** on a subsample of the window's timesteps: recompute each kept transition's log-prob
    under the current policy, ``kernels.flow_grpo_loss`` (optional KL to the reference policy = the
    adapter disabled), gradients summed over ranks and normalised by the global kept count, clip,
-   AdamW, EMA of the trainable weights.
+   AdamW (or SGD), EMA of the trainable weights.
+
+Conventions (each a config key; Flow-GRPO's is the default so its hyper-parameters carry over):
+``advantage: flow_grpo`` is its batch-std normalisation (``flow_grpo_per_prompt``: per-group std);
+``kl_convention: flow_grpo`` divides the KL by sigma_t^2 (``exact``: by the step variance, 1/|dt|
+times more); ``sampler.cps_logprob: flow_grpo`` is its CPS log-prob; ``drop_zero_std: true`` drops
+zero-std groups from the loss and its denominator; ``top_k: null`` is the preset's own choice.
 
 Every ``eval_every`` iterations the (EMA) policy samples the held-out prompts from fixed noise
 with the deterministic ODE and the mean reward is logged (plus the hard pixel oracle where the
 prompts follow the synthetic grammar). Checkpoints are atomic; a run started again with the same
-config resumes from the latest one and ends with the same weights and metrics.
+config resumes from the newest complete one and ends with the same weights and metrics.
 """
 
 from __future__ import annotations
@@ -36,9 +43,10 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, param
-from ..logs import MetricsFile, info, progress, step_line
+from ..dist import is_main
+from ..logs import info, progress, step_line
 from ..profiling.ranges import phase
-from ..sampler import SamplerConfig
+from ..sampler import SamplerConfig, Trajectory
 
 TIME_KEYS = ("t_sample", "t_score", "t_train", "samples_per_s", "elapsed_s", "gpu_mem_gib")
 
@@ -75,17 +83,21 @@ class GRPOTrainConfig:
     reward_batch: int = param(32, min=1)
     group_size: int = param(16, min=2, max=1024, help="G: images per prompt")
     prompts_per_iter: int = param(2, min=1)
-    top_k: int = param(4, min=0, help="keep the top-K and bottom-K per group (0: keep all)")
-    advantage: Literal["spatial_rl", "flow_grpo", "dancegrpo", "trl", "verl"] = "spatial_rl"
+    top_k: int | None = param(None, min=0, help="keep the top-K and bottom-K per group (0: keep all; null: the "
+                                                "advantage preset's choice, G/4 for spatial_rl and dancegrpo)")
+    advantage: Literal["spatial_rl", "flow_grpo", "flow_grpo_per_prompt", "dancegrpo", "trl", "verl"] = "spatial_rl"
+    drop_zero_std: bool = True  # groups whose rewards are all equal leave the loss and its denominator
     clip_range: float = param(1e-4, min=0.0)
     kl_beta: float = param(0.0, min=0.0)
+    kl_convention: Literal["flow_grpo", "exact"] = "flow_grpo"  # KL / sigma_t^2 (Flow-GRPO) or / step variance
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lora_rank: int = param(8, min=0, help="0: full fine-tuning")
     lora_alpha: float = param(8.0, min=0.0)
     lr: float = param(1e-2, min=0.0)
     lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> min_lr_ratio * lr over `iterations`
     min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
     weight_decay: float = param(0.0, min=0.0)
-    grad_clip: float = param(1.0, min=0.0)
+    grad_clip: float = param(1.0, min=0.0, help="max global gradient norm (0: no clipping)")
     train_timesteps: int = param(0, min=0, help="window steps trained per iteration (0: all)")
     inner_epochs: int = param(1, min=1)
     micro_batch: int = param(0, min=0, help="kept samples per forward/backward (0: all)")
@@ -99,6 +111,7 @@ class GRPOTrainConfig:
     eval_seeds: int = param(8, min=1, help="fixed noise seeds per held-out prompt")
     save_every: int = param(50, min=1)
     save_grids: bool = True
+    export_merged: bool = False  # LoRA: also write policy/transformer with the adapter folded in
     max_bad_iterations: int = param(3, min=1, help="stop after this many iterations in a row with no finite reward")
     threads: int = param(0, min=0)
     stop_after: int = param(0, min=0, help="end the process after this many iterations, as if killed (tests)")
@@ -111,8 +124,9 @@ class GRPOTrainConfig:
             raise ConfigError("prompt_stream", "give either prompts or a prompt_stream, not both (prompts: [])")
         if self.prompt_stream and self.prompt_stream not in ("easy", "medium", "hard"):
             raise ConfigError("prompt_stream", f"unknown preset {self.prompt_stream!r} (easy, medium, hard)")
-        if self.top_k and 2 * self.top_k > self.group_size:
-            raise ConfigError("top_k", f"2 x top_k = {2 * self.top_k} exceeds group_size={self.group_size}")
+        top_k = self.resolved_top_k()
+        if top_k and 2 * top_k > self.group_size:
+            raise ConfigError("top_k", f"2 x top_k = {2 * top_k} exceeds group_size={self.group_size}")
         if self.reward == "spatialscore" and not self.reward_model:
             raise ConfigError("reward_model", "reward=spatialscore needs a SpatialScore folder")
         if self.sampler.noise_level <= 0:
@@ -122,6 +136,12 @@ class GRPOTrainConfig:
             raise ConfigError("warmup_prompts", "warmup_iterations > 0 needs warmup_prompts")
         if self.train_timesteps > end - start:
             raise ConfigError("train_timesteps", f"{self.train_timesteps} exceeds the SDE window ({end - start} steps)")
+
+    def resolved_top_k(self) -> int:
+        """K of the Top-k filter (0: keep every sample): the config's, else the preset's default."""
+        if self.top_k is not None:
+            return self.top_k
+        return self.group_size // 4 if self.advantage in ("spatial_rl", "dancegrpo") else 0
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -179,55 +199,61 @@ def synth_prompts(preset: str, overrides: dict, split: str, n: int, seed: int) -
 
 
 def gather_by_index(values: torch.Tensor, n_total: int, rank: int, world: int) -> torch.Tensor:
-    """All-gather per-rank values of samples ``rank, rank + world, ...`` into the full ``[n_total]``."""
+    """All-gather per-rank values of samples ``rank, rank + world, ...`` into the full ``[n_total]``
+    (CPU float32: a host-side collective, served by gloo also in a CUDA run)."""
+    from ..dist import all_gather
+
     if world == 1:
-        return values
+        return values.float().cpu()
     per = math.ceil(n_total / world)
     buf = torch.full((per,), float("nan"), dtype=torch.float32)
     buf[: values.numel()] = values.float().cpu()
-    parts = [torch.empty_like(buf) for _ in range(world)]
-    torch.distributed.all_gather(parts, buf)
     full = torch.empty(n_total)
-    for r, part in enumerate(parts):
+    for r, part in enumerate(all_gather(buf)):
         idx = torch.arange(r, n_total, world)
         full[idx] = part[: idx.numel()]
     return full
 
 
 def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch.Tensor, emb: torch.Tensor,
-                    pooled: torch.Tensor, adv: torch.Tensor, steps: list[int], sigmas: torch.Tensor, *,
-                    n_kept_global: int, clip_range: float, kl_beta: float, on_policy: bool, micro_batch: int
-                    ) -> dict[str, float]:
-    """Accumulate the GRPO gradient of this rank's *kept* samples (``[Bk, ...]`` inputs) into ``.grad``.
+                    pooled: torch.Tensor, adv: torch.Tensor, keep: torch.Tensor, steps: list[int],
+                    sigmas: torch.Tensor, *, n_kept_global: int, clip_range: float, kl_beta: float,
+                    on_policy: bool, micro_batch: int, kl_convention: str = "flow_grpo") -> dict[str, float]:
+    """Accumulate the GRPO gradient of this rank's samples (``[B, ...]`` inputs, ``keep [B]`` bool)
+    into ``.grad``. Only kept rows are forwarded; the others cost nothing.
 
     The loss is the mean over all ranks' kept samples and the trained steps: each micro-batch's
     mean loss is weighted by its share of the global kept count. ``on_policy``: the policy has not
     changed since sampling, so the old log-prob is the recomputed one (ratio exactly 1) and the
     stored one only measures drift.
     """
-    from ..kernels import flow_grpo_loss
+    from ..kernels import flow_grpo_loss, kl_std
 
-    Bk = traj_latents.shape[0]
+    idx = keep.nonzero().squeeze(1)
+    Bk = idx.numel()
     stats = {"clip_fraction": 0.0, "approx_kl": 0.0, "kl": 0.0, "logp_drift": 0.0, "loss": 0.0}
     if Bk == 0:
         return stats
     mb = micro_batch or Bk
     T = len(steps)
+    cps = sampler.cfg.sde_type == "cps"
     for s in range(0, Bk, mb):
-        sl = slice(s, min(Bk, s + mb))
-        w = (sl.stop - sl.start) / n_kept_global / T
-        keep = torch.ones(sl.stop - sl.start, dtype=torch.bool, device=adv.device)
+        rows = idx[s:s + mb]
+        lat, e, pool, a = traj_latents[rows], emb[rows], pooled[rows], adv[rows]
+        w = rows.numel() / n_kept_global / T
+        ones = torch.ones(rows.numel(), dtype=torch.bool, device=adv.device)
         for j in steps:
-            lp, mean, std = sampler.step_logprob(traj_latents[sl], j, sigmas, emb[sl], pooled[sl])
-            stored = old_logp[sl, j]
+            lp, mean, std = sampler.step_logprob(lat, j, sigmas, e, pool)
+            stored = old_logp[rows, j]
             stats["logp_drift"] = max(stats["logp_drift"], float((lp.detach() - stored).abs().max()))
             old = lp.detach() if on_policy else stored
             kl_args = {}
             if kl_beta > 0:
                 with torch.no_grad(), policy.reference() as ref:
-                    _, mean_ref, _ = sampler.step_logprob(traj_latents[sl], j, sigmas, emb[sl], pooled[sl], ref)
-                kl_args = {"kl_mean_new": mean, "kl_mean_ref": mean_ref, "kl_std": std, "kl_beta": kl_beta}
-            res = flow_grpo_loss(lp, old, adv[sl], keep, clip_range, **kl_args)
+                    _, mean_ref, _ = sampler.step_logprob(lat, j, sigmas, e, pool, ref)
+                s_kl = kl_std(std, sigmas[j], sigmas[j + 1], convention=kl_convention, cps=cps)
+                kl_args = {"kl_mean_new": mean, "kl_mean_ref": mean_ref, "kl_std": s_kl, "kl_beta": kl_beta}
+            res = flow_grpo_loss(lp, old, a, ones, clip_range, **kl_args)
             with phase("backward"):
                 (res.loss * w).backward()
             stats["loss"] += float(res.loss.detach()) * w
@@ -239,10 +265,11 @@ def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch
 
 def all_reduce_grads(params: dict[str, torch.Tensor], world: int) -> None:
     """Sum gradients over ranks (each rank already weighted its share of the global mean)."""
+    from ..dist import all_reduce_
+
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
     if world > 1:
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        torch.distributed.all_reduce(flat)
+        flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
         offset = 0
         for g in grads:
             g.copy_(flat[offset: offset + g.numel()].view_as(g))
@@ -251,231 +278,293 @@ def all_reduce_grads(params: dict[str, torch.Tensor], world: int) -> None:
         p.grad = g
 
 
-# ----------------------------------------------------------------------------- the loop
+# ----------------------------------------------------------------------------- the trainer
+
+
+class GRPOTrainer:
+    """Spatial-RL: ``__init__`` builds prompts, models, optimizer from the config (and resumes from
+    the run folder), ``train_step()`` is one iteration (sample -> score -> advantages -> update),
+    ``state_dict()`` is what a checkpoint holds, ``run()`` is the loop."""
+
+    def __init__(self, cfg: GRPOTrainConfig):
+        from ..dist import start_run
+        from .run import find_checkpoint, open_metrics, restore
+
+        self.cfg = cfg
+        self.rank, self.world, self.device = start_run(cfg)
+        self.out = Path(cfg.out)
+        self.n_total = cfg.prompts_per_iter * cfg.group_size
+        if self.n_total % self.world:
+            raise ConfigError("prompts_per_iter", f"prompts_per_iter x group_size = {self.n_total} samples per "
+                                                  f"iteration cannot be split evenly over {self.world} ranks")
+        self.mine = list(range(self.rank, self.n_total, self.world))  # sample n lives on rank n % world
+        ckpt = find_checkpoint(self.out, who="grpo")
+        self._init_prompts()
+        self._init_models()
+        self.it, self.elapsed, self.bad_streak = 0, 0.0, 0
+        if ckpt is not None:
+            self.load_state_dict(*restore(ckpt, self.rank, who="grpo"))
+        self.metrics = open_metrics(self.out, self.it)
+        self.last: dict = {}
+
+    def _init_prompts(self) -> None:
+        """Prompts before any model: a bad prompt source fails fast."""
+        cfg = self.cfg
+        if cfg.prompt_stream:
+            self.train_prompts = synth_prompts(cfg.prompt_stream, cfg.stream, "train", cfg.n_stream_prompts, cfg.seed)
+            self.eval_prompts = cfg.eval_prompts or synth_prompts(cfg.prompt_stream, cfg.stream, "test",
+                                                                  max(1, cfg.n_stream_prompts // 8), cfg.seed)
+        else:
+            self.train_prompts, self.eval_prompts = list(cfg.prompts), list(cfg.eval_prompts or cfg.prompts)
+        self.oracle_ok = _parses(self.eval_prompts)
+
+    def _init_models(self) -> None:
+        from ..kernels import ADVANTAGE_PRESETS
+        from ..policy import EMA, Policy
+        from ..rewards import make_reward
+        from ..sampler import FluxSampler, load_pipeline
+        from .run import make_optimizer
+
+        cfg = self.cfg
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        pipe = load_pipeline(cfg.model, dtype=dtype, device=self.device)
+        self.policy = Policy(pipe.transformer, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+                             need_reference=cfg.kl_beta > 0)
+        if cfg.gradient_checkpointing:
+            pipe.transformer.enable_gradient_checkpointing()
+        self.sampler = FluxSampler(pipe, cfg.sampler)
+        self.reward_fn = make_reward(cfg.reward, model=cfg.reward_model, device=self.device,
+                                     quantize=cfg.reward_quantize, tau=cfg.reward_tau, form=cfg.reward_form,
+                                     batch_size=cfg.reward_batch, liger=cfg.reward_liger, compile=cfg.reward_compile)
+        self.params = self.policy.params
+        self.opt = make_optimizer(cfg.optimizer, [{"params": list(self.params.values()), "lr": cfg.lr}],
+                                  weight_decay=cfg.weight_decay)
+        self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.preset = dict(ADVANTAGE_PRESETS[cfg.advantage])
+        self.top_k = cfg.resolved_top_k()
+        self.window = cfg.sampler.window()
+        if is_main():
+            w0, w1 = self.window
+            info(f"policy: {'LoRA r' + str(cfg.lora_rank) if cfg.lora_rank else 'full'} "
+                 f"({self.policy.n_trainable:,} trainable), reward {cfg.reward}, G={cfg.group_size} x "
+                 f"P={cfg.prompts_per_iter}, top_k={self.top_k or 'off'}, advantage {cfg.advantage}, SDE window "
+                 f"[{w0}, {w1}) of {cfg.sampler.steps}, {self.world} rank(s) x {len(self.mine)} samples, "
+                 f"{len(self.train_prompts)} train / {len(self.eval_prompts)} eval prompts", who="grpo")
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        tensors = {n: p.detach() for n, p in self.params.items()}
+        if self.ema:
+            tensors.update({f"ema.{n}": w for n, w in self.ema.weights.items()})
+        return tensors, {"optimizer": self.opt.state_dict(), "step": self.it, "elapsed": self.elapsed,
+                         "bad_streak": self.bad_streak}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        missing = [n for n in self.params if n not in tensors]
+        if missing:
+            raise ConfigError("out", f"{self.out} holds a checkpoint of another policy (it lacks {missing[0]}): "
+                                     f"use a new out folder")
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[n])
+            if self.ema:
+                for n in self.params:
+                    self.ema.weights[n].copy_(tensors[f"ema.{n}"])
+        self.opt.load_state_dict(state["optimizer"])
+        self.it, self.elapsed, self.bad_streak = state["step"], state["elapsed"], state["bad_streak"]
+
+    def save(self) -> None:
+        from .run import checkpoint
+
+        tensors, state = self.state_dict()
+        checkpoint(self.out, self.it, tensors, state)
+
+    # ------------------------------------------------------------------ one iteration
+
+    def train_step(self) -> dict:
+        """One iteration: sample -> score -> advantages -> update (kept samples only)."""
+        from ..kernels import group_advantages
+
+        cfg, t0 = self.cfg, time.perf_counter()
+        pool = cfg.warmup_prompts if self.it < cfg.warmup_iterations else self.train_prompts
+        groups, steps = iteration_plan(cfg, len(pool), self.it, self.window[1] - self.window[0])
+        prompts = [pool[groups[n // cfg.group_size]] for n in self.mine]
+        seeds = iteration_seeds(cfg, self.it, groups, self.mine)
+
+        with phase("sample"):
+            traj = self._sample(prompts, seeds)
+        t1 = time.perf_counter()
+
+        with torch.no_grad(), phase("score"):  # rewards of all ranks: group statistics are global
+            local = self.reward_fn(traj.images, prompts).float().cpu()
+        rewards = gather_by_index(local, self.n_total, self.rank, self.world).view(cfg.prompts_per_iter,
+                                                                                   cfg.group_size)
+        n_bad = self._check_rewards(rewards)
+        t2 = time.perf_counter()
+
+        with phase("advantages"):
+            res = group_advantages(rewards, top_k=self.top_k or None, drop_zero_std=cfg.drop_zero_std,
+                                   **self.preset)
+        n_kept = int(res.keep.sum())
+
+        stats = self._update(traj, res.advantages.reshape(-1), res.keep.reshape(-1), steps, n_kept)
+        t3 = time.perf_counter()
+        self.it += 1
+        self.elapsed += t3 - t0
+        return {"step": self.it, **_reward_record(rewards, res, n_kept, n_bad), "group_prompts":
+                [pool[g] for g in groups], **stats, "t_sample": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
+                "samples_per_s": self.n_total / (t3 - t0), "elapsed_s": self.elapsed, "lr": lr_at(cfg, self.it - 1)}
+
+    def _sample(self, prompts: list[str], seeds: list[int]) -> Trajectory:
+        chunk = self.cfg.sample_batch or max(1, len(prompts))
+        return Trajectory.cat([self.sampler.sample(prompts[s:s + chunk], seeds[s:s + chunk])
+                               for s in range(0, len(prompts), chunk)])
+
+    def _check_rewards(self, rewards: torch.Tensor) -> int:
+        """Count non-finite rewards (they get keep=False); stop after ``max_bad_iterations`` iterations
+        in a row without a single finite reward."""
+        from .run import TrainingError
+
+        n_bad = int((~torch.isfinite(rewards)).sum())
+        self.bad_streak = self.bad_streak + 1 if n_bad == rewards.numel() else 0
+        if n_bad and is_main():
+            info(f"iteration {self.it + 1}: {n_bad} of {rewards.numel()} rewards are not finite (excluded)", who="grpo")
+        if self.bad_streak >= self.cfg.max_bad_iterations:
+            raise TrainingError(f"{self.bad_streak} iterations in a row without a finite reward (iterations "
+                                f"{self.it + 2 - self.bad_streak}-{self.it + 1}); the last checkpoint is intact: "
+                                f"check the reward model and the sampler's dtype")
+        return n_bad
+
+    def _update(self, traj: Trajectory, adv_all: torch.Tensor, keep_all: torch.Tensor, steps: list[int],
+                n_kept: int) -> dict[str, float]:
+        """Policy-gradient step(s) on the kept samples (``inner_epochs``), then the EMA."""
+        cfg = self.cfg
+        for group in self.opt.param_groups:  # a pure function of the iteration: nothing to checkpoint
+            group["lr"] = lr_at(cfg, self.it)
+        stats: dict[str, float] = {}
+        if n_kept:
+            adv = adv_all[self.mine].to(self.device)
+            keep = keep_all[self.mine].to(self.device)
+            for epoch in range(cfg.inner_epochs):
+                self.opt.zero_grad(set_to_none=True)
+                stats = policy_gradient(self.sampler, self.policy, traj.latents, traj.log_probs, traj.prompt_embeds,
+                                        traj.pooled, adv, keep, steps, traj.sigmas, n_kept_global=n_kept,
+                                        clip_range=cfg.clip_range, kl_beta=cfg.kl_beta, on_policy=epoch == 0,
+                                        micro_batch=cfg.micro_batch, kl_convention=cfg.kl_convention)
+                with phase("optimizer"):
+                    all_reduce_grads(self.params, self.world)
+                    gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip or float("inf"))
+                    self.opt.step()
+                stats["grad_norm"] = float(gnorm)
+            if self.ema:
+                self.ema.update(self.params)
+        return _reduce_stats(stats, self.world)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, tag: str | None = None) -> dict:
+        """Held-out prompts x ``eval_seeds`` fixed noises, deterministic ODE, (EMA) policy."""
+        from ..rewards import oracle_hard
+
+        cfg, rank, world = self.cfg, self.rank, self.world
+        prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
+        seeds = [10_000_019 + i for i in range(len(prompts))]  # fixed, disjoint from training draws
+        mine = list(range(rank, len(prompts), world))
+        my_prompts = [prompts[i] for i in mine]
+        with torch.no_grad(), self.policy.swapped(self.ema.weights if self.ema else None):
+            traj = self.sampler.sample(my_prompts, [seeds[i] for i in mine], sde=False)
+        r = gather_by_index(self.reward_fn(traj.images, my_prompts), len(prompts), rank, world)
+        res = {"eval_reward": float(r.nanmean())}
+        if self.oracle_ok and cfg.reward != "oracle":
+            o = gather_by_index(_oracle(traj.images, my_prompts, cfg), len(prompts), rank, world)
+            res["eval_oracle"] = float(o.nanmean())
+        if self.oracle_ok:
+            _, acc = oracle_hard(traj.images, my_prompts)
+            res["eval_oracle_acc"] = float(gather_by_index(acc, len(prompts), rank, world).nanmean())
+        if tag and cfg.save_grids and is_main() and world == 1:
+            _grid(traj.images, self.eval_prompts, cfg.eval_seeds, self.out / f"samples_{tag}.png")
+        return res
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        """Train to ``iterations`` (or ``stop_after`` / ``max_minutes``), then save the policy."""
+        from ..dist import shutdown
+
+        cfg = self.cfg
+        if self.it == 0:
+            first = self.evaluate("before")
+            if self.metrics:
+                self.metrics.write({"step": 0, "elapsed_s": 0.0, **first})
+                info(step_line(0, cfg.iterations, **first), who="grpo")
+        its = range(self.it, cfg.iterations)
+        bar = progress(its, desc="grpo", unit="it") if is_main() else its
+        timed_out = False
+        for _ in bar:
+            rec = self.train_step()
+            if self.it % cfg.eval_every == 0 or self.it == cfg.iterations:
+                rec.update(self.evaluate())
+            self.last = rec
+            self._log(rec, bar)
+            timed_out = bool(cfg.max_minutes and self.elapsed >= 60 * cfg.max_minutes)
+            if (self.it % cfg.save_every == 0 or self.it == cfg.iterations or timed_out) and not self.bad_streak:
+                self.save()
+            if cfg.stop_after and cfg.iterations > self.it >= cfg.stop_after:
+                info(f"stopping at iteration {self.it} (stop_after)", who="grpo")
+                shutdown()
+                return {}
+            if timed_out:
+                info(f"time budget of {cfg.max_minutes} min reached at iteration {self.it}", who="grpo")
+                break
+        return self._finish(timed_out)
+
+    def _log(self, rec: dict, bar) -> None:
+        if self.device.type == "cuda":
+            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if not self.metrics:
+            return
+        self.metrics.write(rec)
+        if hasattr(bar, "set_postfix_str"):
+            bar.set_postfix_str(f"reward {rec['reward_mean']:.3f} kept {rec['kept_fraction']:.2f}")
+        if "eval_reward" in rec or self.it % self.cfg.log_every == 0:
+            extra = {k: rec[k] for k in ("eval_reward", "nonfinite", "gpu_mem_gib") if rec.get(k)}
+            info(step_line(self.it, self.cfg.iterations, reward=rec["reward_mean"], std=rec["reward_std_group"],
+                           kept=rec["kept_fraction"], clip=rec.get("clip_fraction", 0.0),
+                           approx_kl=rec.get("approx_kl", 0.0), samples_s=rec["samples_per_s"], **extra), who="grpo")
+
+    def _finish(self, timed_out: bool) -> dict:
+        from ..dist import shutdown
+
+        if timed_out and "eval_reward" not in self.last:  # stopped by the time budget between evaluations
+            ev = self.evaluate()
+            self.last.update(ev)
+            if self.metrics:
+                self.metrics.write({"step": self.it, "elapsed_s": self.elapsed, **ev})
+        final = {**self.last, **self.evaluate("after")} if self.cfg.save_grids or not self.last else self.last
+        if is_main():
+            self.policy.save(self.out / "policy", self.ema.weights if self.ema else None, merged=self.cfg.export_merged)
+            self.metrics.close()
+            plot_run(self.out)
+            info(f"done: policy -> {self.out / 'policy'}", who="grpo")
+        shutdown()
+        return final
 
 
 def train(cfg: GRPOTrainConfig) -> dict:
-    from ..checkpoint import (
-        all_rng_states,
-        latest_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-        set_rng_state,
-    )
-    from ..dist import barrier, is_main, shutdown, start_run
-    from ..kernels import ADVANTAGE_PRESETS, group_advantages
-    from ..policy import EMA, Policy
-    from ..rewards import make_reward
-    from ..sampler import FluxSampler, load_pipeline
-
+    """Build a :class:`GRPOTrainer` from ``cfg`` and run it (resuming from ``cfg.out``)."""
     cfg.check()
-    rank, world, device = start_run(cfg)
-    out = Path(cfg.out)
+    return GRPOTrainer(cfg).run()
 
-    # ---- prompts (before any model: a bad prompt source fails fast)
-    if cfg.prompt_stream:
-        train_prompts = synth_prompts(cfg.prompt_stream, cfg.stream, "train", cfg.n_stream_prompts, cfg.seed)
-        eval_prompts = cfg.eval_prompts or synth_prompts(cfg.prompt_stream, cfg.stream, "test",
-                                                         max(1, cfg.n_stream_prompts // 8), cfg.seed)
-    else:
-        train_prompts, eval_prompts = list(cfg.prompts), list(cfg.eval_prompts or cfg.prompts)
 
-    # ---- models
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    pipe = load_pipeline(cfg.model, dtype=dtype, device=device)
-    policy = Policy(pipe.transformer, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
-                    need_reference=cfg.kl_beta > 0)
-    if cfg.gradient_checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
-    sampler = FluxSampler(pipe, cfg.sampler)
-    reward_fn = make_reward(cfg.reward, model=cfg.reward_model, device=device, quantize=cfg.reward_quantize,
-                            tau=cfg.reward_tau, form=cfg.reward_form, batch_size=cfg.reward_batch,
-                            liger=cfg.reward_liger, compile=cfg.reward_compile)
-    oracle_ok = _parses(eval_prompts)
-    params = policy.params
-    opt = torch.optim.AdamW(list(params.values()), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(params, cfg.ema_decay) if cfg.ema_decay > 0 else None
-    preset = dict(ADVANTAGE_PRESETS[cfg.advantage])
-    preset.pop("top_k", None)
-    w0, w1 = cfg.sampler.window()
-    if is_main():
-        info(f"policy: {'LoRA r' + str(cfg.lora_rank) if cfg.lora_rank else 'full'} "
-             f"({policy.n_trainable:,} trainable), reward {cfg.reward}, G={cfg.group_size} x "
-             f"P={cfg.prompts_per_iter}, top_k={cfg.top_k or 'off'}, SDE window [{w0}, {w1}) of "
-             f"{cfg.sampler.steps}, {world} rank(s), {len(train_prompts)} train / {len(eval_prompts)} eval prompts",
-             who="grpo")
-
-    # ---- resume
-    it, elapsed, bad_streak = 0, 0.0, 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        tensors, state = load_checkpoint(ckpt)
-        with torch.no_grad():
-            for n, p in params.items():
-                if n not in tensors:
-                    raise RuntimeError(f"checkpoint {ckpt} lacks {n}: was the config changed?")
-                p.copy_(tensors[n])
-            if ema:
-                for n in params:
-                    ema.weights[n].copy_(tensors[f"ema.{n}"])
-        opt.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        it, elapsed, bad_streak = state["step"], state["elapsed"], state["bad_streak"]
-        info(f"resumed from {ckpt} at iteration {it}", who="grpo")
-    if is_main():
-        _truncate_metrics(out / "metrics.jsonl", it)
-    metrics = MetricsFile(out / "metrics.jsonl") if is_main() else None
-
-    def evaluate(tag: str | None = None) -> dict:
-        prompts = [p for p in eval_prompts for _ in range(cfg.eval_seeds)]
-        seeds = [10_000_019 + i for i in range(len(prompts))]  # fixed, disjoint from training draws
-        mine = list(range(rank, len(prompts), world))
-        with torch.no_grad(), policy.swapped(ema.weights if ema else None):
-            traj = sampler.sample([prompts[i] for i in mine], [seeds[i] for i in mine], sde=False)
-        r = gather_by_index(reward_fn(traj.images, [prompts[i] for i in mine]).cpu(), len(prompts), rank, world)
-        res = {"eval_reward": float(r.nanmean())}
-        if oracle_ok and cfg.reward != "oracle":
-            o = gather_by_index(_oracle(traj.images, [prompts[i] for i in mine], cfg), len(prompts), rank, world)
-            res["eval_oracle"] = float(o.nanmean())
-        if oracle_ok:
-            from ..rewards import oracle_hard
-
-            _, acc = oracle_hard(traj.images, [prompts[i] for i in mine])
-            res["eval_oracle_acc"] = float(gather_by_index(acc, len(prompts), rank, world).nanmean())
-        if tag and cfg.save_grids and is_main() and world == 1:
-            _grid(traj.images, eval_prompts, cfg.eval_seeds, out / f"samples_{tag}.png")
-        return res
-
-    def checkpoint() -> None:
-        states = all_rng_states()
-        if is_main():
-            tensors = {n: p.detach() for n, p in params.items()}
-            if ema:
-                tensors.update({f"ema.{n}": w for n, w in ema.weights.items()})
-            save_checkpoint(out, it, tensors, {"optimizer": opt.state_dict(), "rng": states, "step": it,
-                                               "elapsed": elapsed, "bad_streak": bad_streak})
-        barrier()
-
-    if it == 0:
-        first = evaluate("before")
-        if metrics:
-            metrics.write({"step": 0, "elapsed_s": 0.0, **first})
-            info(step_line(0, cfg.iterations, **first), who="grpo")
-
-    n_total = cfg.prompts_per_iter * cfg.group_size
-    mine = list(range(rank, n_total, world))
-    bar = progress(range(it, cfg.iterations), desc="grpo", unit="it") if is_main() else range(it, cfg.iterations)
-    last: dict = {}
-    for _ in bar:
-        t0 = time.perf_counter()
-        pool = cfg.warmup_prompts if it < cfg.warmup_iterations else train_prompts
-        groups, steps = iteration_plan(cfg, len(pool), it, w1 - w0)
-        prompts = [pool[groups[n // cfg.group_size]] for n in mine]
-        seeds = iteration_seeds(cfg, it, groups, mine)
-
-        # 1. sample
-        chunk = cfg.sample_batch or max(1, len(mine))
-        with phase("sample"):
-            trajs = [sampler.sample(prompts[s:s + chunk], seeds[s:s + chunk]) for s in range(0, len(mine), chunk)]
-        latents = torch.cat([t.latents for t in trajs])
-        old_logp = torch.cat([t.log_probs for t in trajs])
-        images = torch.cat([t.images for t in trajs])
-        emb, pooled = torch.cat([t.prompt_embeds for t in trajs]), torch.cat([t.pooled for t in trajs])
-        sigmas = trajs[0].sigmas
-        t1 = time.perf_counter()
-
-        # 2. score (rewards of all ranks, so group statistics are global)
-        with torch.no_grad(), phase("score"):
-            local_r = reward_fn(images, prompts).float().cpu()
-        rewards = gather_by_index(local_r, n_total, rank, world).view(cfg.prompts_per_iter, cfg.group_size)
-        t2 = time.perf_counter()
-        n_bad = int((~torch.isfinite(rewards)).sum())
-        bad_streak = bad_streak + 1 if n_bad == rewards.numel() else 0
-        if bad_streak >= cfg.max_bad_iterations:
-            raise FloatingPointError(f"{bad_streak} iterations in a row without a finite reward (last at "
-                                     f"iteration {it}): check the reward model and the sampler's dtype")
-
-        # 3. advantages with Top-k filtering
-        with phase("advantages"):
-            res = group_advantages(rewards, top_k=cfg.top_k or None, **preset)
-        adv_all, keep_all = res.advantages.reshape(-1), res.keep.reshape(-1)
-        n_kept = int(keep_all.sum())
-        kept_local = [i for i, n in enumerate(mine) if keep_all[n]]
-
-        for group in opt.param_groups:  # a pure function of the iteration: nothing to checkpoint
-            group["lr"] = lr_at(cfg, it)
-
-        # 4. train on the kept samples only
-        stats: dict[str, float] = {}
-        if n_kept:
-            idx = torch.tensor(kept_local, dtype=torch.long, device=latents.device)
-            adv_local = adv_all[[mine[i] for i in kept_local]].to(device) if kept_local else \
-                torch.zeros(0, device=device)
-            for epoch in range(cfg.inner_epochs):
-                opt.zero_grad(set_to_none=True)
-                stats = policy_gradient(sampler, policy, latents[idx], old_logp[idx], emb[idx], pooled[idx],
-                                        adv_local, steps, sigmas, n_kept_global=n_kept, clip_range=cfg.clip_range,
-                                        kl_beta=cfg.kl_beta, on_policy=epoch == 0, micro_batch=cfg.micro_batch)
-                with phase("optimizer"):
-                    all_reduce_grads(params, world)
-                    gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip or float("inf"))
-                    opt.step()
-                stats["grad_norm"] = float(gnorm)
-            if ema:
-                ema.update(params)
-        stats = _reduce_stats(stats, world)
-        t3 = time.perf_counter()
-        it += 1
-        elapsed += t3 - t0
-
-        finite = rewards[torch.isfinite(rewards)]
-        rec = {"step": it, "reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
-               "reward_std": float(res.std.nanmean()),  # over the statistics set (kept samples for Spatial-RL)
-               "reward_std_group": _group_std(rewards), "kept_fraction": n_kept / n_total,
-               "zero_std_fraction": float((res.std <= 0).float().mean()), "nonfinite": n_bad,
-               "group_mean": res.mean.tolist(), "group_std": res.std.tolist(),
-               "group_prompts": [pool[g] for g in groups], **stats,
-               "t_sample": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
-               "samples_per_s": n_total / (t3 - t0), "elapsed_s": elapsed, "lr": lr_at(cfg, it - 1)}
-        if device.type == "cuda":
-            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-        if it % cfg.eval_every == 0 or it == cfg.iterations:
-            rec.update(evaluate())
-        last = rec
-        if metrics:
-            metrics.write(rec)
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"reward {rec['reward_mean']:.3f} kept {rec['kept_fraction']:.2f}")
-            if "eval_reward" in rec or it % cfg.log_every == 0:
-                extra = {"eval_reward": rec["eval_reward"]} if "eval_reward" in rec else {}
-                mem = {"gpu_mem_gib": rec["gpu_mem_gib"]} if "gpu_mem_gib" in rec else {}
-                info(step_line(it, cfg.iterations, reward=rec["reward_mean"], std=rec["reward_std_group"],
-                               **extra, kept=rec["kept_fraction"], clip=rec.get("clip_fraction", 0.0),
-                               approx_kl=rec.get("approx_kl", 0.0), samples_s=rec["samples_per_s"], **mem),
-                     who="grpo")
-        timed_out = cfg.max_minutes and elapsed >= 60 * cfg.max_minutes
-        if it % cfg.save_every == 0 or it == cfg.iterations or timed_out:
-            checkpoint()
-        if cfg.stop_after and it >= cfg.stop_after and it < cfg.iterations:
-            info(f"stopping at iteration {it} (stop_after)", who="grpo")
-            shutdown()
-            return {}
-        if timed_out:
-            info(f"time budget of {cfg.max_minutes} min reached at iteration {it}", who="grpo")
-            break
-    if "eval_reward" not in last:  # stopped by the time budget between evaluations
-        ev = evaluate()
-        last.update(ev)
-        if metrics:
-            metrics.write({"step": it, "elapsed_s": elapsed, **ev})
-    final = {**last, **evaluate("after")} if cfg.save_grids else last
-    if is_main():
-        policy.save(out / "policy", ema.weights if ema else None)
-        metrics.close()
-        plot_run(out)
-        info(f"done: policy -> {out / 'policy'}", who="grpo")
-    shutdown()
-    return final
+def _reward_record(rewards: torch.Tensor, res, n_kept: int, n_bad: int) -> dict:
+    """The iteration's reward numbers (NaN-free where a finite number exists)."""
+    finite = rewards[torch.isfinite(rewards)]
+    return {"reward_mean": float(finite.mean()) if finite.numel() else float("nan"),
+            "reward_std": float(res.std.nanmean()),  # over the statistics set (kept samples for Spatial-RL)
+            "reward_std_group": _group_std(rewards), "kept_fraction": n_kept / rewards.numel(),
+            "zero_std_fraction": float((res.std <= 0).float().mean()), "nonfinite": n_bad,
+            "group_mean": res.mean.tolist(), "group_std": res.std.tolist()}
 
 
 def _group_std(rewards: torch.Tensor) -> float:
@@ -501,27 +590,16 @@ def _oracle(images, prompts, cfg) -> torch.Tensor:
 
 
 def _reduce_stats(stats: dict[str, float], world: int) -> dict[str, float]:
+    from ..dist import all_reduce_
+
     if world == 1 or not stats:
         return stats
     keys = sorted(stats)
-    t = torch.tensor([stats[k] for k in keys], dtype=torch.float64)
-    torch.distributed.all_reduce(t)  # each rank's share is already weighted by its kept count
+    t = all_reduce_(torch.tensor([stats[k] for k in keys], dtype=torch.float64))  # shares already weighted
     out = dict(zip(keys, t.tolist(), strict=True))
     out["logp_drift"] = out["logp_drift"] / world
     out["grad_norm"] = stats["grad_norm"]  # the same on every rank (clipped after the all-reduce)
     return out
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    """Drop records written after the checkpoint we resume from (a killed run wrote them)."""
-    if not path.is_file():
-        return
-    from ..logs import read_metrics
-
-    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step]
-    with MetricsFile(path, append=False) as m:
-        for r in keep:
-            m.write(r)
 
 
 def _grid(images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path) -> None:
@@ -538,11 +616,11 @@ def plot_run(out: Path) -> None:
     from ..plots import curves
 
     recs = read_metrics(out / "metrics.jsonl")
-    train = [(r["step"], r["reward_mean"]) for r in recs if "reward_mean" in r]
-    ev = [(r["step"], r["eval_reward"]) for r in recs if "eval_reward" in r]
+    train = [(r["step"], r["reward_mean"]) for r in recs if r.get("reward_mean") is not None]
+    ev = [(r["step"], r["eval_reward"]) for r in recs if r.get("eval_reward") is not None]
     curves({"train (sampled)": train, "held-out (fixed noise, ODE)": ev}, out / "reward.png", xlabel="iteration",
            ylabel="reward")
-    ev_t = [(r["elapsed_s"], r["eval_reward"]) for r in recs if "eval_reward" in r]
+    ev_t = [(r["elapsed_s"], r["eval_reward"]) for r in recs if r.get("eval_reward") is not None]
     curves({"held-out (fixed noise, ODE)": ev_t}, out / "reward_vs_time.png", xlabel="training seconds",
            ylabel="reward")
 

@@ -3,12 +3,14 @@
     spatialcore reward train --config configs/reward/tiny_cpu.yaml [key=value ...]
     torchrun --nproc_per_node 8 $(which spatialcore) reward train --config configs/reward/qwen2_5_vl_7b.yaml
 
-Per optimizer step: ``grad_accum`` micro-batches of pairs -> one Qwen2.5-VL forward over the
-2B (prompt, image) judgements -> Gaussian head -> ``kernels.pair_loss`` -> backward; gradient
-clipping, AdamW, warm-up + cosine schedule. Every ``eval_every`` steps the held-out pairs are
+Per optimizer step (``batch_size`` pairs over all ranks): each rank takes its micro-batches of
+``micro_batch`` pairs (accumulation = batch_size / (ranks x micro_batch), derived, so one config
+runs unchanged on any number of ranks) -> one Qwen2.5-VL forward over the 2B (prompt, image)
+judgements -> Gaussian head -> ``kernels.pair_loss`` -> backward; gradients averaged over the
+global batch, pre-clip norm logged, clipping, AdamW (or SGD), warm-up + cosine schedule. Every ``eval_every`` steps the held-out pairs are
 scored (table format), every ``save_every`` steps an atomic checkpoint is written; a run
-restarted with the same config resumes from the latest checkpoint exactly (weights,
-optimizer, scheduler, RNG, data position).
+restarted with the same config resumes from the newest complete checkpoint exactly (weights,
+optimizer, scheduler, RNG, data position) and writes each step to ``metrics.jsonl`` once.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
 from ..config import ConfigError, param
-from ..logs import MetricsFile, info, progress, step_line
+from ..dist import is_main
+from ..logs import info, progress, step_line
 
 
 @dataclass
@@ -50,15 +53,17 @@ class RewardTrainConfig:
     gradient_checkpointing: bool = False
     liger: bool = False  # liger-kernel RMSNorm/SwiGLU/RoPE Triton kernels in the backbone (CUDA)
     compile: bool = False  # torch.compile of each decoder layer
-    batch_size: int = param(16, min=1, help="pairs per rank per micro-batch")
-    grad_accum: int = param(1, min=1)
+    batch_size: int = param(16, min=1, help="pairs per optimizer step over all ranks (the global batch)")
+    micro_batch: int = param(0, min=0, help="pairs per rank per forward/backward; accumulation is derived "
+                                            "(0: batch_size / ranks, no accumulation)")
+    optimizer: Literal["adamw", "sgd"] = "adamw"
     lr: float = param(3e-4, min=0.0)
     head_lr: float = param(3e-3, min=0.0)
     weight_decay: float = param(0.0, min=0.0)
     warmup_steps: int = param(50, min=0)
     max_steps: int = param(1000, min=1)
     min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
-    grad_clip: float = param(1.0, min=0.0)
+    grad_clip: float = param(1.0, min=0.0, help="max global gradient norm (0: no clipping)")
     eval_every: int = param(100, min=1)
     eval_pairs: int = param(512, min=1)
     save_every: int = param(200, min=1)
@@ -68,6 +73,10 @@ class RewardTrainConfig:
     threads: int = param(0, min=0, help="torch CPU threads (0: torch's default)")
     stop_after: int = param(0, min=0, help="end the process after this many steps, as if killed (tests)")
     plots: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
+
+    RENAMED: ClassVar[dict[str, str]] = {
+        "grad_accum": "micro_batch (batch_size is now the global batch; accumulation = batch_size / (ranks x "
+                      "micro_batch))"}
 
     def check(self) -> None:
         if self.curriculum and not self.data.startswith("stream:"):
@@ -90,211 +99,292 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def train(cfg: RewardTrainConfig) -> dict:
-    from ..checkpoint import (
-        all_rng_states,
-        latest_checkpoint,
-        load_checkpoint,
-        save_checkpoint,
-        set_rng_state,
-    )
-    from ..data.pairs import PairCollator, PairSampler, PairSet
-    from ..data.synth import StreamingPairs
-    from ..dist import barrier, is_main, mean, shutdown, start_run
-    from ..kernels import pair_loss, pairwise_accuracy
-    from ..reward.evaluate import format_table, pair_metrics, pair_scores
+def _build_model(cfg: RewardTrainConfig, dtype: torch.dtype):
     from ..reward.model import LoraSpec, SpatialScore
 
-    rank, world, device = start_run(cfg)
-    out = Path(cfg.out)
-
-    # ---- model
-    dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
-    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha) if cfg.lora_rank else None
     if cfg.init_from:
         model = SpatialScore.from_pretrained(cfg.init_from, attention=cfg.attention, dtype=dtype)
         model.variance_head = cfg.variance_head
-        info(f"initialised from {cfg.init_from}", who="reward")
-    else:
-        model = SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
-                                           variance_head=cfg.variance_head)
-    model = model.to(device)
-    model.accelerate(liger=cfg.liger, compile=cfg.compile)
-    if cfg.gradient_checkpointing:
-        model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    fsdp = cfg.parallel == "fsdp2" and world > 1
-    ddp = model
-    if fsdp:
-        _fully_shard(model)
-    elif world > 1:
-        ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-    params = _trainable(model)
-    head = [p for n, p in params.items() if n.startswith("head.")]
-    body = [p for n, p in params.items() if not n.startswith("head.")]
-    opt = torch.optim.AdamW([{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
-                            weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg))
+        return model
+    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha) if cfg.lora_rank else None
+    return SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
+                                      variance_head=cfg.variance_head)
 
-    # ---- data
-    collate = PairCollator(model.processor)
-    streaming = cfg.data.startswith("stream:")
-    stages = [*cfg.curriculum, {}]
-    eval_sets: dict[int, list] = {}
 
-    def stage_synth(i: int):
-        return synth_config(cfg.data, {**cfg.stream, **stages[i]})
+class RewardTrainer:
+    """SpatialScore training: ``__init__`` builds data, model and optimizer from the config (and
+    resumes from the run folder), ``train_step()`` is one optimizer step over the global batch,
+    ``state_dict()`` is what a checkpoint holds, ``run()`` is the loop."""
 
-    def stage_eval(i: int):
-        if i not in eval_sets:
-            eval_sets[i] = held_out_pairs(stage_synth(i), cfg.seed, cfg.eval_pairs, cfg.eval_split)
-        return eval_sets[i]
+    def __init__(self, cfg: RewardTrainConfig):
+        from ..dist import start_run
+        from .run import find_checkpoint, open_metrics, restore, split_batch
 
-    if streaming:
-        for i in range(len(stages)):
-            stage_synth(i)  # fail on a bad stage before any training
-        eval_set = stage_eval(len(stages) - 1)
-    else:
-        train_set = PairSet(cfg.data, split="train")
-        eval_set = PairSet(cfg.data, split=cfg.eval_split)
-        if len(train_set) < cfg.batch_size * world:
-            raise ConfigError("batch_size", f"{len(train_set)} training pairs cannot fill {world} x {cfg.batch_size}")
-        sampler = PairSampler(len(train_set), seed=cfg.seed, rank=rank, world_size=world, even=True)
+        self.cfg = cfg
+        self.rank, self.world, self.device = start_run(cfg)
+        self.out = Path(cfg.out)
+        self.micro, self.accum = split_batch(cfg.batch_size, cfg.micro_batch, self.world)
+        ckpt = find_checkpoint(self.out, who="reward")
+        self._init_data()
+        self._init_model()
+        self.step, self.epoch, self.consumed, self.stage = 0, 0, 0, 0
+        self.last_eval: dict = {}
+        if ckpt is not None:
+            self.load_state_dict(*restore(ckpt, self.rank, who="reward"))
+        self.metrics = open_metrics(self.out, self.step)
+        self._batches = None
 
-    # ---- resume
-    step, epoch, batch_in_epoch, stage = 0, 0, 0, 0
-    ckpt = latest_checkpoint(out)
-    if ckpt is not None:
-        tensors, state = load_checkpoint(ckpt)
-        missing = set(params) - set(tensors)
+    # ------------------------------------------------------------------ construction
+
+    def _init_data(self) -> None:
+        """Data before the model: a bad data source or a batch that does not fit fails fast."""
+        from ..data.pairs import PairSet
+
+        cfg = self.cfg
+        self.streaming = cfg.data.startswith("stream:")
+        self.stages = [*cfg.curriculum, {}]
+        self._eval_sets: dict[int, list] = {}
+        if self.streaming:
+            self.stage_synth = [synth_config(cfg.data, {**cfg.stream, **stage}) for stage in self.stages]
+            self.eval_set = self.stage_eval(len(self.stages) - 1)
+        else:
+            self.train_set = PairSet(cfg.data, split="train")
+            self.eval_set = PairSet(cfg.data, split=cfg.eval_split)
+            self.steps_per_epoch = len(self.train_set) // cfg.batch_size
+            if self.steps_per_epoch == 0:
+                raise ConfigError("batch_size", f"{len(self.train_set)} training pairs cannot fill one batch of "
+                                                f"{cfg.batch_size}")
+
+    def _init_model(self) -> None:
+        from ..data.pairs import PairCollator
+        from .run import make_optimizer
+
+        cfg = self.cfg
+        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        model = _build_model(cfg, dtype)
+        if cfg.init_from:
+            info(f"initialised from {cfg.init_from}", who="reward")
+        model = model.to(self.device)
+        model.accelerate(liger=cfg.liger, compile=cfg.compile)
+        if cfg.gradient_checkpointing:
+            model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.fsdp = cfg.parallel == "fsdp2" and self.world > 1
+        self.model, self.ddp = model, model
+        if self.fsdp:
+            _fully_shard(model)
+        elif self.world > 1:
+            self.ddp = torch.nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device] if self.device.type == "cuda" else None)
+        self.params = _trainable(model)
+        head = [p for n, p in self.params.items() if n.startswith("head.")]
+        body = [p for n, p in self.params.items() if not n.startswith("head.")]
+        self.opt = make_optimizer(cfg.optimizer, [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
+                                  weight_decay=cfg.weight_decay)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.collate = PairCollator(model.processor)
+        if is_main():
+            info(f"global batch {cfg.batch_size} pairs = {self.world} rank(s) x {self.accum} micro-batch(es) x "
+                 f"{self.micro}, optimizer {cfg.optimizer}, {cfg.parallel if self.world > 1 else 'one process'}",
+                 who="reward")
+
+    def stage_eval(self, i: int) -> list:
+        if i not in self._eval_sets:
+            self._eval_sets[i] = held_out_pairs(self.stage_synth[i], self.cfg.seed, self.cfg.eval_pairs,
+                                                self.cfg.eval_split)
+        return self._eval_sets[i]
+
+    # ------------------------------------------------------------------ checkpoint
+
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(trainable weights, everything else a resume needs); a collective under FSDP2."""
+        if self.fsdp:
+            tensors, optim = _fsdp_full(self.model, self.opt)
+        else:
+            tensors, optim = _trainable(self.model), self.opt.state_dict()
+        return tensors, {"optimizer": optim, "scheduler": self.sched.state_dict(), "step": self.step,
+                         "epoch": self.epoch, "consumed": self.consumed, "stage": self.stage}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        missing = set(self.params) - set(tensors)
         if missing:
-            raise RuntimeError(f"checkpoint {ckpt} lacks {sorted(missing)[:3]}...: was the config changed?")
-        if fsdp:
-            _fsdp_load(model, opt, tensors, state["optimizer"])
+            raise ConfigError("out", f"{self.out} holds a checkpoint of another model (it lacks "
+                                     f"{sorted(missing)[0]}): use a new out folder")
+        if self.fsdp:
+            _fsdp_load(self.model, self.opt, tensors, state["optimizer"])
         else:
             with torch.no_grad():
-                for n, p in params.items():
+                for n, p in self.params.items():
                     p.copy_(tensors[n])
-            opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
-        stage = state.get("stage", 0)
-        info(f"resumed from {ckpt} at step {step}", who="reward")
+            self.opt.load_state_dict(state["optimizer"])
+        self.sched.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr(), strict=True):
+            group["lr"] = lr  # also where no optimizer state was loaded (FSDP2 with stateless SGD)
+        self.step, self.epoch, self.consumed, self.stage = (state["step"], state["epoch"], state["consumed"],
+                                                            state["stage"])
 
-    def batches():
-        nonlocal epoch, batch_in_epoch
-        if streaming:  # item k of this rank's stream is a pure function of (seed, stage, rank, k)
-            stream = StreamingPairs(stage_synth(stage), f"{cfg.seed}-{stage}", rank=rank, world_size=world,
-                                    start=batch_in_epoch * cfg.batch_size)
-            loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, collate_fn=collate,
-                                                 num_workers=cfg.num_workers)
-            for batch in loader:
-                batch_in_epoch += 1
-                yield batch
-        while True:
-            sampler.set_epoch(epoch)
-            sampler.position = batch_in_epoch * cfg.batch_size
-            loader = torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler,
-                                                 collate_fn=collate, num_workers=cfg.num_workers, drop_last=True)
-            for batch in loader:
-                batch_in_epoch += 1
-                yield batch
-            epoch, batch_in_epoch = epoch + 1, 0
+    def save(self) -> None:
+        from .run import checkpoint
 
-    def evaluate(data) -> dict:
-        was = ddp.training
-        scores = pair_scores(model, data, batch_size=cfg.batch_size, limit=cfg.eval_pairs)
-        ddp.train(was)
-        return pair_metrics(*scores)
+        tensors, state = self.state_dict()
+        checkpoint(self.out, self.step, tensors, state)
 
-    def checkpoint() -> None:
-        states = all_rng_states()
-        if fsdp:  # every rank takes part in gathering the full tensors; rank 0 writes them
-            tensors, optim = _fsdp_full(model, opt)
-        else:
-            tensors, optim = _trainable(model), opt.state_dict() if is_main() else None
-        if is_main():
-            save_checkpoint(out, step, tensors, {
-                "optimizer": optim, "scheduler": sched.state_dict(), "rng": states, "step": step,
-                "epoch": epoch, "batch_in_epoch": batch_in_epoch, "stage": stage})
-        barrier()
+    # ------------------------------------------------------------------ data
 
-    metrics = MetricsFile(out / "metrics.jsonl") if is_main() else None
-    it = batches()
-    ddp.train()
-    bar = progress(range(step, cfg.max_steps), desc="reward", unit="step") if is_main() else range(step, cfg.max_steps)
-    t_last, pairs_since = time.perf_counter(), 0
-    last_eval: dict = {}
-    for _ in bar:
+    def _micro_batches(self):
+        """This rank's micro-batches from the current data position (stage, epoch, pairs consumed)."""
+        from ..data.pairs import PairSampler
+        from ..data.synth import StreamingPairs
+
+        cfg = self.cfg
+        start = self.consumed // self.world
+        if self.streaming:  # item k of this rank is pair rank + k * world of the stage's stream
+            stream = StreamingPairs(self.stage_synth[self.stage], f"{cfg.seed}-{self.stage}", rank=self.rank,
+                                    world_size=self.world, start=start)
+            return iter(torch.utils.data.DataLoader(stream, batch_size=self.micro, collate_fn=self.collate,
+                                                    num_workers=cfg.num_workers))
+        shard = PairSampler(len(self.train_set), seed=cfg.seed, rank=self.rank, world_size=self.world,
+                            even=True).shard(self.epoch)
+        end = self.steps_per_epoch * cfg.batch_size // self.world
+        batches = [shard[i:i + self.micro] for i in range(start, end, self.micro)]
+        return iter(torch.utils.data.DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.collate,
+                                                num_workers=cfg.num_workers))
+
+    def _advance_data(self) -> None:
+        self.consumed += self.cfg.batch_size
+        if not self.streaming and self.consumed == self.steps_per_epoch * self.cfg.batch_size:
+            self.epoch, self.consumed, self._batches = self.epoch + 1, 0, None
+
+    # ------------------------------------------------------------------ the step
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step: ``accum`` micro-batches per rank -> pair loss -> backward (gradients
+        averaged over the global batch) -> pre-clip norm, clip, optimizer, schedule."""
+        from contextlib import nullcontext
+
+        from ..kernels import pair_loss, pairwise_accuracy
+        from .run import TrainingError
+
+        cfg = self.cfg
+        if self._batches is None:
+            self._batches = self._micro_batches()
         loss_sum, acc_sum = 0.0, 0.0
-        for _micro in range(cfg.grad_accum):
-            batch = next(it)
-            inputs = {k: v.to(device) for k, v in batch["inputs"].items()}
+        for j in range(self.accum):
+            batch = next(self._batches)
+            inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
             if cfg.shuffle_prompts:
-                inputs = _shuffle_prompts(inputs, cfg.batch_size, step)
-            mu, log_var = ddp(**inputs)
-            B = mu.shape[0] // 2
-            lv = (log_var[:B], log_var[B:]) if cfg.variance_head else (None, None)
-            loss = pair_loss(mu[:B], lv[0], mu[B:], lv[1])
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"non-finite loss at step {step}: check lr / data")
-            (loss / cfg.grad_accum).backward()
+                inputs = _shuffle_prompts(inputs, self.micro, self.step)
+            last = j == self.accum - 1
+            with nullcontext() if last or self.ddp is self.model else self.ddp.no_sync():
+                mu, log_var = self.ddp(**inputs)
+                B = mu.shape[0] // 2
+                lv = (log_var[:B], log_var[B:]) if cfg.variance_head else (None, None)
+                loss = pair_loss(mu[:B], lv[0], mu[B:], lv[1])
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"non-finite pair loss at step {self.step + 1} (micro-batch {j + 1}); the "
+                                        f"last checkpoint is untouched: lower lr or check the data")
+                (loss / self.accum).backward()
             loss_sum += float(loss.detach())
             acc_sum += pairwise_accuracy(mu[:B].detach(), mu[B:].detach())
-            pairs_since += B * world
-        gnorm = torch.nn.utils.clip_grad_norm_(list(params.values()), cfg.grad_clip) if cfg.grad_clip else None
-        if gnorm is not None and hasattr(gnorm, "full_tensor"):
+        gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip or float("inf"))
+        if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        if step % cfg.log_every == 0 or step == cfg.max_steps:
-            dt = time.perf_counter() - t_last
-            rec = {"step": step, "loss": mean(loss_sum / cfg.grad_accum, device),
-                   "train_acc": mean(acc_sum / cfg.grad_accum, device), "lr": sched.get_last_lr()[0],
-                   "grad_norm": float(gnorm) if gnorm is not None else None, "pairs_per_s": pairs_since / dt}
-            if device.type == "cuda":
-                rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-            t_last, pairs_since = time.perf_counter(), 0
-            if metrics:
-                metrics.write(rec)
-                if hasattr(bar, "set_postfix_str"):
-                    bar.set_postfix_str(f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f}")
-        if step % cfg.eval_every == 0 or step == cfg.max_steps:
-            final = stage == len(stages) - 1
-            last_eval = evaluate(eval_set if final or not streaming else stage_eval(stage))
-            if metrics:
-                metrics.write({"step": step, "stage": stage,
-                               **{f"eval_{k}": v for k, v in last_eval.items() if k != "calibration"}})
-                info(step_line(step, cfg.max_steps, stage=f"{stage + 1}/{len(stages)}", eval_acc=last_eval["accuracy"],
-                               acc_1=last_eval["accuracy_1"], acc_2_3=last_eval["accuracy_2_3"],
-                               margin=last_eval["mean_margin"]), who="reward")
-            if not final and last_eval["accuracy"] >= cfg.advance_at:
-                stage, batch_in_epoch = stage + 1, 0
-                it = batches()
-                info(f"curriculum: stage {stage + 1}/{len(stages)} from step {step}", who="reward")
-        if step % cfg.save_every == 0 or step == cfg.max_steps:
-            checkpoint()
-        if cfg.stop_after and step >= cfg.stop_after and step < cfg.max_steps:
-            info(f"stopping at step {step} (stop_after)", who="reward")
-            if metrics:
-                metrics.close()
-            shutdown()
-            return {}
-    if streaming and stage < len(stages) - 1:  # the run ended mid-curriculum: report the final task
-        last_eval = evaluate(eval_set)
-    final_tensors = _fsdp_full(model, None)[0] if fsdp else None
-    if is_main():
-        if fsdp:  # a plain copy of the model on rank 0 holds the gathered weights for saving
-            model = _unsharded_copy(cfg, final_tensors, dtype, lora)
-        model.save_pretrained(out / "model")
-        _plot(out)
-        (out / "eval.md").write_text(format_table(last_eval) + "\n")
-        metrics.close()
-        info(f"done: model -> {out / 'model'}", who="reward")
-    shutdown()
-    return last_eval
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        self._advance_data()
+        return {"loss": loss_sum / self.accum, "train_acc": acc_sum / self.accum, "grad_norm": float(gnorm)}
+
+    def evaluate(self, data) -> dict:
+        from ..reward.evaluate import pair_metrics, pair_scores
+
+        was = self.ddp.training
+        scores = pair_scores(self.model, data, batch_size=self.micro, limit=self.cfg.eval_pairs)
+        self.ddp.train(was)
+        return pair_metrics(*scores)
+
+    # ------------------------------------------------------------------ the loop
+
+    def run(self) -> dict:
+        """Train to ``max_steps`` (or ``stop_after``), then save the model; returns the last evaluation."""
+        from ..dist import shutdown
+
+        cfg = self.cfg
+        self.ddp.train()
+        steps = range(self.step, cfg.max_steps)
+        bar = progress(steps, desc="reward", unit="step") if is_main() else steps
+        t_last, pairs_since = time.perf_counter(), 0
+        for _ in bar:
+            rec = self.train_step()
+            pairs_since += cfg.batch_size
+            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
+                self._log(rec, pairs_since / (time.perf_counter() - t_last), bar)
+                t_last, pairs_since = time.perf_counter(), 0
+            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
+                self._evaluate_and_advance()
+            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
+                self.save()
+            if cfg.stop_after and cfg.max_steps > self.step >= cfg.stop_after:
+                info(f"stopping at step {self.step} (stop_after)", who="reward")
+                if self.metrics:
+                    self.metrics.close()
+                shutdown()
+                return {}
+        return self._finish()
+
+    def _log(self, rec: dict, pairs_per_s: float, bar) -> None:
+        from ..dist import mean
+
+        rec = {"step": self.step, "loss": mean(rec["loss"]), "train_acc": mean(rec["train_acc"]),
+               "lr": self.sched.get_last_lr()[0], "grad_norm": rec["grad_norm"], "pairs_per_s": pairs_per_s}
+        if self.device.type == "cuda":
+            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if self.metrics:
+            self.metrics.write(rec)
+            if hasattr(bar, "set_postfix_str"):
+                bar.set_postfix_str(f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f}")
+
+    def _evaluate_and_advance(self) -> None:
+        """Held-out evaluation (the current curriculum stage's, or the final task's); a stage that
+        reaches ``advance_at`` hands over to the next."""
+        cfg = self.cfg
+        final = self.stage == len(self.stages) - 1
+        self.last_eval = self.evaluate(self.eval_set if final or not self.streaming else self.stage_eval(self.stage))
+        ev = self.last_eval
+        if self.metrics:
+            self.metrics.write({"step": self.step, "stage": self.stage,
+                                **{f"eval_{k}": v for k, v in ev.items() if k != "calibration"}})
+            info(step_line(self.step, cfg.max_steps, stage=f"{self.stage + 1}/{len(self.stages)}",
+                           eval_acc=ev["accuracy"], acc_1=ev["accuracy_1"], acc_2_3=ev["accuracy_2_3"],
+                           margin=ev["mean_margin"]), who="reward")
+        if not final and ev["accuracy"] >= cfg.advance_at:
+            self.stage, self.consumed, self._batches = self.stage + 1, 0, None
+            info(f"curriculum: stage {self.stage + 1}/{len(self.stages)} from step {self.step}", who="reward")
+
+    def _finish(self) -> dict:
+        from ..dist import shutdown
+        from ..reward.evaluate import format_table
+
+        if not self.last_eval or (self.streaming and self.stage < len(self.stages) - 1):
+            self.last_eval = self.evaluate(self.eval_set)  # resumed at the end, or stopped mid-curriculum
+        final_tensors = _fsdp_full(self.model, None)[0] if self.fsdp else None
+        if is_main():
+            model = self.model
+            if self.fsdp:  # a plain copy of the model on rank 0 holds the gathered weights for saving
+                model = _unsharded_copy(self.cfg, final_tensors)
+            model.save_pretrained(self.out / "model")
+            _plot(self.out)
+            (self.out / "eval.md").write_text(format_table(self.last_eval) + "\n")
+            self.metrics.close()
+            info(f"done: model -> {self.out / 'model'}", who="reward")
+        shutdown()
+        return self.last_eval
+
+
+def train(cfg: RewardTrainConfig) -> dict:
+    """Build a :class:`RewardTrainer` from ``cfg`` and run it (resuming from ``cfg.out``)."""
+    cfg.check()
+    return RewardTrainer(cfg).run()
 
 
 def _fully_shard(model) -> None:
@@ -334,18 +424,12 @@ def _fsdp_load(model, opt, tensors: dict[str, torch.Tensor], optim: dict) -> Non
 
     options = StateDictOptions(full_state_dict=True, strict=False)
     set_model_state_dict(model, tensors, options=options)
-    set_optimizer_state_dict(model, opt, optim_state_dict=optim, options=options)
+    if optim.get("state"):  # plain SGD keeps no state (and torch cannot place an empty one on a device)
+        set_optimizer_state_dict(model, opt, optim_state_dict=optim, options=options)
 
 
-def _unsharded_copy(cfg: RewardTrainConfig, tensors: dict[str, torch.Tensor], dtype, lora):
-    from ..reward.model import SpatialScore
-
-    if cfg.init_from:
-        model = SpatialScore.from_pretrained(cfg.init_from, attention=cfg.attention, dtype=dtype)
-        model.variance_head = cfg.variance_head
-    else:
-        model = SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
-                                           variance_head=cfg.variance_head)
+def _unsharded_copy(cfg: RewardTrainConfig, tensors: dict[str, torch.Tensor]):
+    model = _build_model(cfg, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
     matched = [n for n, _ in model.named_parameters() if n in tensors]
     model.load_state_dict(tensors, strict=False)
     if len(matched) != len(tensors):

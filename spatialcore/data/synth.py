@@ -189,11 +189,13 @@ def synth_pair_set(out: str | Path, n_pairs: int, seed: int, cfg: SynthConfig, *
 class StreamingPairs(torch.utils.data.IterableDataset):
     """An endless stream of fresh training pairs, rendered on the fly (a torch IterableDataset).
 
-    Item ``k`` of rank ``rank`` is the first pair of the candidate sequence
-    ``(seed, rank, k, 0), (seed, rank, k, 1), ...`` whose split is ``train``: prompts held out
-    for val/test never appear, items never repeat across ranks or positions, and the stream is
-    a pure function of (seed, rank, k). DataLoader workers take items ``start + w, start + w + W, ...``
-    so the loader yields k = start, start + 1, ... in order; resume with ``start = items consumed``.
+    Pair ``n`` of the stream is the first pair of the candidate sequence ``(seed, n, 0), (seed, n, 1),
+    ...`` whose split is ``train``: prompts held out for val/test never appear, and the stream is a
+    pure function of (seed, n). Rank ``rank`` of ``world_size`` reads pairs ``rank, rank + W, ...``
+    (its item ``k`` is pair ``rank + k W``), so W ranks reading b items each read the same pairs as
+    one process reading W b: the same global batches on any number of ranks. DataLoader workers take
+    items ``start + w, start + w + V, ...`` so the loader yields k = start, start + 1, ... in order;
+    resume with ``start = items consumed``.
     """
 
     def __init__(self, cfg: SynthConfig, seed: int, *, rank: int = 0, world_size: int = 1, start: int = 0,
@@ -205,11 +207,13 @@ class StreamingPairs(torch.utils.data.IterableDataset):
         self.spec = cfg.spec()
 
     def item(self, k: int) -> dict:
+        n = self.rank + k * self.world_size
         for attempt in range(1000):
-            pair = make_pair(self.cfg, f"{self.seed}:{self.rank}:{k}:{attempt}", 0, self.spec)
+            # the ":0:" keeps one-process streams identical to those of earlier releases
+            pair = make_pair(self.cfg, f"{self.seed}:0:{n}:{attempt}", 0, self.spec)
             if pair.record["split"] == "train":
                 rec = pair.record
-                return {"id": rec["id"], "index": k, "prompt": rec["prompt"], "chosen": pair.chosen,
+                return {"id": rec["id"], "index": n, "prompt": rec["prompt"], "chosen": pair.chosen,
                         "rejected": pair.rejected, "n_perturbations": rec["n_perturbations"],
                         "perturbations": rec["perturbations"]}
         raise RuntimeError("no training pair found in 1000 candidates: check val/test fractions")

@@ -1,0 +1,160 @@
+"""One config, any number of ranks: 1 process vs 2 ranks (DDP, FSDP2; and 2 "nodes" x 1 process joined
+by c10d rendezvous) vs gradient accumulation give the same pre-clip gradient norm and the same
+parameter change under plain SGD without clipping (relative difference <= 1e-5) — so a gradient
+summed instead of averaged, or divided by the wrong count, fails here even though AdamW would hide
+it. Every collective of the multi-process runs goes through tests/dist_guard.py, which checks that
+the backend of a CUDA run would serve its tensor."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from spatialcore.trainers import grpo as grpo_mod
+from spatialcore.trainers import reward as reward_mod
+from spatialcore.trainers.grpo import GRPOTrainConfig
+from spatialcore.trainers.reward import RewardTrainConfig
+
+from runs import cli_args, records, relative_difference, torchrun
+from spatialcore.config import ConfigError, load_config
+from spatialcore.dist import backend_for, served_devices
+
+LEFT = "the red circle is to the left of the blue square"
+RIGHT = "the red circle is to the right of the blue square"
+REL = 1e-5
+
+
+def _close(a: float, b: float, what: str) -> None:
+    assert abs(a - b) <= REL * abs(a), f"{what}: {a} vs {b}"
+
+
+def _guarded(log, world: int) -> dict:
+    """Collective calls the guard checked, summed over ranks (so it cannot have been bypassed)."""
+    calls: dict = {}
+    for r in range(world):
+        for name, n in json.loads(log.with_name(f"{log.name}.{r}.json").read_text()).items():
+            calls[name] = calls.get(name, 0) + n
+    return calls
+
+
+def test_the_cuda_process_group_serves_host_tensors():
+    assert {"cpu", "cuda"} <= served_devices(backend_for("cuda"))
+    assert served_devices("nccl") == {"cuda"} and served_devices("gloo") == {"cpu"}
+
+
+# ----------------------------------------------------------------------------- Spatial-RL
+
+
+def test_grpo_same_gradient_on_one_rank_two_nodes_and_with_accumulation(tiny_dir, tmp_path):
+    from diffusers import FluxTransformer2DModel
+
+    overrides = {"model": str(tiny_dir / "flux"), "prompts": [LEFT, RIGHT], "group_size": 4, "prompts_per_iter": 2,
+                 "top_k": 1, "iterations": 1, "eval_every": 1, "eval_seeds": 1, "save_grids": False,
+                 "sampler.steps": 4, "sampler.image_size": 32, "lora_rank": 0, "optimizer": "sgd", "grad_clip": 0,
+                 "lr": 1000.0, "threads": 1}
+
+    def run(name, **extra):
+        return cli_args({**overrides, "out": str(tmp_path / name), **extra})
+
+    grpo_mod.train(load_config(GRPOTrainConfig, None, run("one")))
+    grpo_mod.train(load_config(GRPOTrainConfig, None, run("accum", micro_batch=1)))
+    guard = tmp_path / "guard"
+    torchrun(["grpo", "train", *run("nodes")], nnodes=2, guard_log=guard)
+    calls = _guarded(guard, 2)
+    assert calls.get("all_gather", 0) >= 2 and calls.get("all_reduce", 0) >= 2, calls
+
+    base = dict(FluxTransformer2DModel.from_pretrained(tiny_dir / "flux" / "transformer").state_dict())
+    first = [r for r in records(tmp_path / "one") if r["step"] == 1][0]
+    w_one = load_file(tmp_path / "one" / "policy" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for name in ("accum", "nodes"):
+        rec = [r for r in records(tmp_path / name) if r["step"] == 1][0]
+        assert rec["group_mean"] == pytest.approx(first["group_mean"], abs=1e-6)
+        assert rec["kept_fraction"] == first["kept_fraction"] == 0.5
+        _close(first["grad_norm"], rec["grad_norm"], f"{name} grad_norm")
+        assert abs(first["loss"] - rec["loss"]) <= 1e-6  # on-policy: -mean(A) ~ 0, so compared absolutely
+        w = load_file(tmp_path / name / "policy" / "transformer" / "diffusion_pytorch_model.safetensors")
+        rel, moved = relative_difference(w_one, w, base)
+        assert moved > 1e-2 and rel <= REL, (name, rel, moved)
+
+
+# ----------------------------------------------------------------------------- SpatialScore
+
+
+REWARD = {"batch_size": 4, "max_steps": 2, "warmup_steps": 0, "eval_every": 2, "eval_pairs": 4, "save_every": 1,
+          "log_every": 1, "optimizer": "sgd", "lr": 1.0, "head_lr": 1.0, "grad_clip": 0, "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def reward_baseline(tiny_dir, easy_pairs, tmp_path_factory):
+    """One process, no accumulation, and the weights every run starts from."""
+    from spatialcore.reward.model import SpatialScore
+
+    out = tmp_path_factory.mktemp("reward") / "one"
+    reward_mod.train(load_config(RewardTrainConfig, None, cli_args(
+        {**REWARD, "model": str(tiny_dir / "reward"), "data": str(easy_pairs), "out": str(out)})))
+    start = {n: p.detach().clone() for n, p in SpatialScore.from_backbone(tiny_dir / "reward").named_parameters()
+             if n.startswith("backbone.")}
+    return out, start
+
+
+def _compare_reward_runs(baseline, other) -> None:
+    one, start = baseline
+    a, b = records(one), records(other)
+    for step in (1, 2):
+        ra = [r for r in a if r["step"] == step and "loss" in r][0]
+        rb = [r for r in b if r["step"] == step and "loss" in r][0]
+        _close(ra["grad_norm"], rb["grad_norm"], f"step {step} grad_norm")
+        _close(ra["loss"], rb["loss"], f"step {step} loss")
+    for step in (1, 2):
+        name = f"checkpoints/step_{step:08d}/weights.safetensors"
+        rel, moved = relative_difference(load_file(one / name), load_file(other / name), start)
+        assert moved > 1e-2 and rel <= REL, (step, rel, moved)
+
+
+def test_reward_gradient_accumulation(baseline_args, reward_baseline, tmp_path):
+    reward_mod.train(load_config(RewardTrainConfig, None, baseline_args(tmp_path / "accum", micro_batch=1)))
+    _compare_reward_runs(reward_baseline, tmp_path / "accum")
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp2"])
+def test_reward_two_ranks(baseline_args, reward_baseline, tmp_path, parallel):
+    """2 ranks x 2 pairs = 1 rank x 4 pairs. FSDP2 also stops after step 1 and resumes (sharded optimizer
+    state through the full checkpoint)."""
+    args = baseline_args(tmp_path / "two", parallel=parallel)
+    guard = tmp_path / "guard"
+    if parallel == "fsdp2":
+        torchrun(["reward", "train", *args, "stop_after=1"], guard_log=guard)
+        assert not (tmp_path / "two" / "model").exists()
+    torchrun(["reward", "train", *args], guard_log=guard)
+    assert _guarded(guard, 2), "the guard saw no collective"
+    _compare_reward_runs(reward_baseline, tmp_path / "two")
+    assert (tmp_path / "two" / "model" / "spatialscore.json").is_file()
+
+
+@pytest.fixture()
+def baseline_args(tiny_dir, easy_pairs):
+    def args(out, **extra):
+        return cli_args({**REWARD, "model": str(tiny_dir / "reward"), "data": str(easy_pairs), "out": str(out),
+                         **extra})
+
+    return args
+
+
+def test_a_global_batch_that_does_not_divide_fails_before_any_model(tiny_dir, easy_pairs, tmp_path, monkeypatch):
+    from spatialcore.trainers.run import split_batch
+
+    import spatialcore.dist
+
+    assert split_batch(128, 4, 8) == (4, 4) and split_batch(128, 0, 8) == (16, 1) and split_batch(16, 2, 1) == (2, 8)
+    with pytest.raises(ConfigError, match="batch_size"):
+        split_batch(16, 0, 3)
+    with pytest.raises(ConfigError, match="micro_batch"):
+        split_batch(16, 3, 2)
+    monkeypatch.setattr(spatialcore.dist, "start_run", lambda cfg: (0, 3, torch.device("cpu")))
+    monkeypatch.setattr(reward_mod, "_build_model", None)  # building a model would fail loudly
+    cfg = load_config(RewardTrainConfig, None, cli_args({**REWARD, "model": str(tiny_dir / "reward"),
+                                                         "data": str(easy_pairs), "out": str(tmp_path / "x")}))
+    with pytest.raises(ConfigError, match="batch_size=4 cannot be split evenly over 3 ranks"):
+        reward_mod.RewardTrainer(cfg)
+    with pytest.raises(ConfigError, match="grad_accum.*replaced by 'micro_batch"):
+        load_config(RewardTrainConfig, None, ["grad_accum=2"])
