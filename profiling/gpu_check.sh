@@ -1,91 +1,170 @@
 #!/usr/bin/env bash
-# One-call GPU check (a BUDGET of 520 s, inside a 9-minute call, on an H100/H200), in priority order:
-#   1. environment facts (GPU, driver, torch, triton);
-#   2. install carried wheels from .whl/ (diffusers, torchao, liger-kernel: fetch them first with
-#      ../shared/tools/device-wheels.sh, and name .whl in the device call's carry);
-#   3. make `spatialcore` importable without installing (a symlink shim);
-#   4. build the native extension spatialcore._C with CMake + nvcc for sm_90a;
-#   5. run the CUDA kernel tests against the references;
-#   6. run the kernel microbenchmarks (CUDA events over CUDA-graph replays);
-#   7. `spatialcore bench score --shape full`: Qwen2.5-VL-7B-shaped SpatialScore vs the stock path;
-#   8. `spatialcore bench grpo --shape full`: one Spatial-RL step, FLUX.1-dev + Qwen2.5-VL-7B shapes;
-#   9. `spatialcore bench sample --shape full`: FLUX.1-dev sampling eager vs compiled / float8;
-#  10. print the tables last.
-# Usage on the GPU machine, from the repo root:  bash profiling/gpu_check.sh
-# Results land in $OUT (or /tmp/gpu_check): bench.json, tests.log, bench.log, build.log, score/grpo/sample .json/.md.
+# The GPU record in one call (an H100/H200, a BUDGET of seconds), steps in priority order:
+#   env           GPU, driver, torch, triton
+#   wheels        install carried wheels from .whl/ (diffusers, torchao, liger-kernel; fetch them first
+#                 with ../shared/tools/device-wheels.sh and name .whl in the device call's carry)
+#   shim          make `spatialcore` importable without installing it (one import root of symlinks)
+#   kernel_tests  every kernel against its reference on the GPU: tests/test_kernels_cuda.py and the
+#                 kernel test files of `make test`, compiled (no Triton interpreter where CUDA exists)
+#   kernel_bench  kernel microbenchmarks (CUDA events over CUDA-graph replays) + the target table
+#   logprob       stored sampling log-probs vs the training recomputation in bf16 (micro-batches 1, 3, G)
+#   score         `spatialcore bench score`: Qwen2.5-VL-7B-shaped SpatialScore vs the stock path
+#   grpo          `spatialcore bench grpo`: one Spatial-RL step, FLUX.1-dev + Qwen2.5-VL-7B shapes
+#   native        build the native extension spatialcore._C (CMake + nvcc, sm_90a) and test/time it
+#   sample        `spatialcore bench sample`: FLUX.1-dev sampling eager vs compiled / float8 (rows are
+#                 written as they finish, so the budget keeps what ran)
+# Each step gets its cap or what is left of the budget, whichever is less; the caps add up to at most
+# BUDGET (checked). Everything is written to $RES; at the end $OUT receives summary.md (every table)
+# and gpu_check.tgz (all logs, JSON and Markdown), two files, within the device tool's file limits.
+#
+#   bash profiling/gpu_check.sh                          the GPU run, full shapes
+#   REHEARSAL=1 bash profiling/gpu_check.sh              the same commands on a CPU with tiny shapes
+#                                                        (caps and budget x SCALE, 4 by default: CPUs are slow)
+#   STEPS="env shim logprob" bash profiling/gpu_check.sh only these steps
+#
+# The project is not installed: `shim` links spatialcore/, kernels/, trainers/ and profiling/ into one
+# import root and PYTHONSAFEPATH=1 keeps the checkout (the current directory) off sys.path, where its
+# own spatialcore/ folder, which has no kernels/ inside, would hide the shim.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT=${OUT:-/tmp/gpu_check}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 TRITON_INTERPRET=0 HF_HUB_OFFLINE=1 SPATIALCORE_PROGRESS=0
+RES=${RES:-/tmp/gpu_check_results}
+SHIM=${SHIM:-/tmp/spatialcore-shim-$$}
+REHEARSAL=${REHEARSAL:-0}
+STEPS=${STEPS:-"env wheels shim kernel_tests kernel_bench logprob score grpo native sample"}
+BUDGET=${BUDGET:-450}
 PY=${PYTHON:-python3}
+mkdir -p "$OUT" "$RES"
+export PYTHONUNBUFFERED=1 PYTHONSAFEPATH=1 HF_HUB_OFFLINE=1 SPATIALCORE_PROGRESS=0
+if [ "$REHEARSAL" = 1 ]; then
+  SHAPE=tiny; DEVICE=(--device cpu); export TRITON_INTERPRET=1; SCALE=${SCALE:-4}
+  KERNEL_SELECT=(-k "formula or multi_block")  # the interpreter is slow: the cheapest comparisons
+  BENCH_SELECT="not synth and not collate and not compiled"  # CPU compiles take minutes
+else
+  SHAPE=full; DEVICE=(); export TRITON_INTERPRET=0; SCALE=${SCALE:-1}
+  KERNEL_SELECT=()
+  BENCH_SELECT="not synth and not collate"
+fi
+
+# caps in priority order (seconds)
+declare -A CAP=([env]=10 [wheels]=20 [shim]=10 [kernel_tests]=60 [kernel_bench]=110 [logprob]=25 [score]=45
+                [grpo]=60 [native]=50 [sample]=60)
+ORDER=(env wheels shim kernel_tests kernel_bench logprob score grpo native sample)
+total=0; for s in "${ORDER[@]}"; do total=$(( total + CAP[$s] )); done
+if (( total > BUDGET )); then echo "gpu_check: the step caps add up to ${total}s, over BUDGET=${BUDGET}s"; exit 2; fi
+for s in "${ORDER[@]}"; do CAP[$s]=$(( CAP[$s] * SCALE )); done
+BUDGET=$(( BUDGET * SCALE )); total=$(( total * SCALE ))
+
 t0=$(date +%s)
-BUDGET=${BUDGET:-520}  # seconds for the whole check (9-minute device calls leave a margin)
 stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
-# left CAP: seconds a step may take: its cap, or what is left of the budget if less.
-left() { local rest=$(( BUDGET - ($(date +%s) - t0) )); (( rest < 5 )) && rest=5; (( rest < $1 )) && echo $rest || echo $1; }
+# left STEP: seconds STEP may take: its cap, or what is left of the budget if less.
+left() { local rest=$(( BUDGET - ($(date +%s) - t0) )); (( rest < 5 )) && rest=5; (( rest < CAP[$1] )) && echo $rest || echo "${CAP[$1]}"; }
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+stamp "plan: ${STEPS} (caps ${total}s of a ${BUDGET}s budget, x${SCALE}; rehearsal=${REHEARSAL}; results in $RES)"
 
-stamp "1/10 environment"
-nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
-$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
-
-stamp "2/10 carried wheels"
-if compgen -G ".whl/*.whl" > /dev/null; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
-else
-  echo "no .whl/ folder: kernels need none"
+if want env; then
+  stamp "env"
+  if command -v nvidia-smi > /dev/null; then nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  else echo "no nvidia-smi"; fi
+  timeout "$(left env)" $PY -c "import sys, torch, triton; print('python', sys.version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
 fi
 
-stamp "3/10 import shim"
-SHIM=/tmp/spatialcore-shim
-rm -rf "$SHIM" && mkdir -p "$SHIM/spatialcore"
-for f in "$ROOT"/spatialcore/*; do ln -s "$f" "$SHIM/spatialcore/$(basename "$f")"; done
-for d in kernels trainers profiling; do ln -s "$ROOT/$d" "$SHIM/spatialcore/$d"; done
-rm -f "$SHIM/spatialcore/_C.so"
-export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
-$PY -c "import spatialcore.kernels as k; print('spatialcore.kernels from', k.__file__)"
-
-stamp "4/10 native extension (cmake + nvcc, sm_90a)"
-if timeout "$(left 120)" cmake -S . -B /tmp/sc-build -G Ninja -DPython3_EXECUTABLE="$(command -v $PY)" \
-     -DSPATIALCORE_LIB_DIR="$SHIM/spatialcore" > "$OUT/build.log" 2>&1 \
-   && timeout "$(left 150)" cmake --build /tmp/sc-build -j 16 >> "$OUT/build.log" 2>&1; then
-  echo "built $SHIM/spatialcore/_C.so"
-else
-  echo "native build FAILED (tail of build.log):"; tail -20 "$OUT/build.log"
+if want wheels; then
+  stamp "wheels"
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    timeout "$(left wheels)" $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+  else
+    echo "no .whl/ folder (the kernel steps need none)"
+  fi
 fi
 
-stamp "5/10 CUDA kernel tests"
-timeout "$(left 120)" $PY -m pytest -q -p no:cacheprovider tests/test_kernels_cuda.py -ra > "$OUT/tests.log" 2>&1
-echo "tests exit $?"; tail -5 "$OUT/tests.log"
-
-stamp "6/10 kernel benchmarks"
-SPATIALCORE_BENCH_JSON=$OUT/bench.json timeout "$(left 100)" $PY -m pytest -q -p no:cacheprovider profiling/benchmarks \
-  --benchmark-only --benchmark-columns=median,iqr,rounds > "$OUT/bench.log" 2>&1
-echo "bench exit $?"
-
-SC="$PY -m spatialcore.cli"
+if want shim; then
+  stamp "shim"
+  rm -rf "$SHIM" && mkdir -p "$SHIM/spatialcore"
+  for f in "$ROOT"/spatialcore/*; do ln -s "$f" "$SHIM/spatialcore/$(basename "$f")"; done
+  for d in kernels trainers profiling; do ln -s "$ROOT/$d" "$SHIM/spatialcore/$d"; done
+  rm -f "$SHIM"/spatialcore/_C*.so
+  export PYTHONPATH=$SHIM${PYTHONPATH:+:$PYTHONPATH}
+  if ! $PY -c "import spatialcore.kernels as k, sys; p = k.__file__; print('spatialcore.kernels from', p); sys.exit(not p.startswith('$SHIM'))"; then
+    echo "gpu_check: spatialcore does not import from the shim; stopping"; exit 3
+  fi
+fi
 $PY -c "import diffusers, torchao" 2>/dev/null || echo "WARNING: diffusers/torchao missing: carry .whl (device-wheels.sh)"
-stamp "7/10 bench score (Qwen2.5-VL-7B shape, batch 24, 512², ~80-token prompts)"
-timeout "$(left 100)" $SC bench score --shape full --out "$OUT" --reps 5 --warmup 2 > "$OUT/score.log" 2>&1
-echo "score exit $?"; tail -3 "$OUT/score.log"
-stamp "8/10 bench grpo (FLUX.1-dev + Qwen2.5-VL-7B shapes, one rank's share of G=24)"
-timeout "$(left 120)" $SC bench grpo --shape full --out "$OUT" --reps 2 > "$OUT/grpo.log" 2>&1
-echo "grpo exit $?"; tail -3 "$OUT/grpo.log"
-stamp "9/10 bench sample (FLUX.1-dev shape, 1024² 28 steps; RL sampler 512² 16 steps)"
-# priority order; every finished row is written at once, so a time limit keeps what ran
-timeout "$(left 230)" $SC bench sample --shape full --out "$OUT" --reps 2 --warmup 0 --set 'sizes=[1024]' \
-  --set 'variants=["eager","compile-regional","rl-eager","rl-compile","compile-fp8-graphs","compile-full","compile-fp8"]' \
-  > "$OUT/sample.log" 2>&1
-echo "sample exit $?"; tail -3 "$OUT/sample.log"
+SC="$PY -m spatialcore.cli"
 
-stamp "10/10 summary"
-grep -E "passed|failed" "$OUT/tests.log" | tail -1
-if [ -f "$OUT/bench.json" ]; then
-  $PY -m spatialcore.profiling.kernel_report "$OUT/bench.json" | tee "$OUT/summary.txt"
-else
-  echo "no bench.json (see bench.log):"; tail -30 "$OUT/bench.log"
+if want kernel_tests; then
+  stamp "kernel_tests ($([ "$REHEARSAL" = 1 ] && echo 'Triton interpreter, a subset' || echo 'compiled Triton'))"
+  timeout "$(left kernel_tests)" $PY -m pytest -q -p no:cacheprovider -ra tests/test_kernels_cuda.py tests/test_advantages.py \
+    tests/test_sde_step.py tests/test_grpo_loss.py tests/test_reward_head.py "${KERNEL_SELECT[@]}" > "$RES/kernel_tests.log" 2>&1
+  echo "kernel tests exit $?"; tail -3 "$RES/kernel_tests.log"
 fi
-for s in score grpo sample; do [ -f "$OUT/$s.md" ] && cat "$OUT/$s.md" || echo "(no $s.md: see $OUT/$s.log)"; done
-stamp "done"
+
+if want kernel_bench; then
+  stamp "kernel_bench"
+  SPATIALCORE_BENCH_JSON=$RES/kernels.json timeout "$(left kernel_bench)" $PY -m pytest -q -p no:cacheprovider \
+    profiling/benchmarks -k "$BENCH_SELECT" --benchmark-only --benchmark-columns=median,iqr,rounds \
+    > "$RES/kernel_bench.log" 2>&1
+  echo "kernel bench exit $?"
+  if [ -f "$RES/kernels.json" ]; then $PY -m spatialcore.profiling.kernel_report "$RES/kernels.json" > "$RES/kernels.md"; fi
+fi
+
+suite() {  # suite NAME ARGS...: `spatialcore bench NAME` into $RES (NAME.json, NAME.md, NAME.log)
+  local name=$1; shift
+  stamp "$name"
+  timeout "$(left "$name")" $SC bench "$name" --shape "$SHAPE" "${DEVICE[@]}" --out "$RES" "$@" > "$RES/$name.log" 2>&1
+  echo "$name exit $?"; tail -2 "$RES/$name.log"
+}
+want logprob && suite logprob --reps 1
+want score && suite score --reps 5 --warmup 2
+want grpo && suite grpo --reps 2
+
+if want native; then
+  stamp "native (cmake + nvcc, sm_90a)"
+  build=/tmp/sc-build-$$
+  if [ "$REHEARSAL" = 1 ]; then
+    # configure only: compiling takes minutes on a CPU machine (tests/test_native.py compiles it there)
+    if timeout "$(left native)" cmake -S . -B "$build" -G Ninja -DPython3_EXECUTABLE="$(command -v $PY)" \
+         -DSPATIALCORE_LIB_DIR="$SHIM/spatialcore" > "$RES/native.log" 2>&1; then
+      echo "native: configured (rehearsal: not compiled)"
+    else
+      echo "native: configure FAILED (tail of native.log):"; tail -20 "$RES/native.log"
+    fi
+  elif timeout "$(left native)" bash -c "cmake -S . -B '$build' -G Ninja -DPython3_EXECUTABLE='$(command -v $PY)' \
+         -DSPATIALCORE_LIB_DIR='$SHIM/spatialcore' && cmake --build '$build' -j 16" > "$RES/native.log" 2>&1 \
+       && compgen -G "$SHIM/spatialcore/_C*.so" > /dev/null; then
+    echo "native: built $(ls "$SHIM"/spatialcore/_C*.so)"
+    SPATIALCORE_BENCH_JSON=$RES/kernels_native.json timeout "$(left native)" $PY -m pytest -q -p no:cacheprovider \
+      tests/test_kernels_cuda.py -k group_advantages profiling/benchmarks/test_bench_advantages.py --benchmark-only \
+      >> "$RES/native.log" 2>&1
+    echo "native tests + bench exit $?"
+  else
+    echo "native: build FAILED (no _C library; tail of native.log):"; tail -20 "$RES/native.log"
+  fi
+fi
+
+if want sample; then
+  if [ "$SHAPE" = full ]; then
+    suite sample --reps 2 --warmup 0 --set 'sizes=[1024]' \
+      --set 'variants=["eager","compile-regional","rl-eager","rl-compile","compile-fp8-graphs","compile-full","compile-fp8"]'
+  else
+    suite sample --reps 1 --warmup 0
+  fi
+fi
+
+stamp "summary"
+{
+  echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) (rehearsal=$REHEARSAL, shape=$SHAPE, steps: $STEPS)"
+  echo
+  for log in kernel_tests; do [ -f "$RES/$log.log" ] && { echo "kernel tests: $(grep -E 'passed|failed|error' "$RES/$log.log" | tail -1)"; echo; }; done
+  [ -f "$RES/kernels.md" ] && { cat "$RES/kernels.md"; echo; }
+  for s in logprob score grpo sample; do
+    if [ -f "$RES/$s.md" ]; then cat "$RES/$s.md"; elif want "$s"; then echo "(no $s.md: see $s.log)"; fi
+  done
+} > "$RES/summary.md"
+cat "$RES/summary.md"
+cp "$RES/summary.md" "$OUT/summary.md"
+tar czf "$OUT/gpu_check.tgz" -C "$RES" .
+rm -rf "$SHIM"
+stamp "done: $OUT/summary.md, $OUT/gpu_check.tgz"
