@@ -1,7 +1,8 @@
 """Fused math with plain PyTorch references (installed as ``spatialcore.kernels``).
 
-Each module holds one kernel family: the Triton kernels (formula in the docstring), the
-plain PyTorch reference, the autograd wrapper and the dispatch (``backend="auto"|"triton"|"torch"``).
+Each module holds one kernel family, in the same order: the math (docstring), the plain PyTorch
+reference, the Triton kernels, the autograd wrapper and the public op (``backend="auto"|"triton"|"torch"``).
+``launch`` holds what they share: the optional Triton import, the backend switch, launch settings.
 """
 
 from .advantages import ADVANTAGE_PRESETS, GroupAdvantages, group_advantages, group_advantages_reference

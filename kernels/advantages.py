@@ -27,11 +27,7 @@ from typing import Literal
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton is a Linux dependency
-    triton = None
+from .launch import launch_settings, resolve_backend, tl, triton
 
 StdMode = Literal["group", "batch", "none"]
 StatsOver = Literal["kept", "group"]
@@ -69,6 +65,55 @@ class GroupAdvantages:
     @property
     def kept_fraction(self) -> torch.Tensor:
         return self.keep.float().mean()
+
+
+# ----------------------------------------------------------------------------- reference
+
+
+def group_advantages_reference(r: torch.Tensor, *, std: str = "group", unbiased: bool = False, eps: float = 1e-4,
+                               clip: float | None = None, top_k: int | None = None, stats_over: str = "kept",
+                               drop_zero_std: bool = False, zero_std_tol: float = 0.0):
+    """Plain PyTorch SPEC §3.1 on ``r [P, G]``; returns (advantages, keep, mean, std)."""
+    P, G = r.shape
+    r = r.float()
+    valid = torch.isfinite(r)
+    n_valid = valid.sum(1, keepdim=True)
+    if top_k is None:
+        kept = valid
+    else:
+        # Descending stable sort puts ties in index order; invalid entries (-inf key) go last.
+        key = torch.where(valid, r, torch.full_like(r, float("-inf")))
+        order = torch.sort(key, dim=1, descending=True, stable=True).indices
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=r.device).expand(P, G))
+        kept = valid & ((rank < top_k) | (rank >= n_valid - top_k))
+    T = kept if stats_over == "kept" else valid
+
+    def stats(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None):
+        x = x.double()
+        cnt = mask.sum(dim) if dim is not None else mask.sum()
+        total = torch.where(mask, x, 0.0).sum(dim) if dim is not None else torch.where(mask, x, 0.0).sum()
+        m = total / cnt
+        m_b = m.unsqueeze(-1) if dim is not None else m
+        d = torch.where(mask, x - m_b, 0.0)
+        ss = (d * d).sum(dim) if dim is not None else (d * d).sum()
+        s = torch.sqrt(ss / (cnt - int(unbiased)).clamp(min=1))
+        return m, torch.where(cnt >= 2, s, torch.zeros_like(s))
+
+    mean, sd = stats(r, T, dim=1)
+    if std == "group":
+        scale = sd + eps
+    elif std == "batch":
+        scale = (stats(r, valid)[1] + eps).expand(P)
+    else:
+        scale = torch.ones_like(sd)
+    adv = torch.where(kept, (r.double() - mean[:, None]) / scale[:, None], 0.0)
+    if clip is not None:
+        adv = adv.clamp(-clip, clip)
+    if drop_zero_std:
+        flat = (sd <= zero_std_tol)[:, None]
+        adv = torch.where(flat, 0.0, adv)
+        kept = kept & ~flat
+    return adv.float(), kept, mean.float(), sd.float()
 
 
 # ----------------------------------------------------------------------------- Triton kernel
@@ -175,7 +220,7 @@ def _launch_triton(r: torch.Tensor, *, std: str, unbiased: bool, eps: float, cli
     sd = torch.empty(P, dtype=torch.float32, device=r.device)
     if P == 0:
         return adv, keep.bool(), mean, sd
-    block_g = max(triton.next_power_of_2(G), 2)
+    block_g, warps = launch_settings(G, min_block=2, wide=128)
     chunk = min(block_g, max(2, 4096 // block_g))  # keep the [BLOCK_G, CHUNK] compare tile <= 4096
     scale_mode = {"group": 0, "batch": 1, "none": 2}[std]
     grid = 1 if scale_mode == 1 else P
@@ -183,58 +228,9 @@ def _launch_triton(r: torch.Tensor, *, std: str, unbiased: bool, eps: float, cli
         r, adv, keep, mean, sd, P, G, int(top_k or 0), float(eps), float(clip or 0.0), float(zero_std_tol),
         GRID=grid, BLOCK_G=block_g, CHUNK=chunk, HAS_TOPK=top_k is not None, STATS_KEPT=stats_over == "kept",
         UNBIASED=unbiased, SCALE_MODE=scale_mode, HAS_CLIP=clip is not None, DROP_ZERO=drop_zero_std,
-        num_warps=1 if block_g <= 64 else 4,
+        num_warps=warps,
     )
     return adv, keep.view(torch.bool), mean, sd
-
-
-# ----------------------------------------------------------------------------- reference
-
-
-def group_advantages_reference(r: torch.Tensor, *, std: str = "group", unbiased: bool = False, eps: float = 1e-4,
-                               clip: float | None = None, top_k: int | None = None, stats_over: str = "kept",
-                               drop_zero_std: bool = False, zero_std_tol: float = 0.0):
-    """Plain PyTorch SPEC §3.1 on ``r [P, G]``; returns (advantages, keep, mean, std)."""
-    P, G = r.shape
-    r = r.float()
-    valid = torch.isfinite(r)
-    n_valid = valid.sum(1, keepdim=True)
-    if top_k is None:
-        kept = valid
-    else:
-        # Descending stable sort puts ties in index order; invalid entries (-inf key) go last.
-        key = torch.where(valid, r, torch.full_like(r, float("-inf")))
-        order = torch.sort(key, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=r.device).expand(P, G))
-        kept = valid & ((rank < top_k) | (rank >= n_valid - top_k))
-    T = kept if stats_over == "kept" else valid
-
-    def stats(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None):
-        x = x.double()
-        cnt = mask.sum(dim) if dim is not None else mask.sum()
-        total = torch.where(mask, x, 0.0).sum(dim) if dim is not None else torch.where(mask, x, 0.0).sum()
-        m = total / cnt
-        m_b = m.unsqueeze(-1) if dim is not None else m
-        d = torch.where(mask, x - m_b, 0.0)
-        ss = (d * d).sum(dim) if dim is not None else (d * d).sum()
-        s = torch.sqrt(ss / (cnt - int(unbiased)).clamp(min=1))
-        return m, torch.where(cnt >= 2, s, torch.zeros_like(s))
-
-    mean, sd = stats(r, T, dim=1)
-    if std == "group":
-        scale = sd + eps
-    elif std == "batch":
-        scale = (stats(r, valid)[1] + eps).expand(P)
-    else:
-        scale = torch.ones_like(sd)
-    adv = torch.where(kept, (r.double() - mean[:, None]) / scale[:, None], 0.0)
-    if clip is not None:
-        adv = adv.clamp(-clip, clip)
-    if drop_zero_std:
-        flat = (sd <= zero_std_tol)[:, None]
-        adv = torch.where(flat, 0.0, adv)
-        kept = kept & ~flat
-    return adv.float(), kept, mean.float(), sd.float()
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -285,22 +281,17 @@ def group_advantages(rewards: torch.Tensor, group_size: int | None = None, *, st
         raise ValueError(f"top_k must be an int in [1, G={G}] or None, got {top_k!r}")
     if eps < 0 or (clip is not None and clip <= 0):
         raise ValueError("eps must be >= 0 and clip > 0")
-    if backend == "auto":
-        backend = "triton" if r.is_cuda and triton is not None else "torch"
+    backend = resolve_backend(backend, r, extra=("cuda",))
     kwargs = dict(std=std, unbiased=unbiased, eps=eps, clip=clip, top_k=top_k, stats_over=stats_over,
                   drop_zero_std=drop_zero_std, zero_std_tol=zero_std_tol)
     if backend == "torch":
         adv, keep, mean, sd = group_advantages_reference(r, **kwargs)
     elif backend == "triton":
-        if triton is None:
-            raise RuntimeError("backend='triton' needs the triton package")
         adv, keep, mean, sd = _launch_triton(r.contiguous(), **kwargs)
-    elif backend == "cuda":
+    else:  # "cuda"
         from . import native
 
         adv, keep, mean, sd = native.group_advantages(r.contiguous(), **kwargs)
-    else:
-        raise ValueError(f"backend must be 'auto', 'triton', 'torch' or 'cuda', got {backend!r}")
     if flat:
         adv, keep = adv.reshape(-1), keep.reshape(-1)
     return GroupAdvantages(adv, keep, mean, sd)

@@ -31,12 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
-
+from .launch import resolve_backend, tl, triton
 
 KL_CONVENTIONS = ("flow_grpo", "exact")
 
@@ -59,6 +54,9 @@ class GRPOLoss:
     clip_fraction: torch.Tensor
     approx_kl: torch.Tensor
     n_kept: torch.Tensor
+
+
+# ----------------------------------------------------------------------------- reference
 
 
 def _kl_per_sample(mean_new, mean_ref, std, shape_bt):
@@ -94,6 +92,8 @@ def flow_grpo_loss_reference(logp_new, logp_old, advantages, keep, clip_range, *
         loss = loss + kl_beta * kl
     return GRPOLoss(loss, policy.detach(), kl.detach(), clip_frac, approx_kl, n)
 
+
+# ----------------------------------------------------------------------------- Triton kernels
 
 if triton is not None:
 
@@ -153,6 +153,9 @@ class _GRPOLossTriton(torch.autograd.Function):
         return (grad * g_loss).to(ctx.dtype), None, None, None, None
 
 
+# ----------------------------------------------------------------------------- dispatch
+
+
 def flow_grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor, keep: torch.Tensor,
                    clip_range: float, *, kl_mean_new: torch.Tensor | None = None,
                    kl_mean_ref: torch.Tensor | None = None, kl_std=None, kl_beta: float = 0.0,
@@ -182,16 +185,11 @@ def flow_grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
     if kl_beta and (kl_mean_new is None or kl_mean_ref is None or kl_std is None):
         raise ValueError("kl_beta > 0 needs kl_mean_new, kl_mean_ref and kl_std")
-    if backend == "auto":
-        backend = "triton" if logp_new.is_cuda and triton is not None else "torch"
+    backend = resolve_backend(backend, logp_new)
     kl_args = dict(kl_mean_new=kl_mean_new, kl_mean_ref=kl_mean_ref, kl_std=kl_std, kl_beta=kl_beta)
     if backend == "torch":
         return flow_grpo_loss_reference(logp_new, logp_old, advantages, keep, clip_range,
                                         **(kl_args if kl_beta else {}))
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package")
     new = logp_new.reshape(B, -1)
     T = new.shape[1]
     loss, out = _GRPOLossTriton.apply(new.contiguous(), logp_old.reshape(B, -1).detach().contiguous(),

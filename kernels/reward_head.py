@@ -26,11 +26,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from .launch import launch_settings, resolve_backend, tl, triton
 
 PI_OVER_8 = math.pi / 8
 
@@ -137,9 +133,9 @@ class _RewardHeadTriton(torch.autograd.Function):
         B, T, H = hidden.shape
         mu = torch.empty(B, dtype=torch.float32, device=hidden.device)
         lv = torch.empty(B, dtype=torch.float32, device=hidden.device)
-        block = min(1024, triton.next_power_of_2(H))
+        block, warps = launch_settings(H, max_block=1024, wide=512)
         _head_fwd_kernel[(B,)](hidden, last_index, weight, bias, mu, lv, T, H, hidden.stride(0), hidden.stride(1),
-                               BLOCK_H=block, num_warps=4 if block >= 512 else 1)
+                               BLOCK_H=block, num_warps=warps)
         ctx.save_for_backward(hidden, last_index, weight)
         ctx.bias_dtype = bias.dtype
         return mu, lv
@@ -154,7 +150,7 @@ class _RewardHeadTriton(torch.autograd.Function):
         # Autograd needs the input's gradient dense; only the B gathered rows are non-zero.
         g_hidden = torch.zeros_like(hidden) if need_ghid else None
         g_weight = torch.empty((2, H), dtype=torch.float32, device=hidden.device)
-        block = min(256, triton.next_power_of_2(H))
+        block, _ = launch_settings(H, max_block=256)
         _head_bwd_kernel[(triton.cdiv(H, block),)](
             hidden, last_index, weight, g_mu, g_lv, g_hidden if need_ghid else hidden, g_weight, B, H,
             hidden.stride(0), hidden.stride(1), g_hidden.stride(0) if need_ghid else 0,
@@ -172,7 +168,7 @@ class _PairLossTriton(torch.autograd.Function):
         g_lv = torch.empty(2 * N if has_var else 1, dtype=torch.float32, device=mu_w.device)
         out = torch.empty((), dtype=torch.float32, device=mu_w.device)
         _pair_loss_kernel[(1,)](mu_w, lv_w if has_var else mu_w, mu_l, lv_l if has_var else mu_l, g_mu, g_lv, out, N,
-                                HAS_VAR=has_var, BLOCK=min(1024, max(16, triton.next_power_of_2(N))), num_warps=4)
+                                HAS_VAR=has_var, BLOCK=launch_settings(N, max_block=1024, min_block=16)[0], num_warps=4)
         ctx.save_for_backward(g_mu, g_lv)
         ctx.has_var = has_var
         ctx.dtypes = (mu_w.dtype, None if lv_w is None else lv_w.dtype)
@@ -190,16 +186,6 @@ class _PairLossTriton(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------- dispatch
-
-
-def _pick(backend: str, t: torch.Tensor) -> str:
-    if backend == "auto":
-        return "triton" if t.is_cuda and triton is not None else "torch"
-    if backend not in ("triton", "torch"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if backend == "triton" and triton is None:
-        raise RuntimeError("backend='triton' needs the triton package")
-    return backend
 
 
 def reward_head(hidden: torch.Tensor, last_index: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
@@ -224,7 +210,7 @@ def reward_head(hidden: torch.Tensor, last_index: torch.Tensor, weight: torch.Te
         raise ValueError(f"weight must be [2, H={H}] and bias [2], got {tuple(weight.shape)} and {tuple(bias.shape)}")
     if not last_index.is_cuda and B and (int(last_index.min()) < 0 or int(last_index.max()) >= T):
         raise ValueError(f"last_index values must be in [0, T={T})")
-    if _pick(backend, hidden) == "torch":
+    if resolve_backend(backend, hidden) == "torch":
         return reward_head_reference(hidden, last_index, weight, bias)
     if hidden.stride(2) != 1:
         hidden = hidden.contiguous()
@@ -245,7 +231,7 @@ def pair_loss(mu_w: torch.Tensor, log_var_w: torch.Tensor | None, mu_l: torch.Te
         raise ValueError("log_var_w and log_var_l must be shaped like mu_w")
     if mu_w.shape[0] == 0:
         raise ValueError("pair_loss needs at least one pair")
-    if _pick(backend, mu_w) == "torch":
+    if resolve_backend(backend, mu_w) == "torch":
         return pair_loss_reference(mu_w, log_var_w, mu_l, log_var_l)
     c = [None if t is None else t.contiguous() for t in (mu_w, log_var_w, mu_l, log_var_l)]
     return _PairLossTriton.apply(*c)

@@ -40,11 +40,7 @@ import math
 
 import torch
 
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover
-    triton = None
+from .launch import launch_settings, resolve_backend, tl, triton
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 MODE_NOISE, MODE_RNG, MODE_PREV = 0, 1, 2
@@ -194,8 +190,8 @@ if triton is not None:
             tl.store(GX + row + offs, (c1 * g).to(GX.dtype.element_ty), mask=mask)
 
 
-def _block(D: int) -> int:
-    return min(4096, max(16, triton.next_power_of_2(D)))
+def _settings(D: int) -> tuple[int, int]:
+    return launch_settings(D, max_block=4096, min_block=16, wide=1024)
 
 
 class _SDEStepTriton(torch.autograd.Function):
@@ -203,7 +199,7 @@ class _SDEStepTriton(torch.autograd.Function):
     def forward(ctx, x, v, t, tn, smax, noise, prev_in, a, cps, seed, mse):
         B = x.shape[0]
         D = x.numel() // B
-        block = _block(D)
+        block, warps = _settings(D)
         S = triton.cdiv(D, block)
         mode = MODE_PREV if prev_in is not None else (MODE_NOISE if noise is not None else MODE_RNG)
         mean = torch.empty(x.shape, dtype=torch.float32, device=x.device)
@@ -212,7 +208,7 @@ class _SDEStepTriton(torch.autograd.Function):
         dummy = mean
         _sde_fwd_kernel[(B, S)](
             x, v, noise if noise is not None else dummy, prev, mean, part, t, tn, smax, D, S, float(a), seed,
-            MODE=mode, CPS=cps, MSE=mse, BLOCK=block, num_warps=4 if block >= 1024 else 1)
+            MODE=mode, CPS=cps, MSE=mse, BLOCK=block, num_warps=warps)
         _, _, std = step_coefficients(t, tn, a, smax, cps)
         log_prob = part.sum(1) / D
         if not mse:
@@ -230,7 +226,7 @@ class _SDEStepTriton(torch.autograd.Function):
         mean, prev, t, tn, smax = ctx.saved_tensors
         B = mean.shape[0]
         D = mean.numel() // B
-        block = _block(D)
+        block, warps = _settings(D)
         S = triton.cdiv(D, block)
         need_gx = ctx.needs_input_grad[0]
         gv = torch.empty(mean.shape, dtype=ctx.dtypes[1], device=mean.device)
@@ -242,7 +238,7 @@ class _SDEStepTriton(torch.autograd.Function):
             mean, prev, g_mean.contiguous() if g_mean is not None else mean,
             g_prev.contiguous() if has_gprev else mean, g_lp.float().contiguous(), gx, gv, t, tn, smax, D,
             float(ctx.a), HAS_GMEAN=g_mean is not None, HAS_GPREV=has_gprev, NEED_GX=need_gx, CPS=ctx.cps,
-            MSE=ctx.mse, BLOCK=block, num_warps=4 if block >= 1024 else 1)
+            MSE=ctx.mse, BLOCK=block, num_warps=warps)
         return (gx if need_gx else None), gv, None, None, None, None, None, None, None, None, None
 
 
@@ -287,15 +283,9 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
     _check_sigmas(sigma, sigma_next)
     if cps and not torch.is_tensor(sigma_next) and sigma_next == 0:
         raise ValueError("CPS has no noise at sigma_next=0 (no density); use ode_step for the last step")
-    if backend == "auto":
-        backend = "triton" if x.is_cuda and triton is not None else "torch"
-    if backend == "torch":
+    if resolve_backend(backend, x) == "torch":
         return sde_step_reference(x, v, sigma, sigma_next, noise_level, noise, prev_sample, sigma_max=sigma_max,
                                   cps=cps, generator=generator, logprob=logprob)
-    if backend != "triton":
-        raise ValueError(f"backend must be 'auto', 'triton' or 'torch', got {backend!r}")
-    if triton is None:
-        raise RuntimeError("backend='triton' needs the triton package")
     B = x.shape[0]
     t = _per_sample(sigma, B, x.device, "sigma")
     tn = _per_sample(sigma_next, B, x.device, "sigma_next")
