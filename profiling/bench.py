@@ -35,6 +35,8 @@ from typing import Any
 
 import torch
 
+from ..gpu import default_dtype
+
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4, "GH200": 989.4}
 
@@ -137,7 +139,7 @@ def bench_score(tiny_dir: Path, device: torch.device, *, shape: str, batch: int,
     from ..reward.model import SpatialScore
     from .shapes import build_qwen, qwen_processor
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     processor = qwen_processor(tiny_dir, shape)
     stock = build_qwen(processor, shape, device, dtype, tiny_dir)
     prompt = _prompt(processor.tokenizer, prompt_tokens)
@@ -194,11 +196,11 @@ def bench_sample(tiny_dir: Path, device: torch.device, *, shape: str, sizes: lis
     """ODE sampling at ``sizes`` for the plain variants; the RL sampler (LoRA, SDE window with
     log-probs) at ``rl_size`` for the ``rl-*`` variants. Each variant gets a freshly built
     transformer (compilation and float8 change a module in place)."""
-    from ..policy import Policy
-    from ..sampler import FluxSampler, SamplerConfig, compile_transformer
+    from ..rl.policy import Policy
+    from ..rl.sampler import FluxSampler, SamplerConfig, compile_transformer
     from .shapes import build_flux_pipeline, fresh_transformer, random_text
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     pipe = build_flux_pipeline(tiny_dir, shape, device, dtype)
     info = {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
             "parameters": sum(p.numel() for p in pipe.transformer.parameters())}
@@ -266,14 +268,14 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
     from torch.utils.flop_counter import FlopCounterMode
 
     from ..kernels import ADVANTAGE_PRESETS, group_advantages
-    from ..policy import Policy
+    from ..phases import phase
     from ..reward.model import SpatialScore
-    from ..sampler import FluxSampler, SamplerConfig
+    from ..rl.policy import Policy
+    from ..rl.sampler import FluxSampler, SamplerConfig
     from ..trainers.grpo import policy_gradient
-    from .ranges import phase
     from .shapes import build_flux_pipeline, build_qwen, qwen_processor, random_text
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     pipe = build_flux_pipeline(tiny_dir, "flux-dev" if shape == "full" else "tiny", device, dtype)
     policy = Policy(pipe.transformer, lora_rank=lora_rank)
     if checkpointing:
@@ -357,10 +359,10 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
 def bench_logprob(tiny_dir: Path, device: torch.device, *, shape: str, size: int, steps: int, window: int,
                   group_size: int, micro_batches: list[int], reps: int) -> tuple[list[Row], dict]:
     """Stored sampling log-probs vs their recomputation at several micro-batch sizes (see module doc)."""
-    from ..sampler import FluxSampler, SamplerConfig
+    from ..rl.sampler import FluxSampler, SamplerConfig
     from .shapes import build_flux_pipeline, random_text
 
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = default_dtype(device)
     pipe = build_flux_pipeline(tiny_dir, "flux-dev" if shape == "full" else "tiny", device, dtype)
     sampler = FluxSampler(pipe, SamplerConfig(steps=steps, image_size=size, window_size=window))
     prompt = "the red circle is to the left of the blue square, the green star is above the yellow ring"

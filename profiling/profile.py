@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .ranges import PHASES
+from ..phases import PHASES
 
 
 class NVMLSampler:

@@ -85,7 +85,7 @@ def build_flux_pipeline(tiny_dir: Path, shape: str, device, dtype):
     the tiny text encoders (text embeddings are supplied precomputed, see :func:`random_text`)."""
     from diffusers import AutoencoderKL, FluxPipeline, FluxTransformer2DModel
 
-    from ..sampler import load_pipeline
+    from ..rl.sampler import load_pipeline
 
     pipe = load_pipeline(tiny_dir / "flux", dtype=dtype, device=device)
     if shape == "tiny":

@@ -149,8 +149,8 @@ def _cmd_grpo_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(GRPOTrainConfig, args.config, args.overrides)
     require(cfg.model, "model", "flux", hub=True)
-    if cfg.reward == "spatialscore":
-        require(cfg.reward_model, "reward_model", "spatialscore")
+    if cfg.reward.name == "spatialscore":
+        require(cfg.reward.spatialscore.model, "reward.spatialscore.model", "spatialscore")
     final = train(cfg)
     if args.json and final:
         print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=2))
@@ -176,10 +176,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
 
     from .config import from_dict
     from .logs import info
-    from .sampler import FluxSampler, SamplerConfig, load_pipeline, to_pil
+    from .rl.sampler import FluxSampler, SamplerConfig, load_pipeline, to_pil
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if args.dtype == "bfloat16" else torch.float32
+    dtype = getattr(torch, args.dtype)
     scfg = from_dict(SamplerConfig, {"steps": args.steps, "image_size": args.size, "guidance": args.guidance,
                                      "compile": args.compile}, "sample")
     scfg.check()
@@ -196,7 +196,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     require_policy(args.lora, "--lora")
     pipe = load_pipeline(args.model, dtype=dtype, device=device)
     if args.lora:
-        from .policy import load_policy_weights
+        from .rl.policy import load_policy_weights
 
         info(f"policy weights: {load_policy_weights(pipe, args.lora)} from {args.lora}", who="sample")
     sampler = FluxSampler(pipe, scfg)
@@ -215,63 +215,15 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-SUITE_DEFAULTS = {
-    # (tiny, full): tiny runs anywhere in seconds; full needs a large GPU (FLUX.1-dev / Qwen2.5-VL-7B shapes)
-    "score": ({"batch": 4, "image_size": 64, "prompt_tokens": 40},
-              {"batch": 24, "image_size": 512, "prompt_tokens": 80}),
-    "sample": ({"sizes": [64], "steps": 4, "rl_steps": 4, "rl_window": 2, "rl_size": 64,
-                "variants": ["eager", "rl-eager"],
-                "lora_rank": 4},
-               {"sizes": [512, 1024], "steps": 28, "rl_steps": 16, "rl_window": 8, "rl_size": 512,
-                "variants": ["eager", "compile-regional", "compile-full", "compile-fp8", "compile-fp8-graphs", "rl-eager",
-                             "rl-compile"],
-                "lora_rank": 32}),
-    "logprob": ({"size": 32, "steps": 4, "window": 2, "group_size": 6, "micro_batches": [1, 3, 6]},
-                {"size": 512, "steps": 16, "window": 8, "group_size": 6, "micro_batches": [1, 3, 6]}),
-    "grpo": ({"steps": 4, "window": 2, "size": 32, "group_size": 8, "local_samples": 4, "top_k": 2,
-              "train_timesteps": 2, "micro_batch": 2, "lora_rank": 4},
-             {"steps": 16, "window": 8, "size": 512, "group_size": 24, "local_samples": 6, "top_k": 6,
-              "train_timesteps": 4, "micro_batch": 2, "lora_rank": 32}),
-}
-
-
 def _suite_run(args: argparse.Namespace, emit=None):
-    """(callable running the suite -> (rows, info), device) for bench and profile; ``emit(rows, info)``
-    receives partial results of the long sample suite."""
-    import tempfile
-
+    """(callable running the suite -> (rows, info), device) for bench and profile."""
     import torch
 
+    from .profiling.suites import suite_runner
+
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if args.shape == "full" and device.type != "cuda":
-        raise ConfigError("shape", "full-size shapes need a CUDA GPU (use --shape tiny on the CPU)")
-    tiny_dir = Path(args.tiny) if args.tiny else None
-    if tiny_dir is None:
-        from .tiny import TinyConfig, build_tiny
-
-        tiny_dir = Path(tempfile.mkdtemp(prefix="spatialcore-bench-")) / "tiny"
-        build_tiny(TinyConfig(), tiny_dir)
-    params = dict(SUITE_DEFAULTS.get(args.suite, ({}, {}))[args.shape == "full"])
-    for item in args.set or []:
-        key, _, value = item.partition("=")
-        if key not in params:
-            raise ConfigError(key, f"unknown {args.suite} parameter (known: {', '.join(params)})")
-        params[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
-    from .profiling import bench
-
-    reps, warmup = args.reps, args.warmup
-    shape = {"score": "7b", "sample": "flux-dev"}.get(args.suite, "full") if args.shape == "full" else "tiny"
-    if args.suite == "logprob":
-        return (lambda: bench.bench_logprob(tiny_dir, device, shape=shape, reps=reps, **params)), device
-    if args.suite == "score":
-        return (lambda: bench.bench_score(tiny_dir, device, shape=shape, reps=reps, warmup=warmup, **params)), device
-    if args.suite == "sample":
-        return (lambda: bench.bench_sample(tiny_dir, device, shape=shape, reps=reps, warmup=warmup, emit=emit,
-                                           **params)), device
-    if args.suite == "grpo":
-        return (lambda: bench.bench_grpo(tiny_dir, device, shape=shape, reps=reps, **params)), device
-    out = Path(args.out)
-    return (lambda: bench.bench_kernels(out)), device
+    return suite_runner(args.suite, args.shape, device, tiny=args.tiny, overrides=args.set or [], reps=args.reps,
+                        warmup=args.warmup, out=Path(args.out), emit=emit), device
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
@@ -405,14 +357,8 @@ def _config_kinds() -> dict[str, Callable[[], type]]:
     return {"tiny": tiny, "demo": demo, "synth": synth, "reward": reward, "grpo": grpo}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="spatialcore",
-        description="Spatially-aware text-to-image alignment: SpatialScore reward model and Spatial-RL on Flux.",
-    )
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
+def _add_tiny(sub) -> None:
+    """``spatialcore tiny``."""
     p = sub.add_parser("tiny", help="build tiny random Qwen2.5-VL and Flux checkpoints offline",
                        description="Build tiny, randomly initialised Qwen2.5-VL (reward/) and Flux (flux/) "
                                    "checkpoints with locally trained tokenizers, deterministically from a seed.")
@@ -422,12 +368,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(func=_cmd_tiny)
 
+
+def _add_demo(sub) -> None:
+    """``spatialcore demo``."""
     p = sub.add_parser("demo", help="end-to-end CPU demo on tiny models",
                        description="Run the main job end to end on tiny CPU models and write REPORT.md.")
     p.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default runs/demo)")
     _add_config_args(p)
     p.set_defaults(func=_cmd_demo)
 
+
+def _add_data(sub) -> None:
+    """``spatialcore data synth|validate|stats``."""
     p = sub.add_parser("data", help="synthetic spatial pairs: make, validate, summarise",
                        description="Synthetic SpatialReward pairs and pair-set tools.")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
@@ -460,6 +412,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--json", action="store_true", help="print JSON instead of text")
     d.set_defaults(func=_cmd_data_stats)
 
+
+def _add_reward(sub) -> None:
+    """``spatialcore reward train|eval|score``."""
     p = sub.add_parser("reward", help="SpatialScore reward model: train, evaluate, score",
                        description="SpatialScore: a Qwen2.5-VL reward model with a Gaussian head.")
     rsub = p.add_subparsers(dest="reward_command", metavar="ACTION")
@@ -495,6 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_cmd_reward_score)
 
+
+def _add_grpo(sub) -> None:
+    """``spatialcore grpo train|compare``."""
     p = sub.add_parser("grpo", help="Spatial-RL: GRPO with Top-k filtering on Flux",
                        description="Spatial-RL: online GRPO with Top-k filtering on a Flux generator.")
     gsub = p.add_subparsers(dest="grpo_command", metavar="ACTION")
@@ -513,6 +471,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--key", default="eval_reward", help="metric to plot (default eval_reward)")
     g.set_defaults(func=_cmd_grpo_compare)
 
+
+def _add_sample(sub) -> None:
+    """``spatialcore sample``."""
     p = sub.add_parser("sample", help="generate images with a Flux checkpoint (+ a trained policy)",
                        description="Sample images from prompts with any Flux checkpoint, optionally with a "
                                    "trained policy (LoRA or full transformer from `grpo train`).")
@@ -532,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.set_defaults(func=_cmd_sample)
 
+
+def _add_bench_profile(sub) -> None:
+    """``spatialcore bench|profile SUITE``."""
     for name, helptext in (("bench", "benchmarks with same-run baselines -> JSON + Markdown"),
                            ("profile", "torch.profiler trace, top ops, NVTX phases, NVML timeline")):
         p = sub.add_parser(name, help=helptext,
@@ -550,11 +514,17 @@ def build_parser() -> argparse.ArgumentParser:
                        help="suite parameter, e.g. batch=8 or sizes=[512] (see the suite defaults)")
         p.set_defaults(func=_cmd_bench if name == "bench" else _cmd_profile)
 
+
+def _add_info(sub) -> None:
+    """``spatialcore info``."""
     p = sub.add_parser("info", help="versions, device, attention kernels available",
                        description="Print the environment: versions, device, GPUs (NVML), attention backends.")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_cmd_info)
 
+
+def _add_config_cmd(sub) -> None:
+    """``spatialcore config show``."""
     p = sub.add_parser("config", help="inspect run configs", description="Inspect run configs.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
@@ -563,6 +533,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("kind", choices=sorted(_config_kinds()), help="which config")
     _add_config_args(c)
     c.set_defaults(func=_cmd_config_show)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spatialcore",
+        description="Spatially-aware text-to-image alignment: SpatialScore reward model and Spatial-RL on Flux.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for add in (_add_tiny, _add_demo, _add_data, _add_reward, _add_grpo, _add_sample, _add_bench_profile, _add_info,
+                _add_config_cmd):
+        add(sub)
     return parser
 
 

@@ -151,7 +151,11 @@ def from_dict(cls: type[T], data: Any, prefix: str = "") -> T:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(prefix or "<root>", f"expected a mapping, got {type(data).__name__}")
+        if prefix:
+            keys = [f.name for f in dataclasses.fields(cls) if f.init]
+            raise ConfigError(prefix, f"is a section ({', '.join(keys)}), got {data!r}; set its keys, e.g. "
+                                      f"{prefix}.{keys[0]}=...")
+        raise ConfigError("<root>", f"expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     known = {f.name: f for f in dataclasses.fields(cls) if f.init}
     renamed = getattr(cls, "RENAMED", {})

@@ -24,7 +24,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, param, to_dict
+from .config import ConfigError, from_dict, param, to_dict
 from .logs import info
 from .tiny import TinyConfig
 from .trainers.grpo import GRPOTrainConfig
@@ -41,19 +41,21 @@ REWARD_CURRICULUM = [
 
 def _reward_defaults() -> RewardTrainConfig:
     # configs/reward/tiny_cpu.yaml with seed 1 (the final stage reached at step ~1,800 there), cut at 2,000 steps
-    return RewardTrainConfig(data="stream:easy", curriculum=[dict(s) for s in REWARD_CURRICULUM], seed=1,
-                             advance_at=0.95, batch_size=16, lr=1e-3, head_lr=3e-3, warmup_steps=50, max_steps=2000,
-                             eval_every=100, eval_pairs=400, save_every=500, log_every=25, threads=2)
+    return from_dict(RewardTrainConfig, {
+        "data": "stream:easy", "curriculum": [dict(s) for s in REWARD_CURRICULUM], "seed": 1, "advance_at": 0.95,
+        "batch_size": 16, "lr": 1e-3, "head_lr": 3e-3, "warmup_steps": 50, "max_steps": 2000, "eval_every": 100,
+        "eval_pairs": 400, "save_every": 500, "log_every": 25, "threads": 2}, "reward")
 
 
 def _grpo_defaults() -> GRPOTrainConfig:
-    # reward_model is replaced by the model the demo trains; full fine-tuning, because at this
-    # size it learns several times faster than LoRA (README, Spatial-RL)
-    return GRPOTrainConfig(prompts=[], prompt_stream="easy", stream={"p_sizes": 0.0, "p_background": 0.0},
-                           n_stream_prompts=64, reward="spatialscore", reward_model="runs/demo/reward/model",
-                           group_size=16, prompts_per_iter=2, top_k=4, train_timesteps=4, lora_rank=0, lr=5e-4,
-                           iterations=400, max_minutes=5.0, eval_every=50, log_every=50, eval_seeds=8,
-                           save_every=100)
+    # reward.spatialscore.model is replaced by the model the demo trains; full fine-tuning, because at
+    # this size it learns several times faster than LoRA (README, Spatial-RL)
+    return from_dict(GRPOTrainConfig, {
+        "prompts": [], "prompt_stream": "easy", "stream": {"p_sizes": 0.0, "p_background": 0.0}, "n_stream_prompts": 64,
+        "reward": {"name": "spatialscore", "spatialscore": {"model": "runs/demo/reward/model"}},
+        "group_size": 16, "prompts_per_iter": 2, "top_k": 4, "train_timesteps": 4, "policy": {"lora_rank": 0},
+        "optim": {"lr": 5e-4}, "iterations": 400, "max_minutes": 5.0, "eval_every": 50, "log_every": 50,
+        "eval_seeds": 8, "save_every": 100}, "grpo")
 
 
 @dataclass
@@ -66,8 +68,8 @@ class DemoConfig:
     grpo: GRPOTrainConfig = field(default_factory=_grpo_defaults)
 
     def check(self) -> None:
-        if self.grpo.reward != "spatialscore":
-            raise ConfigError("grpo.reward", "the demo rewards GRPO with the SpatialScore it trains")
+        if self.grpo.reward.name != "spatialscore":
+            raise ConfigError("grpo.reward.name", "the demo rewards GRPO with the SpatialScore it trains")
 
 
 class _Stages:
@@ -107,7 +109,6 @@ def _tiny_stage(cfg: DemoConfig, out: Path):
 
 
 def _data_stage(cfg: DemoConfig, out: Path):
-    from .config import from_dict
     from .data.pairs import scan_pair_set
     from .data.stats import pair_set_stats, plot_stats
     from .data.synth import DIFFICULTIES, SynthConfig, synth_pair_set
@@ -193,16 +194,17 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
     tiny_dir = stages.run("tiny checkpoints", _tiny_stage, cfg, out)
     pairs = stages.run("synthetic pairs", _data_stage, cfg, out)
 
-    rcfg = cfg.reward
-    rcfg.model, rcfg.out, rcfg.init_from = str(tiny_dir / "reward"), str(out / "reward"), None
-    rcfg.threads = rcfg.threads or cfg.threads
+    # the stage configs: the demo's sections with this run's paths, validated again
+    rcfg = from_dict(RewardTrainConfig, {**to_dict(cfg.reward), "model": str(tiny_dir / "reward"),
+                                         "out": str(out / "reward"), "init_from": None,
+                                         "threads": cfg.reward.threads or cfg.threads}, "reward")
     model_dir = stages.run("SpatialScore training", _reward_train_stage, cfg, rcfg)
     real, control, n_test = stages.run("SpatialScore evaluation", _reward_eval_stage, model_dir, pairs)
 
-    gcfg = cfg.grpo
-    gcfg.model, gcfg.out, gcfg.reward_model = str(tiny_dir / "flux"), str(out / "grpo"), str(model_dir)
-    gcfg.threads = gcfg.threads or cfg.threads
-    gcfg.seed = cfg.seed
+    g = to_dict(cfg.grpo)
+    g["reward"]["spatialscore"]["model"] = str(model_dir)
+    gcfg = from_dict(GRPOTrainConfig, {**g, "model": str(tiny_dir / "flux"), "out": str(out / "grpo"),
+                                       "threads": cfg.grpo.threads or cfg.threads, "seed": cfg.seed}, "grpo")
     before, after, recs = stages.run("Spatial-RL (GRPO + Top-k)", _grpo_stage, gcfg)
     total = time.perf_counter() - t0
 
@@ -224,7 +226,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
               "## Spatial-RL on the tiny Flux, rewarded by SpatialScore", "",
               f"G = {gcfg.group_size} images per prompt, {gcfg.prompts_per_iter} prompts per iteration, Top-k keeps "
               f"the best {gcfg.top_k} and worst {gcfg.top_k} of each group; "
-              f"{'LoRA r' + str(gcfg.lora_rank) if gcfg.lora_rank else 'full fine-tuning'}. Held-out prompts "
+              f"{'LoRA r' + str(gcfg.policy.lora_rank) if gcfg.policy.lora_rank else 'full fine-tuning'}. Held-out prompts "
               f"(synthetic test split), {gcfg.eval_seeds} fixed noise seeds each, deterministic ODE sampling.", "",
               "| held-out metric | before | after |", "|---|---:|---:|",
               row("SpatialScore mu (the reward)", "eval_reward"),

@@ -18,6 +18,13 @@ class GPUFacts:
     power_w: float | None
 
 
+def default_dtype(device: Any) -> Any:
+    """The compute dtype of measurements on ``device``: bfloat16 on CUDA, float32 elsewhere."""
+    import torch
+
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
 def gpu_facts() -> list[GPUFacts]:
     """One entry per visible NVIDIA GPU through NVML; ``[]`` without a GPU or driver."""
     try:

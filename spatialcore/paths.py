@@ -51,7 +51,7 @@ def require(value: str | None, key: str, kind: str, *, hub: bool = False) -> Non
 
 def require_policy(value: str | None, key: str) -> None:
     """A policy folder written by ``grpo train`` (LoRA file and/or ``transformer/``)."""
-    from .policy import LORA_FILE
+    from .rl.policy import LORA_FILE
 
     if value is None:
         return

@@ -69,7 +69,7 @@ def test_no_deprecation_warnings_from_our_calls(tiny_dir, tmp_path):
 
     from spatialcore.cli import main
     from spatialcore.reward.model import SpatialScore
-    from spatialcore.sampler import load_pipeline
+    from spatialcore.rl.sampler import load_pipeline
 
     pipe = load_pipeline(tiny_dir / "flux")
     pipe.transformer.save_pretrained(tmp_path / "policy" / "transformer")  # a "fully fine-tuned" policy

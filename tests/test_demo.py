@@ -12,7 +12,7 @@ SMALL = ["pairs=24", "threads=2", "reward.max_steps=6", "reward.warmup_steps=1",
 
 def test_demo_runs_every_stage_and_reports(tmp_path):
     cfg = load_config(DemoConfig, None, SMALL)
-    assert cfg.reward.curriculum and cfg.grpo.reward == "spatialscore"  # demo defaults survive overrides
+    assert cfg.reward.curriculum and cfg.grpo.reward.name == "spatialscore"  # demo defaults survive overrides
     assert run_demo(cfg, tmp_path) == 0
     report = (tmp_path / "REPORT.md").read_text()
     for stage in ("tiny checkpoints", "synthetic pairs", "SpatialScore training", "SpatialScore evaluation",

@@ -50,8 +50,8 @@ def test_grpo_same_gradient_on_one_rank_two_nodes_and_with_accumulation(tiny_dir
 
     overrides = {"model": str(tiny_dir / "flux"), "prompts": [LEFT, RIGHT], "group_size": 4, "prompts_per_iter": 2,
                  "top_k": 1, "iterations": 1, "eval_every": 1, "eval_seeds": 1, "save_grids": False,
-                 "sampler.steps": 4, "sampler.image_size": 32, "lora_rank": 0, "optimizer": "sgd", "grad_clip": 0,
-                 "lr": 1000.0, "threads": 1}
+                 "sampler.steps": 4, "sampler.image_size": 32, "policy.lora_rank": 0, "optim.name": "sgd",
+                 "optim.grad_clip": 0, "optim.lr": 1000.0, "threads": 1}
 
     def run(name, **extra):
         return cli_args({**overrides, "out": str(tmp_path / name), **extra})

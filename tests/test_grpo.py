@@ -16,9 +16,9 @@ from spatialcore import kernels
 from spatialcore.cli import main
 from spatialcore.config import ConfigError, load_config
 from spatialcore.errors import TrainingError
-from spatialcore.policy import Policy
-from spatialcore.rewards import oracle_reward
-from spatialcore.sampler import FluxSampler, SamplerConfig, load_pipeline
+from spatialcore.rl.policy import Policy
+from spatialcore.rl.reward_fns import oracle_reward
+from spatialcore.rl.sampler import FluxSampler, SamplerConfig, load_pipeline
 
 LEFT = "the red circle is to the left of the blue square"
 RIGHT = "the red circle is to the right of the blue square"
@@ -32,7 +32,7 @@ def pipe(tiny_dir):
 def _overrides(tiny_dir, out, **extra):
     base = {"model": str(tiny_dir / "flux"), "out": str(out), "prompts": [LEFT, RIGHT], "group_size": 4,
             "prompts_per_iter": 2, "top_k": 1, "iterations": 4, "eval_every": 2, "eval_seeds": 2, "save_every": 2,
-            "sampler.steps": 4, "sampler.image_size": 32, "lr": 1e-2, "lora_rank": 4, "lora_alpha": 4,
+            "sampler.steps": 4, "sampler.image_size": 32, "optim.lr": 1e-2, "policy.lora_rank": 4, "policy.lora_alpha": 4,
             "threads": 1}
     base.update(extra)
     return base
@@ -276,16 +276,23 @@ def test_config_errors_name_the_key(tiny_dir, tmp_path, capsys, monkeypatch):
         _cfg(tiny_dir, tmp_path, top_k=3).check()
     with pytest.raises(ConfigError, match="window_size"):
         _cfg(tiny_dir, tmp_path, **{"sampler.sde_type": "cps", "sampler.window_size": 4})
-    with pytest.raises(ConfigError, match="reward_model"):
-        _cfg(tiny_dir, tmp_path, reward="spatialscore").check()
+    with pytest.raises(ConfigError, match=r"reward\.spatialscore\.model"):
+        _cfg(tiny_dir, tmp_path, **{"reward.name": "spatialscore"}).check()
+    # the former flat keys name their new place; a section given a value says it is a section
+    with pytest.raises(ConfigError, match=r"'reward_model'.*was replaced by 'reward\.spatialscore\.model'"):
+        _cfg(tiny_dir, tmp_path, reward_model="x")
+    with pytest.raises(ConfigError, match=r"'lr'.*was replaced by 'optim\.lr'"):
+        _cfg(tiny_dir, tmp_path, lr=0.1)
+    with pytest.raises(ConfigError, match=r"'reward'.*is a section \(name, batch, oracle, spatialscore\)"):
+        _cfg(tiny_dir, tmp_path, reward="oracle")
     assert main(["grpo", "train", f"model={tiny_dir / 'flux'}", "prompts=[\"x\"]", "group_size=4", "top_k=3"]) == 2
     assert "top_k" in capsys.readouterr().err
     # 2 x 4 samples per iteration cannot be spread evenly over 3 ranks: refused before any model
     import spatialcore.dist
-    import spatialcore.sampler
+    import spatialcore.rl.sampler
 
     monkeypatch.setattr(spatialcore.dist, "start_run", lambda cfg: (0, 3, torch.device("cpu")))
-    monkeypatch.setattr(spatialcore.sampler, "load_pipeline", None)  # building a model would fail loudly
+    monkeypatch.setattr(spatialcore.rl.sampler, "load_pipeline", None)  # building a model would fail loudly
     with pytest.raises(ConfigError, match="prompts_per_iter"):
         grpo_mod.GRPOTrainer(_cfg(tiny_dir, tmp_path / "three"))
 
@@ -303,7 +310,7 @@ def test_nonfinite_rewards_train_on_the_rest_and_a_bad_streak_stops(tiny_dir, tm
     in group 0 train (flow_grpo preset: no Top-k; zero-std groups dropped), metrics stay finite and
     count the bad rewards. Iterations 2-3: no finite reward at all -> stop after max_bad_iterations
     with the iteration-1 checkpoint intact and no checkpoint written during the streak."""
-    import spatialcore.rewards
+    import spatialcore.rl.reward_fns
 
     calls = []
 
@@ -315,7 +322,7 @@ def test_nonfinite_rewards_train_on_the_rest_and_a_bad_streak_stops(tiny_dir, tm
             return torch.tensor([float("nan"), 0.3, float("inf"), -0.2, 0.5, 0.5, 0.5, 0.5])
         return torch.full((8,), float("nan"))
 
-    monkeypatch.setattr(spatialcore.rewards, "make_reward", lambda *a, **k: reward)
+    monkeypatch.setattr(spatialcore.rl.reward_fns, "make_reward", lambda *a, **k: reward)
     run = tmp_path / "run"
     cfg = _cfg(tiny_dir, run, iterations=5, advantage="flow_grpo", top_k=None, save_every=1, eval_every=100,
                eval_seeds=1, max_bad_iterations=2, save_grids=False)
@@ -368,7 +375,8 @@ def test_sample_cli_with_trained_policy(tiny_dir, tmp_path, lora_rank):
     from PIL import Image
 
     run = tmp_path / "run"
-    train(_cfg(tiny_dir, run, iterations=2, lr=0.05 if lora_rank else 1e-2, lora_rank=lora_rank, save_grids=False))
+    train(_cfg(tiny_dir, run, iterations=2, save_grids=False,
+               **{"optim.lr": 0.05 if lora_rank else 1e-2, "policy.lora_rank": lora_rank}))
     assert (run / "policy" / ("pytorch_lora_weights.safetensors" if lora_rank else "transformer")).exists()
     outs = {}
     for name, extra in (("base", []), ("policy", ["--lora", str(run / "policy")])):
@@ -381,11 +389,12 @@ def test_sample_cli_with_trained_policy(tiny_dir, tmp_path, lora_rank):
 
 
 def test_cosine_learning_rate_is_a_function_of_the_iteration(tiny_dir, tmp_path):
-    cfg = _cfg(tiny_dir, tmp_path, lr=1e-3, lr_schedule="cosine", min_lr_ratio=0.1, iterations=11)
+    cfg = _cfg(tiny_dir, tmp_path, iterations=11, **{"optim.lr": 1e-3, "optim.schedule": "cosine",
+                                                     "optim.min_lr_ratio": 0.1})
     lrs = [grpo_mod.lr_at(cfg, i) for i in range(11)]
     assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4) and lrs[5] == pytest.approx(5.5e-4)
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
-    assert grpo_mod.lr_at(_cfg(tiny_dir, tmp_path, lr=1e-3), 7) == 1e-3
+    assert grpo_mod.lr_at(_cfg(tiny_dir, tmp_path, **{"optim.lr": 1e-3}), 7) == 1e-3
 
 
 def test_config_files_load():

@@ -48,21 +48,28 @@ def _same_runs(a, b, weights: str) -> None:
     assert steady(records(a)) == steady(records(b))
 
 
-def test_grpo_sigkill_at_a_random_iteration_resumes_exactly(tiny_dir, tmp_path, capfd):
-    overrides = {"model": str(tiny_dir / "flux"), "prompts": [LEFT, RIGHT], "group_size": 4, "prompts_per_iter": 2,
-                 "top_k": 1, "iterations": 8, "eval_every": 2, "eval_seeds": 2, "save_every": 2, "ema_decay": 0.9,
-                 "sampler.steps": 4, "sampler.image_size": 32, "lr": 1e-2, "lora_rank": 4, "lora_alpha": 8,
-                 "threads": 1}
+def _kill_and_resume(verb, cfg_cls, train, overrides, tmp_path, capfd, metric, final, steps):
+    """A straight run, and a run of the CLI killed with SIGKILL at a random step and resumed in-process;
+    checks the resume, returns both run folders."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    grpo_train(load_config(GRPOTrainConfig, None, cli_args({**overrides, "out": str(straight)})))
+    train(load_config(cfg_cls, None, cli_args({**overrides, "out": str(straight)})))
     args = cli_args({**overrides, "out": str(killed)})
-    _, t_kill = kill_at_random_step([sys.executable, "-m", "spatialcore.cli", "grpo", "train", *args], killed,
-                                    "reward_mean", 1, 6)
-    assert not (killed / "policy").exists(), "the run finished before it was killed"
+    _, t_kill = kill_at_random_step([sys.executable, "-m", "spatialcore.cli", *verb, *args], killed, metric, 1, 6)
+    assert not (killed / final).exists(), "the run finished before it was killed"
     k = latest_step(killed)
     capfd.readouterr()
-    grpo_train(load_config(GRPOTrainConfig, None, args))
-    _check_resumed(killed, capfd.readouterr().err, k, t_kill, "reward_mean", 8)
+    train(load_config(cfg_cls, None, args))
+    _check_resumed(killed, capfd.readouterr().err, k, t_kill, metric, steps)
+    return straight, killed
+
+
+def test_grpo_sigkill_at_a_random_iteration_resumes_exactly(tiny_dir, tmp_path, capfd):
+    overrides = {"model": str(tiny_dir / "flux"), "prompts": [LEFT, RIGHT], "group_size": 4, "prompts_per_iter": 2,
+                 "top_k": 1, "iterations": 8, "eval_every": 2, "eval_seeds": 2, "save_every": 2,
+                 "policy.ema_decay": 0.9, "sampler.steps": 4, "sampler.image_size": 32, "optim.lr": 1e-2,
+                 "policy.lora_rank": 4, "policy.lora_alpha": 8, "threads": 1}
+    straight, killed = _kill_and_resume(["grpo", "train"], GRPOTrainConfig, grpo_train, overrides, tmp_path, capfd,
+                                        "reward_mean", "policy", 8)
     _same_runs(straight, killed, "policy/pytorch_lora_weights.safetensors")
     for png in ("reward.png", "reward_vs_time.png", "samples_before.png", "samples_after.png"):
         assert (killed / png).is_file(), png
@@ -72,16 +79,8 @@ def test_reward_sigkill_at_a_random_step_resumes_exactly(tiny_dir, easy_pairs, t
     overrides = {"model": str(tiny_dir / "reward"), "data": str(easy_pairs), "batch_size": 4, "max_steps": 8,
                  "warmup_steps": 2, "eval_every": 3, "eval_pairs": 8, "save_every": 2, "log_every": 1, "lr": 1e-3,
                  "threads": 1}
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    reward_train(load_config(RewardTrainConfig, None, cli_args({**overrides, "out": str(straight)})))
-    args = cli_args({**overrides, "out": str(killed)})
-    _, t_kill = kill_at_random_step([sys.executable, "-m", "spatialcore.cli", "reward", "train", *args], killed,
-                                    "loss", 1, 6)
-    assert not (killed / "model").exists(), "the run finished before it was killed"
-    k = latest_step(killed)
-    capfd.readouterr()
-    reward_train(load_config(RewardTrainConfig, None, args))
-    _check_resumed(killed, capfd.readouterr().err, k, t_kill, "loss", 8)
+    straight, killed = _kill_and_resume(["reward", "train"], RewardTrainConfig, reward_train, overrides, tmp_path,
+                                        capfd, "loss", "model", 8)
     assert step_records(records(killed), "eval_accuracy") == [3, 6, 8]
     _same_runs(straight, killed, "model/backbone/model.safetensors")
     _same_runs(straight, killed, "model/head.safetensors")

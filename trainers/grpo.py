@@ -45,19 +45,77 @@ import torch
 from ..config import ConfigError, param
 from ..dist import is_main
 from ..logs import info, progress, step_line
-from ..profiling.ranges import phase
-from ..sampler import SamplerConfig, Trajectory
+from ..phases import phase
+from ..rl.sampler import SamplerConfig, Trajectory
 
 TIME_KEYS = ("t_sample", "t_score", "t_train", "samples_per_s", "elapsed_s", "gpu_mem_gib")
 
 
 @dataclass
+class OracleRewardConfig:
+    tau: float = param(60.0, min=1.0, help="soft colour assignment temperature")
+    form: Literal["moment", "centroid"] = "moment"  # colour-mass moments or centroids for the directions
+
+
+@dataclass
+class SpatialScoreRewardConfig:
+    model: str | None = param(None, help="SpatialScore folder (`spatialcore reward train` writes one)")
+    quantize: Literal["none", "int8", "float8"] = "none"
+    liger: bool = False  # liger-kernel RMSNorm/SwiGLU/RoPE in the backbone (CUDA)
+    compile: bool = False  # torch.compile of the backbone's decoder layers
+
+
+@dataclass
+class RewardFnConfig:
+    """The reward GRPO optimises: ``name`` picks the function, its own keys sit under its name."""
+
+    name: Literal["oracle", "spatialscore"] = "oracle"
+    batch: int = param(32, min=1, help="images per reward call")
+    oracle: OracleRewardConfig = field(default_factory=OracleRewardConfig)
+    spatialscore: SpatialScoreRewardConfig = field(default_factory=SpatialScoreRewardConfig)
+
+    def check(self) -> None:
+        if self.name == "spatialscore" and not self.spatialscore.model:
+            raise ConfigError("spatialscore.model", "reward.name=spatialscore needs a SpatialScore folder")
+
+
+@dataclass
+class PolicyConfig:
+    lora_rank: int = param(8, min=0, help="0: full fine-tuning")
+    lora_alpha: float = param(8.0, min=0.0)
+    ema_decay: float = param(0.0, min=0.0, max=1.0, help="0: no EMA")
+    gradient_checkpointing: bool = False
+    export_merged: bool = False  # LoRA: also write policy/transformer with the adapter folded in
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = param(1e-2, min=0.0)
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> min_lr_ratio * lr over `iterations`
+    min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
+    weight_decay: float = param(0.0, min=0.0)
+    grad_clip: float = param(1.0, min=0.0, help="max global gradient norm (0: no clipping)")
+
+
+@dataclass
 class GRPOTrainConfig:
+    # keys of the flat layout this config had before its sections
+    RENAMED = {**{f"reward_{k}": f"reward.spatialscore.{k}" for k in ("model", "quantize", "liger", "compile")},
+               **{f"reward_{k}": f"reward.oracle.{k}" for k in ("tau", "form")}, "reward_batch": "reward.batch",
+               **{k: f"policy.{k}" for k in ("lora_rank", "lora_alpha", "ema_decay", "gradient_checkpointing",
+                                               "export_merged")},
+               "optimizer": "optim.name", "lr_schedule": "optim.schedule",
+               **{k: f"optim.{k}" for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip")}}
+
     model: str = param("runs/tiny/flux", help="Flux pipeline folder or hub id")
     out: str = "runs/grpo"
     seed: int = param(0, min=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    reward: RewardFnConfig = field(default_factory=RewardFnConfig)
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
     # Training prompts: an explicit list, or drawn from the synthetic generator
     # (prompt_stream: easy|medium|hard, with synth overrides) from its train split.
     prompts: list[str] = field(default_factory=lambda: ["the red circle is to the left of the blue square"])
@@ -73,14 +131,6 @@ class GRPOTrainConfig:
     # groups of different prompts differ only through the prompt (the prompt-independent part of
     # their gradients cancels sample by sample instead of on average).
     common_noise: bool = False
-    reward: Literal["oracle", "spatialscore"] = "oracle"
-    reward_model: str | None = None
-    reward_quantize: Literal["none", "int8", "float8"] = "none"
-    reward_liger: bool = False  # liger-kernel RMSNorm/SwiGLU/RoPE in the reward backbone (CUDA)
-    reward_compile: bool = False  # torch.compile of the reward backbone's decoder layers
-    reward_tau: float = param(60.0, min=1.0, help="oracle: soft colour assignment temperature")
-    reward_form: Literal["moment", "centroid"] = "moment"  # oracle: colour-mass moments or centroids
-    reward_batch: int = param(32, min=1)
     group_size: int = param(16, min=2, max=1024, help="G: images per prompt")
     prompts_per_iter: int = param(2, min=1)
     top_k: int | None = param(None, min=0, help="keep the top-K and bottom-K per group (0: keep all; null: the "
@@ -90,20 +140,10 @@ class GRPOTrainConfig:
     clip_range: float = param(1e-4, min=0.0)
     kl_beta: float = param(0.0, min=0.0)
     kl_convention: Literal["flow_grpo", "exact"] = "flow_grpo"  # KL / sigma_t^2 (Flow-GRPO) or / step variance
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lora_rank: int = param(8, min=0, help="0: full fine-tuning")
-    lora_alpha: float = param(8.0, min=0.0)
-    lr: float = param(1e-2, min=0.0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> min_lr_ratio * lr over `iterations`
-    min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
-    weight_decay: float = param(0.0, min=0.0)
-    grad_clip: float = param(1.0, min=0.0, help="max global gradient norm (0: no clipping)")
     train_timesteps: int = param(0, min=0, help="window steps trained per iteration (0: all)")
     inner_epochs: int = param(1, min=1)
     micro_batch: int = param(0, min=0, help="kept samples per forward/backward (0: all)")
     sample_batch: int = param(0, min=0, help="samples per sampler call (0: all of this rank's)")
-    ema_decay: float = param(0.0, min=0.0, max=1.0, help="0: no EMA")
-    gradient_checkpointing: bool = False
     iterations: int = param(300, min=1)
     max_minutes: float = param(0.0, min=0.0, help="stop after this much training time (0: no limit)")
     log_every: int = param(10, min=1, help="one log line every this many iterations")
@@ -111,7 +151,6 @@ class GRPOTrainConfig:
     eval_seeds: int = param(8, min=1, help="fixed noise seeds per held-out prompt")
     save_every: int = param(50, min=1)
     save_grids: bool = True
-    export_merged: bool = False  # LoRA: also write policy/transformer with the adapter folded in
     max_bad_iterations: int = param(3, min=1, help="stop after this many iterations in a row with no finite reward")
     threads: int = param(0, min=0)
     stop_after: int = param(0, min=0, help="end the process after this many iterations, as if killed (tests)")
@@ -127,8 +166,6 @@ class GRPOTrainConfig:
         top_k = self.resolved_top_k()
         if top_k and 2 * top_k > self.group_size:
             raise ConfigError("top_k", f"2 x top_k = {2 * top_k} exceeds group_size={self.group_size}")
-        if self.reward == "spatialscore" and not self.reward_model:
-            raise ConfigError("reward_model", "reward=spatialscore needs a SpatialScore folder")
         if self.sampler.noise_level <= 0:
             raise ConfigError("sampler.noise_level", "GRPO needs stochastic (SDE) steps: noise_level > 0")
         start, end = self.sampler.window()
@@ -153,10 +190,11 @@ def sample_seed(seed: int, iteration: int, n: int) -> int:
 
 
 def lr_at(cfg: GRPOTrainConfig, iteration: int) -> float:
-    if cfg.lr_schedule == "constant":
-        return cfg.lr
+    o = cfg.optim
+    if o.schedule == "constant":
+        return o.lr
     t = min(1.0, iteration / max(1, cfg.iterations - 1))
-    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def iteration_seeds(cfg: GRPOTrainConfig, iteration: int, groups: np.ndarray, samples: list[int]) -> list[int]:
@@ -182,17 +220,14 @@ def iteration_plan(cfg: GRPOTrainConfig, n_prompts: int, iteration: int, window:
 def synth_prompts(preset: str, overrides: dict, split: str, n: int, seed: int) -> list[str]:
     """Up to ``n`` distinct prompts of the synthetic generator's ``split``."""
     from ..config import from_dict
-    from ..data.synth import DIFFICULTIES, SynthConfig, make_pair
+    from ..data.synth import DIFFICULTIES, SynthConfig, pairs_of_split
 
     cfg = from_dict(SynthConfig, {**DIFFICULTIES[preset], "size": 32, **overrides}, "stream")
-    spec = cfg.spec()
     out: dict[str, None] = {}
-    for i in range(200 * n):
-        rec = make_pair(cfg, f"prompts-{seed}", i, spec).record
-        if rec["split"] == split:
-            out[rec["prompt"]] = None
-            if len(out) == n:
-                break
+    for pair in pairs_of_split(cfg, f"prompts-{seed}", split, 200 * n):
+        out[pair.record["prompt"]] = None
+        if len(out) == n:
+            break
     if not out:
         raise ConfigError("prompt_stream", f"the stream has no '{split}' prompts")
     return list(out)
@@ -320,33 +355,33 @@ class GRPOTrainer:
 
     def _init_models(self) -> None:
         from ..kernels import ADVANTAGE_PRESETS
-        from ..policy import EMA, Policy
-        from ..rewards import make_reward
-        from ..sampler import FluxSampler, load_pipeline
+        from ..rl.policy import EMA, Policy
+        from ..rl.reward_fns import make_reward
+        from ..rl.sampler import FluxSampler, load_pipeline
         from .run import make_optimizer
 
         cfg = self.cfg
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        dtype = getattr(torch, cfg.dtype)
         pipe = load_pipeline(cfg.model, dtype=dtype, device=self.device)
-        self.policy = Policy(pipe.transformer, lora_rank=cfg.lora_rank, lora_alpha=cfg.lora_alpha,
+        self.policy = Policy(pipe.transformer, lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha,
                              need_reference=cfg.kl_beta > 0)
-        if cfg.gradient_checkpointing:
+        if cfg.policy.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.sampler = FluxSampler(pipe, cfg.sampler)
-        self.reward_fn = make_reward(cfg.reward, model=cfg.reward_model, device=self.device,
-                                     quantize=cfg.reward_quantize, tau=cfg.reward_tau, form=cfg.reward_form,
-                                     batch_size=cfg.reward_batch, liger=cfg.reward_liger, compile=cfg.reward_compile)
+        r, s = cfg.reward, cfg.reward.spatialscore
+        self.reward_fn = make_reward(r.name, model=s.model, device=self.device, quantize=s.quantize, tau=r.oracle.tau,
+                                     form=r.oracle.form, batch_size=r.batch, liger=s.liger, compile=s.compile)
         self.params = self.policy.params
-        self.opt = make_optimizer(cfg.optimizer, [{"params": list(self.params.values()), "lr": cfg.lr}],
-                                  weight_decay=cfg.weight_decay)
-        self.ema = EMA(self.params, cfg.ema_decay) if cfg.ema_decay > 0 else None
+        self.opt = make_optimizer(cfg.optim.name, [{"params": list(self.params.values()), "lr": cfg.optim.lr}],
+                                  weight_decay=cfg.optim.weight_decay)
+        self.ema = EMA(self.params, cfg.policy.ema_decay) if cfg.policy.ema_decay > 0 else None
         self.preset = dict(ADVANTAGE_PRESETS[cfg.advantage])
         self.top_k = cfg.resolved_top_k()
         self.window = cfg.sampler.window()
         if is_main():
             w0, w1 = self.window
-            info(f"policy: {'LoRA r' + str(cfg.lora_rank) if cfg.lora_rank else 'full'} "
-                 f"({self.policy.n_trainable:,} trainable), reward {cfg.reward}, G={cfg.group_size} x "
+            info(f"policy: {'LoRA r' + str(cfg.policy.lora_rank) if cfg.policy.lora_rank else 'full'} "
+                 f"({self.policy.n_trainable:,} trainable), reward {cfg.reward.name}, G={cfg.group_size} x "
                  f"P={cfg.prompts_per_iter}, top_k={self.top_k or 'off'}, advantage {cfg.advantage}, SDE window "
                  f"[{w0}, {w1}) of {cfg.sampler.steps}, {self.world} rank(s) x {len(self.mine)} samples, "
                  f"{len(self.train_prompts)} train / {len(self.eval_prompts)} eval prompts", who="grpo")
@@ -454,7 +489,7 @@ class GRPOTrainer:
                                         micro_batch=cfg.micro_batch, kl_convention=cfg.kl_convention)
                 with phase("optimizer"):
                     all_reduce_grads(self.params, self.world)
-                    gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip or float("inf"))
+                    gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.optim.grad_clip or float("inf"))
                     self.opt.step()
                 stats["grad_norm"] = float(gnorm)
             if self.ema:
@@ -465,7 +500,7 @@ class GRPOTrainer:
 
     def evaluate(self, tag: str | None = None) -> dict:
         """Held-out prompts x ``eval_seeds`` fixed noises, deterministic ODE, (EMA) policy."""
-        from ..rewards import oracle_hard
+        from ..rl.reward_fns import oracle_hard
 
         cfg, rank, world = self.cfg, self.rank, self.world
         prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
@@ -476,7 +511,7 @@ class GRPOTrainer:
             traj = self.sampler.sample(my_prompts, [seeds[i] for i in mine], sde=False)
         r = gather_by_index(self.reward_fn(traj.images, my_prompts), len(prompts), rank, world)
         res = {"eval_reward": float(r.nanmean())}
-        if self.oracle_ok and cfg.reward != "oracle":
+        if self.oracle_ok and cfg.reward.name != "oracle":
             o = gather_by_index(_oracle(traj.images, my_prompts, cfg), len(prompts), rank, world)
             res["eval_oracle"] = float(o.nanmean())
         if self.oracle_ok:
@@ -543,7 +578,7 @@ class GRPOTrainer:
                 self.metrics.write({"step": self.it, "elapsed_s": self.elapsed, **ev})
         final = {**self.last, **self.evaluate("after")} if self.cfg.save_grids or not self.last else self.last
         if is_main():
-            self.policy.save(self.out / "policy", self.ema.weights if self.ema else None, merged=self.cfg.export_merged)
+            self.policy.save(self.out / "policy", self.ema.weights if self.ema else None, merged=self.cfg.policy.export_merged)
             self.metrics.close()
             plot_run(self.out)
             info(f"done: policy -> {self.out / 'policy'}", who="grpo")
@@ -584,9 +619,9 @@ def _parses(prompts: list[str]) -> bool:
 
 
 def _oracle(images, prompts, cfg) -> torch.Tensor:
-    from ..rewards import oracle_reward
+    from ..rl.reward_fns import oracle_reward
 
-    return oracle_reward(images, prompts, tau=cfg.reward_tau, form=cfg.reward_form).cpu()
+    return oracle_reward(images, prompts, tau=cfg.reward.oracle.tau, form=cfg.reward.oracle.form).cpu()
 
 
 def _reduce_stats(stats: dict[str, float], world: int) -> dict[str, float]:
@@ -604,7 +639,7 @@ def _reduce_stats(stats: dict[str, float], world: int) -> dict[str, float]:
 
 def _grid(images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path) -> None:
     from ..plots import image_grid
-    from ..sampler import to_pil
+    from ..rl.sampler import to_pil
 
     pil = to_pil(images)
     rows = [pil[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts))]

@@ -160,7 +160,7 @@ class RewardTrainer:
         from .run import make_optimizer
 
         cfg = self.cfg
-        dtype = torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32
+        dtype = getattr(torch, cfg.dtype)
         model = _build_model(cfg, dtype)
         if cfg.init_from:
             info(f"initialised from {cfg.init_from}", who="reward")
@@ -429,7 +429,7 @@ def _fsdp_load(model, opt, tensors: dict[str, torch.Tensor], optim: dict) -> Non
 
 
 def _unsharded_copy(cfg: RewardTrainConfig, tensors: dict[str, torch.Tensor]):
-    model = _build_model(cfg, torch.bfloat16 if cfg.dtype == "bfloat16" else torch.float32)
+    model = _build_model(cfg, getattr(torch, cfg.dtype))
     matched = [n for n, _ in model.named_parameters() if n in tensors]
     model.load_state_dict(tensors, strict=False)
     if len(matched) != len(tensors):
@@ -449,17 +449,15 @@ def synth_config(data: str, overrides: dict | None = None):
 
 def held_out_pairs(synth_cfg, seed: int, n: int, split: str) -> list[dict]:
     """The first ``n`` pairs of a separate seed whose prompts fall in the held-out ``split``."""
-    from ..data.synth import make_pair
+    from ..data.synth import pairs_of_split
 
-    out, i = [], 0
-    spec = synth_cfg.spec()
-    while len(out) < n and i < 200 * n:
-        pair = make_pair(synth_cfg, f"heldout-{seed}", i, spec)
-        i += 1
-        if pair.record["split"] == split:
-            r = pair.record
-            out.append({"id": r["id"], "prompt": r["prompt"], "chosen": pair.chosen, "rejected": pair.rejected,
-                        "n_perturbations": r["n_perturbations"], "perturbations": r["perturbations"]})
+    out = []
+    for pair in pairs_of_split(synth_cfg, f"heldout-{seed}", split, 200 * n):
+        r = pair.record
+        out.append({"id": r["id"], "prompt": r["prompt"], "chosen": pair.chosen, "rejected": pair.rejected,
+                    "n_perturbations": r["n_perturbations"], "perturbations": r["perturbations"]})
+        if len(out) == n:
+            break
     if not out:
         raise ConfigError("eval_split", f"no '{split}' pairs in the synthetic stream")
     return out

@@ -4,6 +4,8 @@ import pytest
 import torch
 from spatialcore.kernels import pair_loss, reward_head
 
+from spatialcore.gpu import default_dtype
+
 
 def _shape(device):
     return (48, 1024, 3584) if device == "cuda" else (8, 128, 256)
@@ -24,7 +26,7 @@ def compiled():
 @pytest.mark.parametrize("impl", ["eager_reference", "compiled_reference", "triton"])
 def test_reward_head_pair_loss(measure, device, impl, compiled):
     B, T, H = _shape(device)
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = default_dtype(device)
     hidden = torch.randn(B, T, H, device=device, dtype=dtype, requires_grad=True)
     idx = torch.randint(0, T, (B,), device=device)
     w = (torch.randn(2, H, device=device, dtype=dtype) * 0.02).requires_grad_(True)

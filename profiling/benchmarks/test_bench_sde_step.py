@@ -4,6 +4,8 @@ import pytest
 import torch
 from spatialcore.kernels import sde_step_logprob
 
+from spatialcore.gpu import default_dtype
+
 
 def _shape(device):
     return (24, 4096, 64) if device == "cuda" else (4, 256, 16)
@@ -16,7 +18,7 @@ def compiled():
 
 @pytest.mark.parametrize("impl", ["eager_reference", "compiled_reference", "triton", "triton_philox", "copy_floor"])
 def test_sde_step(measure, device, impl, compiled):
-    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    dtype = default_dtype(device)
     shape = _shape(device)
     x, v, noise = (torch.randn(shape, device=device, dtype=dtype) for _ in range(3))
     if impl.startswith("triton") and device != "cuda":

@@ -28,8 +28,17 @@ import numpy as np
 from PIL import Image
 
 from ..vocab import BACKGROUNDS, COLOURS, OBJECTS
-from .render import SHADE, halo_px, shape_mask
-from .scene import DEPTH, NEXT_TO, Relation, parse_prompt
+from .geometry import (
+    DEPTH,
+    DIRECTIONAL,
+    NEXT_TO,
+    directional_value,
+    relation_value,
+    segment_position,
+    shape_mask,
+)
+from .render import SHADE, halo_px
+from .scene import Relation, parse_prompt
 
 MAX_COLOUR_DIST = 60.0
 TEMPLATE = 24
@@ -176,25 +185,15 @@ def _judge_one(rel: Relation, found: dict[str, Detection], halo: int) -> bool | 
 
 def _decide(rtype: str, d: list[Detection], halo: int) -> bool | None:
     a, b = d[0], d[1]
-    if rtype == "left of":
-        return b.cx - a.cx > 0
-    if rtype == "right of":
-        return a.cx - b.cx > 0
-    if rtype == "above":
-        return b.cy - a.cy > 0
-    if rtype == "below":
-        return a.cy - b.cy > 0
+    if rtype in DIRECTIONAL:
+        return directional_value(rtype, (a.cx, a.cy), (b.cx, b.cy)) > 0
     if rtype == "next to":
         gap = float(np.hypot(a.cx - b.cx, a.cy - b.cy)) - a.half - b.half
         return gap < NEXT_TO
     if rtype in DEPTH:
         return _depth(a, b, halo) if rtype == "in front of" else _depth(b, a, halo)
     if rtype == "between":
-        c = d[2]
-        vx, vy = c.cx - b.cx, c.cy - b.cy
-        n2 = vx * vx + vy * vy or 1e-9
-        t = ((a.cx - b.cx) * vx + (a.cy - b.cy) * vy) / n2
-        perp = abs((a.cx - b.cx) * vy - (a.cy - b.cy) * vx) / np.sqrt(n2)
+        t, perp = segment_position((a.cx, a.cy), (b.cx, b.cy), (d[2].cx, d[2].cy))
         return 0 < t < 1 and perp < 0.15
     raise ValueError(f"unknown relation type {rtype!r}")
 
@@ -238,25 +237,3 @@ def pixel_score(image: Image.Image, relations: list[Relation] | str, *, min_mass
         s = relation_value(rel.type, [(x, y) for _, x, y in pts])
         scores.append(float(np.clip(2 * s, -1.0, 1.0)))
     return float(np.mean(scores))
-
-
-def relation_value(rtype: str, pts: list[tuple[float, float]]) -> float:
-    """Signed, unclipped relation evidence from normalised centroids ``[(x, y), ...]`` of the
-    relation's arguments (positive: the relation holds). Shared by the PIL and tensor rewards."""
-    (ax, ay), (bx, by) = pts[0], pts[1]
-    if rtype == "left of":
-        return bx - ax
-    if rtype == "right of":
-        return ax - bx
-    if rtype == "above":
-        return by - ay
-    if rtype == "below":
-        return ay - by
-    if rtype == "between":
-        cx, cy = pts[2]
-        vx, vy = cx - bx, cy - by
-        n2 = vx * vx + vy * vy or 1e-9
-        t = ((ax - bx) * vx + (ay - by) * vy) / n2
-        return 0.5 - abs(t - 0.5)
-    # next to / depth: closeness of the two colour masses
-    return NEXT_TO + 0.2 - float(np.hypot(ax - bx, ay - by))

@@ -8,14 +8,13 @@ the pixel oracle reads). Shapes are never rotated; objects get small colour jitt
 
 from __future__ import annotations
 
-import math
 import random
 from functools import lru_cache
 
-import numpy as np
-from PIL import Image, ImageChops, ImageDraw, ImageFilter
+from PIL import Image, ImageChops, ImageFilter
 
 from ..vocab import BACKGROUNDS, COLOURS
+from .geometry import shape_mask
 from .scene import Scene
 
 SHADE = 0.55  # halo darkening factor
@@ -24,64 +23,6 @@ _SHADE_LUT = [int(v * SHADE) for v in range(256)] * 3
 
 def halo_px(size: int) -> int:
     return max(1, round(0.012 * size))
-
-
-@lru_cache(maxsize=4096)
-def shape_mask(kind: str, side: int) -> Image.Image:
-    """An ``L`` mask (255 inside) of ``kind`` drawn in a ``side`` x ``side`` box."""
-    s = side
-    m = Image.new("L", (s, s), 0)
-    d = ImageDraw.Draw(m)
-    e = s - 1
-    if kind == "square":
-        d.rectangle((0.08 * e, 0.08 * e, 0.92 * e, 0.92 * e), fill=255)
-    elif kind == "circle":
-        d.ellipse((0, 0, e, e), fill=255)
-    elif kind == "triangle":
-        d.polygon([(0.5 * e, 0), (e, e), (0, e)], fill=255)
-    elif kind == "diamond":
-        d.polygon([(0.5 * e, 0), (e, 0.5 * e), (0.5 * e, e), (0, 0.5 * e)], fill=255)
-    elif kind == "hexagon":
-        d.polygon([(0.5 * e + 0.5 * e * math.cos(a), 0.5 * e + 0.5 * e * math.sin(a))
-                   for a in (math.pi / 3 * k for k in range(6))], fill=255)
-    elif kind == "star":
-        pts = []
-        for k in range(10):
-            rad = 0.5 * e if k % 2 == 0 else 0.22 * e
-            a = -math.pi / 2 + k * math.pi / 5
-            pts.append((0.5 * e + rad * math.cos(a), 0.55 * e + rad * math.sin(a)))
-        d.polygon(pts, fill=255)
-    elif kind == "ring":
-        d.ellipse((0, 0, e, e), fill=255)
-        d.ellipse((0.27 * e, 0.27 * e, 0.73 * e, 0.73 * e), fill=0)
-    elif kind == "cross":
-        d.rectangle((0.33 * e, 0, 0.67 * e, e), fill=255)
-        d.rectangle((0, 0.33 * e, e, 0.67 * e), fill=255)
-    elif kind == "crescent":
-        d.ellipse((0, 0, e, e), fill=255)
-        d.ellipse((0.35 * e, -0.05 * e, 1.25 * e, 0.95 * e), fill=0)
-    elif kind == "arrow":
-        d.rectangle((0, 0.36 * e, 0.55 * e, 0.64 * e), fill=255)
-        d.polygon([(0.5 * e, 0.05 * e), (e, 0.5 * e), (0.5 * e, 0.95 * e)], fill=255)
-    else:
-        raise ValueError(f"unknown object kind {kind!r}")
-    return m
-
-
-@lru_cache(maxsize=8192)
-def _shape_bool(kind: str, side: int) -> np.ndarray:
-    return np.asarray(shape_mask(kind, side)) > 127
-
-
-@lru_cache(maxsize=8192)
-def shape_area(kind: str, side: int) -> int:
-    return max(1, int(np.count_nonzero(_shape_bool(kind, side))))
-
-
-def shape_array(o, size: int) -> tuple[np.ndarray, int, int]:
-    """(bool mask, x0, y0) of object ``o`` drawn in a ``size`` x ``size`` image."""
-    side = max(4, round(2 * o.r * size))
-    return _shape_bool(o.kind, side), round(o.cx * size - side / 2), round(o.cy * size - side / 2)
 
 
 @lru_cache(maxsize=4096)

@@ -26,16 +26,21 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..vocab import BACKGROUNDS, COLOURS, CONNECTIVES, OBJECTS, OPPOSITE, RELATIONS, SIZES
+from .geometry import (
+    DEPTH,
+    DIRECTIONAL,
+    NEXT_TO,
+    directional_value,
+    segment_position,
+    shape_area,
+    shape_array,
+)
 
 SIZE_RADIUS = {"small": 0.075, "medium": 0.095, "large": 0.115}  # half box side, fraction of W
-DIRECTIONAL = ("left of", "right of", "above", "below")
-DEPTH = ("in front of", "behind")
-PAIRWISE = DIRECTIONAL + DEPTH + ("next to",)
 PERTURBATIONS = ("flip", "swap", "relation", "binding")
 
 # Decision boundaries (truth) and generation margins (layouts stay clear of the boundary).
 MARGIN = 0.08          # directional: |cx_a - cx_b| >= MARGIN when generated
-NEXT_TO = 0.12         # gap below this is "next to"
 NEXT_HOLD = (0.03, 0.06)
 NEXT_FAIL = 0.22
 OCCLUDED = (0.15, 0.5)  # depth relations: share of the back object covered when generated
@@ -112,8 +117,6 @@ def covered_fraction(front: Obj, back: Obj) -> float:
     """Share of ``back``'s shape covered by ``front``'s shape (rasterised at GRID px per side)."""
     if _dist(front, back) >= front.r * 1.5 + back.r * 1.5:
         return 0.0
-    from .render import shape_area, shape_array
-
     fa, fx, fy = shape_array(front, GRID)
     ba, bx, by = shape_array(back, GRID)
     x0, y0 = max(fx, bx), max(fy, by)
@@ -130,24 +133,15 @@ def overlapping(a: Obj, b: Obj) -> bool:
 
 def _between(a: Obj, b: Obj, c: Obj) -> tuple[float, float]:
     """(t, perpendicular distance) of a's centre relative to the segment b -> c."""
-    vx, vy = c.cx - b.cx, c.cy - b.cy
-    n2 = vx * vx + vy * vy or 1e-9
-    t = ((a.cx - b.cx) * vx + (a.cy - b.cy) * vy) / n2
-    perp = abs((a.cx - b.cx) * vy - (a.cy - b.cy) * vx) / math.sqrt(n2)
-    return t, perp
+    return segment_position((a.cx, a.cy), (b.cx, b.cy), (c.cx, c.cy))
 
 
-def relation_value(rtype: str, objs: list[Obj]) -> float:
-    """Signed distance from the decision boundary (> 0: the relation holds)."""
+def object_value(rtype: str, objs: list[Obj]) -> float:
+    """Signed distance of the objects ``objs`` from the relation's decision boundary (> 0: it
+    holds), on the scene graph: centres for directions, box gaps, drawing order and overlap."""
     a, b = objs[0], objs[1]
-    if rtype == "left of":
-        return b.cx - a.cx
-    if rtype == "right of":
-        return a.cx - b.cx
-    if rtype == "above":
-        return b.cy - a.cy
-    if rtype == "below":
-        return a.cy - b.cy
+    if rtype in DIRECTIONAL:
+        return directional_value(rtype, (a.cx, a.cy), (b.cx, b.cy))
     if rtype == "next to":
         return NEXT_TO - (_dist(a, b) - a.r - b.r)
     if rtype in DEPTH:
@@ -165,7 +159,7 @@ def holds_clearly(rtype: str, objs: list[Obj]) -> bool:
     """The relation holds with the generation margin."""
     a, b = objs[0], objs[1]
     if rtype in DIRECTIONAL:
-        return relation_value(rtype, objs) >= MARGIN
+        return object_value(rtype, objs) >= MARGIN
     if rtype == "next to":
         gap = _dist(a, b) - a.r - b.r
         return NEXT_HOLD[0] <= gap <= NEXT_HOLD[1]
@@ -180,7 +174,7 @@ def fails_clearly(rtype: str, objs: list[Obj]) -> bool:
     """The relation is false with the generation margin."""
     a, b = objs[0], objs[1]
     if rtype in DIRECTIONAL:
-        return relation_value(rtype, objs) <= -MARGIN
+        return object_value(rtype, objs) <= -MARGIN
     if rtype == "next to":
         return _dist(a, b) - a.r - b.r >= NEXT_FAIL
     if rtype in DEPTH:
@@ -197,7 +191,7 @@ def satisfied(rel: Relation, scene: Scene) -> bool:
     objs = [scene.find(ident) for ident in rel.args]
     if any(o is None for o in objs):
         return False
-    return relation_value(rel.type, objs) > 0
+    return object_value(rel.type, objs) > 0
 
 
 def fraction_satisfied(relations: list[Relation], scene: Scene) -> float:

@@ -24,6 +24,7 @@ import torch.utils.data
 
 from ..config import ConfigError, param
 from ..vocab import COLOURS, OBJECTS, RELATIONS
+from .geometry import DIRECTIONAL
 from .render import render
 from .scene import PERTURBATIONS, SceneSpec, perturb, random_scene, write_prompt
 
@@ -83,18 +84,17 @@ class SynthConfig:
             p_sizes=self.p_sizes, p_background=self.p_background)
 
 
-DIRECTIONAL = ["left of", "right of", "above", "below"]
 
 # Starting points; any key can still be overridden.
 DIFFICULTIES: dict[str, dict] = {
     # A fixed object pair, one directional relation, a flipped one in the rejected image:
     # learnable by the tiny CPU reward model (new images and prompt wordings at test time).
     "easy": {"size": 56, "fixed_objects": ["red circle", "blue square"], "min_relations": 1, "max_relations": 1,
-             "relation_types": DIRECTIONAL, "perturbation_types": ["flip"], "max_violations": 1, "p_single": 1.0},
+             "relation_types": list(DIRECTIONAL), "perturbation_types": ["flip"], "max_violations": 1, "p_single": 1.0},
     # Two objects of any colour/kind, one directional relation; split by object pair so the
     # held-out objects were never seen in training.
     "medium": {"size": 56, "min_objects": 2, "max_objects": 2, "min_relations": 1, "max_relations": 1,
-               "relation_types": DIRECTIONAL, "perturbation_types": ["flip", "swap", "relation"],
+               "relation_types": list(DIRECTIONAL), "perturbation_types": ["flip", "swap", "relation"],
                "max_violations": 1, "p_single": 1.0, "split_by": "objects"},
     # The full task: 3-6 objects, 2-9 relations of every type, 1-3 violations.
     "hard": {},
@@ -141,6 +141,16 @@ def make_pair(cfg: SynthConfig, seed: int | str, index: int, spec: SceneSpec | N
                  "chosen_scene": scene.to_meta(), "rejected_scene": perturbed.to_meta()},
     }
     return SynthPair(record, chosen, rejected)
+
+
+def pairs_of_split(cfg: SynthConfig, seed: int | str, split: str, max_draws: int) -> Iterator[SynthPair]:
+    """The pairs of stream ``seed`` (indices 0, 1, ...) whose prompt falls in ``split``, from at most
+    ``max_draws`` draws: how held-out prompts and pairs are taken from the generator."""
+    spec = cfg.spec()
+    for i in range(max_draws):
+        pair = make_pair(cfg, seed, i, spec)
+        if pair.record["split"] == split:
+            yield pair
 
 
 def _write_one(args: tuple[SynthConfig, int | str, int, str]) -> dict:

@@ -6,7 +6,7 @@ returning float32 ``[B]`` on the images' device. NaN marks a sample that could n
   batched, images preprocessed where they live; optional int8/float8 weights).
 * ``oracle``: the verifiable pixel reward of the data oracle made dense: each pixel is softly
   assigned to the palette colours (w_c = softmax_c of -|rgb - colour_c|^2 / 2 tau^2), and a
-  relation's evidence ``oracle.relation_value`` is computed from per-colour positions, clipped
+  relation's evidence ``geometry.relation_value`` is computed from per-colour positions, clipped
   2 s to [-1, 1] and averaged over the prompt's relations. ``form="moment"`` (default) uses for the
   four directions the first moments M_c = mean_p w_c(p) (pos_p - 1/2) (so "red left of blue" is
   4 (M_blue - M_red) along x: more red mass on the left and more blue on the right); ``"centroid"``
@@ -23,9 +23,10 @@ from functools import lru_cache
 import numpy as np
 import torch
 
-from .data.oracle import judge, pixel_score, relation_value
-from .data.scene import parse_prompt
-from .vocab import COLOURS
+from ..data.geometry import DIRECTIONAL, relation_value
+from ..data.oracle import judge, pixel_score
+from ..data.scene import parse_prompt
+from ..vocab import COLOURS
 
 PALETTE = list(COLOURS)
 
@@ -55,9 +56,6 @@ def colour_centroids(images: torch.Tensor, tau: float = 60.0) -> tuple[torch.Ten
     return mass / (H * W), centroid, moment
 
 
-DIRECTIONS = ("left of", "right of", "above", "below")
-
-
 def oracle_reward(images: torch.Tensor, prompts: list[str], *, tau: float = 60.0, form: str = "moment"
                   ) -> torch.Tensor:
     """Dense pixel-oracle reward in [-1, 1] (see module docstring); ``[B]`` float32."""
@@ -71,7 +69,7 @@ def oracle_reward(images: torch.Tensor, prompts: list[str], *, tau: float = 60.0
     for b, prompt in enumerate(prompts):
         vals = []
         for rel in _relations(prompt):
-            src = mom if form == "moment" and rel.type in DIRECTIONS else cent
+            src = mom if form == "moment" and rel.type in DIRECTIONAL else cent
             pts = [tuple(src[b, PALETTE.index(colour)]) for colour, _ in rel.args]
             vals.append(float(np.clip(2 * relation_value(rel.type, pts), -1.0, 1.0)))
         out.append(float(np.mean(vals)))
@@ -96,7 +94,7 @@ class SpatialScoreReward:
 
     def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
                  quantize: str = "none", batch_size: int = 32, liger: bool = False, compile: bool = False):
-        from .reward.model import SpatialScore
+        from ..reward.model import SpatialScore
 
         self.model = SpatialScore.from_pretrained(path, dtype=dtype).to(device).eval()
         for p in self.model.parameters():

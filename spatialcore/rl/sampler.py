@@ -22,9 +22,9 @@ from typing import Literal
 import numpy as np
 import torch
 
-from .config import ConfigError, param
-from .kernels import ode_step, sde_step_logprob
-from .profiling.ranges import phase
+from ..config import ConfigError, param
+from ..kernels import ode_step, sde_step_logprob
+from ..phases import phase
 
 
 @dataclass
