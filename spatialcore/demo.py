@@ -6,12 +6,12 @@ Stages, each timed and summarised in ``REPORT.md``:
    same config);
 2. synthesise a SpatialReward pair set (easy preset: the evaluation set), validate it and draw
    its statistics;
-3. train the tiny SpatialScore on freshly streamed pairs with the curriculum of
-   ``configs/reward/tiny_cpu.yaml``;
+3. train the tiny SpatialScore on freshly streamed pairs: ``configs/reward/tiny_cpu.yaml`` (its
+   curriculum) with ``REWARD_CHANGES``;
 4. evaluate it on the pair set's test split (the published table's columns) with the
    shuffled-prompt control beside it;
-5. Spatial-RL: GRPO with Top-k filtering on the tiny Flux, rewarded by that SpatialScore, on
-   synthetic prompts (training split), evaluated before and after on held-out prompts from fixed
+5. Spatial-RL: GRPO with Top-k filtering on the tiny Flux, rewarded by that SpatialScore
+   (``configs/grpo/tiny_cpu_spatialscore.yaml`` with ``GRPO_CHANGES``), on synthetic prompts (training split), evaluated before and after on held-out prompts from fixed
    noise with SpatialScore and the pixel oracle.
 
 Every stage writes into ``out`` and is reused on a second run when its result is there.
@@ -24,38 +24,39 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import ConfigError, from_dict, param, to_dict
+from .config import ConfigError, from_dict, load_config, param, to_dict
+from .errors import RunError
 from .logs import info
 from .tiny import TinyConfig
 from .trainers.grpo import GRPOTrainConfig
 from .trainers.reward import RewardTrainConfig
 
 # The reward curriculum of configs/reward/tiny_cpu.yaml (see there for why each stage exists).
-REWARD_CURRICULUM = [
-    {"relation_types": ["left of"], "p_sizes": 0.0, "p_background": 0.0},
-    {"relation_types": ["left of", "right of"], "p_sizes": 0.0, "p_background": 0.0},
-    {"relation_types": ["left of", "right of", "above"], "p_sizes": 0.0, "p_background": 0.0},
-    {"p_sizes": 0.0, "p_background": 0.0},
-]
+# The stage configs are the files in configs/ with the demo's own choices on top, validated as any
+# run's are (the demo runs from a checkout: `make demo`).
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+REWARD_FILE, REWARD_CHANGES = "reward/tiny_cpu.yaml", [
+    "seed=1", "max_steps=2000"]  # seed 1 reaches the final curriculum stage at step ~1,800; cut at 2,000
+GRPO_FILE, GRPO_CHANGES = "grpo/tiny_cpu_spatialscore.yaml", [
+    # reward.spatialscore.model becomes the model the demo trains; threads=0: the demo's own setting
+    "n_stream_prompts=64", "optim.lr=5e-4", "iterations=400", "max_minutes=5", "eval_every=50", "eval_seeds=8",
+    "threads=0"]
+
+
+def _from_configs(cls, name: str, changes: list[str]):
+    path = CONFIGS / name
+    if not path.is_file():
+        raise RunError(f"the demo composes its runs from {path} (configs/ of a checkout): not found; run it from "
+                       "a clone with `make demo`")
+    return load_config(cls, path, changes)
 
 
 def _reward_defaults() -> RewardTrainConfig:
-    # configs/reward/tiny_cpu.yaml with seed 1 (the final stage reached at step ~1,800 there), cut at 2,000 steps
-    return from_dict(RewardTrainConfig, {
-        "data": "stream:easy", "curriculum": [dict(s) for s in REWARD_CURRICULUM], "seed": 1, "advance_at": 0.95,
-        "batch_size": 16, "lr": 1e-3, "head_lr": 3e-3, "warmup_steps": 50, "max_steps": 2000, "eval_every": 100,
-        "eval_pairs": 400, "save_every": 500, "log_every": 25, "threads": 2}, "reward")
+    return _from_configs(RewardTrainConfig, REWARD_FILE, REWARD_CHANGES)
 
 
 def _grpo_defaults() -> GRPOTrainConfig:
-    # reward.spatialscore.model is replaced by the model the demo trains; full fine-tuning, because at
-    # this size it learns several times faster than LoRA (README, Spatial-RL)
-    return from_dict(GRPOTrainConfig, {
-        "prompts": [], "prompt_stream": "easy", "stream": {"p_sizes": 0.0, "p_background": 0.0}, "n_stream_prompts": 64,
-        "reward": {"name": "spatialscore", "spatialscore": {"model": "runs/demo/reward/model"}},
-        "group_size": 16, "prompts_per_iter": 2, "top_k": 4, "train_timesteps": 4, "policy": {"lora_rank": 0},
-        "optim": {"lr": 5e-4}, "iterations": 400, "max_minutes": 5.0, "eval_every": 50, "log_every": 50,
-        "eval_seeds": 8, "save_every": 100}, "grpo")
+    return _from_configs(GRPOTrainConfig, GRPO_FILE, GRPO_CHANGES)
 
 
 @dataclass
