@@ -30,12 +30,14 @@ def _run(repo: Path, tmp: Path, **env) -> subprocess.CompletedProcess:
     for name in ("PYTHONPATH", "PYTHONSAFEPATH"):  # as on the device: only what the script sets
         full.pop(name, None)
     return subprocess.run(["bash", "profiling/gpu_check.sh"], cwd=repo, env=full, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=1200)
 
 
 def test_rehearsal_of_the_cheapest_steps(tmp_path):
     repo = _checkout_copy(tmp_path / "repo")
-    proc = _run(repo, tmp_path, STEPS="env wheels shim logprob")
+    # SCALE stretches the caps: a loaded CI machine imports torch slowly, and what this checks is that
+    # the steps work the device's way, not how fast (the device run's caps are checked below)
+    proc = _run(repo, tmp_path, STEPS="env wheels shim logprob", SCALE="12")
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
     assert f"spatialcore.kernels from {tmp_path / 'shim'}" in out, out[-3000:]
