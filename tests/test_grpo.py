@@ -306,9 +306,9 @@ def test_top_k_follows_the_preset_unless_given(tiny_dir, tmp_path):
 
 
 def test_nonfinite_rewards_train_on_the_rest_and_a_bad_streak_stops(tiny_dir, tmp_path, monkeypatch):
-    """Iteration 1: one NaN and one inf in group 0, group 1 all equal (zero std): the two samples left
-    in group 0 train (flow_grpo preset: no Top-k; zero-std groups dropped), metrics stay finite and
-    count the bad rewards. Iterations 2-3: no finite reward at all -> stop after max_bad_iterations
+    """Iteration 1: a NaN in group 0, an inf in group 1 whose finite rewards are all equal (zero std):
+    the three finite samples of group 0 train (flow_grpo preset: no Top-k, which would keep two;
+    zero-std groups dropped), metrics stay finite and count the bad rewards. Iterations 2-3: no finite reward at all -> stop after max_bad_iterations
     with the iteration-1 checkpoint intact and no checkpoint written during the streak."""
     import spatialcore.rl.reward_fns
 
@@ -319,7 +319,7 @@ def test_nonfinite_rewards_train_on_the_rest_and_a_bad_streak_stops(tiny_dir, tm
             return torch.zeros(2)
         calls.append(len(prompts))
         if len(calls) == 1:
-            return torch.tensor([float("nan"), 0.3, float("inf"), -0.2, 0.5, 0.5, 0.5, 0.5])
+            return torch.tensor([float("nan"), 0.3, 0.1, -0.2, float("inf"), 0.5, 0.5, 0.5])
         return torch.full((8,), float("nan"))
 
     monkeypatch.setattr(spatialcore.rl.reward_fns, "make_reward", lambda *a, **k: reward)
@@ -331,7 +331,7 @@ def test_nonfinite_rewards_train_on_the_rest_and_a_bad_streak_stops(tiny_dir, tm
     recs = [r for r in records(run) if r["step"] > 0]
     assert [r["step"] for r in recs] == [1, 2]  # the third iteration raised before logging
     first = recs[0]
-    assert first["nonfinite"] == 2 and first["kept_fraction"] == 2 / 8 and first["zero_std_fraction"] == 0.5
+    assert first["nonfinite"] == 2 and first["kept_fraction"] == 3 / 8 and first["zero_std_fraction"] == 0.5
     assert first["grad_norm"] > 0 and np.isfinite([first["reward_mean"], first["reward_std"], first["loss"]]).all()
     assert recs[1]["nonfinite"] == 8 and recs[1]["kept_fraction"] == 0
     ckpts = sorted(p.name for p in (run / "checkpoints").glob("step_*"))
