@@ -157,6 +157,42 @@ def _cmd_grpo_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_sft_train(args: argparse.Namespace) -> int:
+    from .paths import require
+    from .trainers.sft import SFTTrainConfig, train
+
+    cfg = load_config(SFTTrainConfig, args.config, args.overrides)
+    require(cfg.model, "model", "flux", hub=True)
+    final = train(cfg)
+    if args.json and final:
+        print(json.dumps(final, indent=2))
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from .eval.report import EvalSettings, run_eval
+    from .paths import require, require_policy
+
+    require(args.model, "--model", "flux", hub=True)
+    require_policy(args.lora, "--lora")
+    require(args.reward_model, "--reward-model", "spatialscore")
+    for key, value, low in (("-n", args.n, 1), ("--n-prompts", args.n_prompts, 1), ("--steps", args.steps, 1)):
+        if value < low:
+            raise ConfigError(key, f"must be >= {low}, got {value}")
+    settings = EvalSettings(prompts=args.prompts, n_prompts=args.n_prompts, per_prompt=args.n, seed=args.seed,
+                            steps=args.steps, size=args.size, guidance=args.guidance,
+                            max_sequence_length=args.max_sequence_length, detector=args.detector,
+                            threshold=args.threshold, batch=args.batch)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    summary = run_eval(args.model, args.out, settings, lora=args.lora, reward_model=args.reward_model, device=device,
+                       dtype=args.dtype)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
 def _cmd_grpo_compare(args: argparse.Namespace) -> int:
     from .trainers.grpo import compare_runs
 
@@ -354,7 +390,12 @@ def _config_kinds() -> dict[str, Callable[[], type]]:
 
         return GRPOTrainConfig
 
-    return {"tiny": tiny, "demo": demo, "synth": synth, "reward": reward, "grpo": grpo}
+    def sft() -> type:
+        from .trainers.sft import SFTTrainConfig
+
+        return SFTTrainConfig
+
+    return {"tiny": tiny, "demo": demo, "synth": synth, "reward": reward, "grpo": grpo, "sft": sft}
 
 
 def _add_tiny(sub) -> None:
@@ -472,6 +513,52 @@ def _add_grpo(sub) -> None:
     g.set_defaults(func=_cmd_grpo_compare)
 
 
+def _add_sft(sub) -> None:
+    """``spatialcore sft train``."""
+    p = sub.add_parser("sft", help="supervised flow-matching fine-tuning of Flux (the supervised baseline)",
+                       description="Fine-tune a Flux generator on (prompt, image) pairs with the rectified-flow loss.")
+    ssub = p.add_subparsers(dest="sft_command", metavar="ACTION")
+    ssub.required = True
+    s = ssub.add_parser("train", help="train the transformer (LoRA or full; optionally the VAE first)",
+                        description="Flow-matching fine-tuning on the synthetic renderer, a pair set's chosen images "
+                                    "or an image folder with metadata.jsonl; resumes from the run folder's latest "
+                                    "checkpoint; writes out/pipeline (FluxPipeline.from_pretrained loads it).")
+    s.add_argument("--json", action="store_true", help="print the final metrics as JSON")
+    _add_config_args(s)
+    s.set_defaults(func=_cmd_sft_train)
+
+
+def _add_eval(sub) -> None:
+    """``spatialcore eval``."""
+    p = sub.add_parser("eval", help="spatial evaluation of a generator (detector + GenEval's position rule)",
+                       description="Sample N images per prompt with fixed seeds from a Flux checkpoint (+ policy), "
+                                   "judge each with a detector and GenEval's position rule, and report objects found, "
+                                   "relation accuracy, a per-relation table and (with --reward-model) SpatialScore: "
+                                   "eval.json, eval.md, grid.png, samples.jsonl in --out.")
+    p.add_argument("--model", required=True, metavar="DIR|HUB_ID", help="Flux pipeline (e.g. runs/sft_tiny/pipeline)")
+    p.add_argument("--lora", metavar="DIR", help="policy folder written by grpo train (out/policy)")
+    p.add_argument("--prompts", default="synthetic:easy", metavar="SOURCE",
+                   help="synthetic:easy|medium|hard (held-out test prompts), GenEval metadata .jsonl, or a text file "
+                        "of synthetic-grammar prompts (default synthetic:easy)")
+    p.add_argument("--n-prompts", type=int, default=64, help="prompts taken from the source (default 64)")
+    p.add_argument("-n", type=int, default=4, help="images per prompt (default 4)")
+    p.add_argument("--seed", type=int, default=0, help="noise seeds derive from it (and the synthetic prompts)")
+    p.add_argument("--steps", type=int, default=12, help="ODE steps (default 12)")
+    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    p.add_argument("--guidance", type=float, default=3.5)
+    p.add_argument("--max-sequence-length", type=int, default=64, help="T5 tokens (longer prompts are refused)")
+    p.add_argument("--detector", default="oracle", metavar="oracle|DIR|HUB_ID",
+                   help="the pixel oracle (synthetic scenes) or a zero-shot detector (OWLv2, Grounding DINO)")
+    p.add_argument("--threshold", type=float, default=0.1, help="zero-shot detector score threshold")
+    p.add_argument("--reward-model", metavar="DIR", help="SpatialScore folder: also report mean mu and sigma")
+    p.add_argument("--batch", type=int, default=16, help="images per sampler call")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    p.add_argument("--device", default=None, help="default: cuda when available")
+    p.set_defaults(func=_cmd_eval)
+
+
 def _add_sample(sub) -> None:
     """``spatialcore sample``."""
     p = sub.add_parser("sample", help="generate images with a Flux checkpoint (+ a trained policy)",
@@ -542,7 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_tiny, _add_demo, _add_data, _add_reward, _add_grpo, _add_sample, _add_bench_profile, _add_info,
+    for add in (_add_tiny, _add_demo, _add_data, _add_reward, _add_grpo, _add_sft, _add_eval, _add_sample, _add_bench_profile, _add_info,
                 _add_config_cmd):
         add(sub)
     return parser

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -93,9 +94,9 @@ class TinyFluxConfig:
     single_layers: int = param(1, min=0, help="single-stream blocks")
     vae_channels: list[int] = param(default_factory=lambda: [8, 16, 16], min=4)
     latent_channels: int = param(4, min=1)
-    clip_vocab_size: int = param(512, min=300)
-    t5_vocab_size: int = param(256, min=64)
-    max_sequence_length: int = param(64, min=8, max=512)
+    clip_vocab_size: int = param(1024, min=300, help="BPE target size (large enough for one token per word)")
+    # Longest prompt in tokens (both tokenizers are word-level: the hard preset's longest is ~150).
+    max_sequence_length: int = param(256, min=8, max=512)
     sample_size: int = param(64, min=16)
 
     def check(self) -> None:
@@ -131,22 +132,34 @@ def flux_rope_axes(head_dim: int) -> tuple[int, int, int]:
     return (head_dim - 2 * hw, hw, hw)
 
 
-def _train_bpe(corpus: list[str], vocab_size: int, special: list[str], *, end_of_word: str | None = None):
+def _train_bpe(corpus: list[str], vocab_size: int, special: list[str], *, clip: bool = False):
     """Train a byte-level BPE and rebuild it with a canonical id order.
 
-    The trainer numbers its initial alphabet in hash order, so ids differ between runs;
-    renumbering as specials, sorted alphabet, then tokens in merge order makes the files
-    bit-identical for a seed.
+    ``clip``: CLIP's normalisation and pre-tokenisation (lower case, words split off spaces and
+    punctuation, ``</w>`` ending each word), so that the merges learned here are the ones
+    ``CLIPTokenizer`` applies; with a vocabulary larger than the corpus needs, every corpus word
+    ends as one token. The trainer numbers its initial alphabet in hash order, so ids differ
+    between runs; renumbering as specials, sorted alphabet, then tokens in merge order makes the
+    files bit-identical for a seed.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    suffix = {"end_of_word_suffix": "</w>"} if clip else {}
 
     def fresh(model):
         tok = Tokenizer(model)
-        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        if clip:  # as transformers' CLIPTokenizer
+            tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                                   normalizers.Lowercase()])
+            tok.pre_tokenizer = pre_tokenizers.Sequence([
+                pre_tokenizers.Split(Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|"""
+                                           r"""[\p{N}]|[^\s\p{L}\p{N}]+"""), behavior="removed", invert=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False)])
+        else:
+            tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
         tok.decoder = decoders.ByteLevel()
         return tok
 
-    suffix = {"end_of_word_suffix": end_of_word} if end_of_word else {}
     tok = fresh(models.BPE(**suffix))
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), **suffix)
@@ -162,22 +175,21 @@ def _train_bpe(corpus: list[str], vocab_size: int, special: list[str], *, end_of
     return tok, vocab, merges
 
 
-def _train_unigram(corpus: list[str], vocab_size: int) -> list[tuple[str, float]]:
-    """SentencePiece-style unigram pieces for the T5 tokenizer, in a canonical order.
+def _t5_pieces(corpus: list[str]) -> list[tuple[str, float]]:
+    """A word-level SentencePiece unigram vocabulary for the T5 tokenizer: every corpus word (as
+    written and capitalised) is one piece, punctuation is its own piece, and single characters are a
+    costly fallback so that any text still tokenizes. Deterministic (sorted, fixed scores)."""
+    import string
 
-    Scores are rounded so that float noise from the parallel trainer cannot change the file.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-
-    special = ["<pad>", "</s>", "<unk>"]
-    uni = Tokenizer(models.Unigram())
-    uni.pre_tokenizer = pre_tokenizers.Metaspace()
-    uni.train_from_iterator(corpus, trainers.UnigramTrainer(
-        vocab_size=vocab_size, special_tokens=special, unk_token="<unk>", show_progress=False))
-    pieces = [(p, round(score, 4)) for p, score in json.loads(uni.to_str())["model"]["vocab"]]
-    head = [(p, 0.0) for p in special]
-    rest = sorted((x for x in pieces if x[0] not in special), key=lambda x: (-x[1], x[0]))
-    return head + rest
+    words: set[str] = set()
+    for line in corpus:
+        for w in re.findall(r"[A-Za-z]+", line):
+            words |= {w, w.lower(), w[0].upper() + w[1:]}
+    punct = sorted(set(string.punctuation))
+    chars = sorted(set(string.ascii_letters + string.digits))
+    head = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    return (head + [("\u2581" + w, -2.0) for w in sorted(words)] + [(p, -3.0) for p in punct]
+            + [("\u2581", -6.0)] + [(c, -10.0) for c in chars])
 
 
 def build_reward(cfg: TinyRewardConfig, out: Path, seed: int, corpus: list[str]) -> dict:
@@ -247,15 +259,15 @@ def build_flux(cfg: TinyFluxConfig, out: Path, seed: int, corpus: list[str]) -> 
     )
 
     _, clip_vocab, clip_merges = _train_bpe(corpus, cfg.clip_vocab_size, ["<|startoftext|>", "<|endoftext|>"],
-                                            end_of_word="</w>")
-    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=clip_merges, model_max_length=77)
-    t5_tok = T5Tokenizer(vocab=_train_unigram(corpus, cfg.t5_vocab_size), extra_ids=0,
-                         model_max_length=cfg.max_sequence_length)
+                                            clip=True)
+    clip_tok = CLIPTokenizer(vocab=clip_vocab, merges=clip_merges, model_max_length=cfg.max_sequence_length)
+    t5_tok = T5Tokenizer(vocab=_t5_pieces(corpus), extra_ids=0, model_max_length=cfg.max_sequence_length)
 
     torch.manual_seed(seed)
     clip = CLIPTextModel(CLIPTextConfig(
         vocab_size=len(clip_tok), hidden_size=cfg.clip_hidden, intermediate_size=2 * cfg.clip_hidden,
-        num_hidden_layers=cfg.clip_layers, num_attention_heads=2, max_position_embeddings=77,
+        num_hidden_layers=cfg.clip_layers, num_attention_heads=2,
+        max_position_embeddings=cfg.max_sequence_length,
         projection_dim=cfg.clip_hidden, bos_token_id=clip_tok.bos_token_id, eos_token_id=clip_tok.eos_token_id,
         pad_token_id=clip_tok.pad_token_id))
     t5 = T5EncoderModel(T5Config(

@@ -176,3 +176,24 @@ def test_a_run_folder_with_only_torn_checkpoints_is_one_line(tiny_dir, tmp_path,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step_00000004/weights.safetensors is truncated" in err[0], err
     assert json.loads((root / "step_00000004" / "meta.json").read_text())["step"] == 4  # left as it was
+
+
+def test_sft_sigkill_at_a_random_step_resumes_exactly(tiny_dir, tmp_path, capfd):
+    """Both stages (VAE, then transformer with LoRA and EMA): the killed and resumed run ends with the
+    same pipeline as the straight one."""
+    from spatialcore.trainers.sft import SFTTrainConfig
+    from spatialcore.trainers.sft import train as sft_train
+
+    overrides = {"model": str(tiny_dir / "flux"), "image_size": 32, "vae.steps": 2, "vae.batch_size": 2,
+                 "vae.calibration_images": 8, "steps": 6, "batch_size": 4, "micro_batch": 2, "save_every": 2,
+                 "eval_every": 3, "eval_prompts": 1, "eval_seeds": 2, "sample_steps": 2, "policy.lora_rank": 4,
+                 "policy.ema_decay": 0.9, "optim.lr": 1e-2, "log_every": 1, "threads": 1}
+    straight, killed = _kill_and_resume(["sft", "train"], SFTTrainConfig, sft_train, overrides, tmp_path, capfd,
+                                        "loss", "pipeline", 8)
+    assert step_records(records(killed), "eval_found") == [5, 8]
+    for weights in ("pipeline/transformer/diffusion_pytorch_model.safetensors",
+                    "pipeline/vae/diffusion_pytorch_model.safetensors", "lora/pytorch_lora_weights.safetensors"):
+        _same_runs(straight, killed, weights)
+    a, b = (json.loads((r / "pipeline" / "vae" / "config.json").read_text()) for r in (straight, killed))
+    assert (a["shift_factor"], a["scaling_factor"]) == (b["shift_factor"], b["scaling_factor"])
+    assert a["scaling_factor"] != 1.5035, "the VAE stage measured its latent scale"

@@ -47,6 +47,7 @@ from ..dist import is_main
 from ..logs import info, progress, step_line
 from ..phases import phase
 from ..rl.sampler import SamplerConfig, Trajectory
+from .run import OptimConfig, PolicyConfig, all_reduce_grads
 
 TIME_KEYS = ("t_sample", "t_score", "t_train", "samples_per_s", "elapsed_s", "gpu_mem_gib")
 
@@ -77,25 +78,6 @@ class RewardFnConfig:
     def check(self) -> None:
         if self.name == "spatialscore" and not self.spatialscore.model:
             raise ConfigError("spatialscore.model", "reward.name=spatialscore needs a SpatialScore folder")
-
-
-@dataclass
-class PolicyConfig:
-    lora_rank: int = param(8, min=0, help="0: full fine-tuning")
-    lora_alpha: float = param(8.0, min=0.0)
-    ema_decay: float = param(0.0, min=0.0, max=1.0, help="0: no EMA")
-    gradient_checkpointing: bool = False
-    export_merged: bool = False  # LoRA: also write policy/transformer with the adapter folded in
-
-
-@dataclass
-class OptimConfig:
-    name: Literal["adamw", "sgd"] = "adamw"
-    lr: float = param(1e-2, min=0.0)
-    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> min_lr_ratio * lr over `iterations`
-    min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
-    weight_decay: float = param(0.0, min=0.0)
-    grad_clip: float = param(1.0, min=0.0, help="max global gradient norm (0: no clipping)")
 
 
 @dataclass
@@ -190,11 +172,9 @@ def sample_seed(seed: int, iteration: int, n: int) -> int:
 
 
 def lr_at(cfg: GRPOTrainConfig, iteration: int) -> float:
-    o = cfg.optim
-    if o.schedule == "constant":
-        return o.lr
-    t = min(1.0, iteration / max(1, cfg.iterations - 1))
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+    from .run import scheduled_lr
+
+    return scheduled_lr(cfg.optim, iteration, cfg.iterations)
 
 
 def iteration_seeds(cfg: GRPOTrainConfig, iteration: int, groups: np.ndarray, samples: list[int]) -> list[int]:
@@ -219,18 +199,9 @@ def iteration_plan(cfg: GRPOTrainConfig, n_prompts: int, iteration: int, window:
 
 def synth_prompts(preset: str, overrides: dict, split: str, n: int, seed: int) -> list[str]:
     """Up to ``n`` distinct prompts of the synthetic generator's ``split``."""
-    from ..config import from_dict
-    from ..data.synth import DIFFICULTIES, SynthConfig, pairs_of_split
+    from ..data.synth import split_prompts
 
-    cfg = from_dict(SynthConfig, {**DIFFICULTIES[preset], "size": 32, **overrides}, "stream")
-    out: dict[str, None] = {}
-    for pair in pairs_of_split(cfg, f"prompts-{seed}", split, 200 * n):
-        out[pair.record["prompt"]] = None
-        if len(out) == n:
-            break
-    if not out:
-        raise ConfigError("prompt_stream", f"the stream has no '{split}' prompts")
-    return list(out)
+    return split_prompts(preset, overrides, split, n, seed)
 
 
 def gather_by_index(values: torch.Tensor, n_total: int, rank: int, world: int) -> torch.Tensor:
@@ -296,21 +267,6 @@ def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch
             stats["approx_kl"] += float(res.approx_kl) * w
             stats["kl"] += float(res.kl) * w if res.kl is not None else 0.0
     return stats
-
-
-def all_reduce_grads(params: dict[str, torch.Tensor], world: int) -> None:
-    """Sum gradients over ranks (each rank already weighted its share of the global mean)."""
-    from ..dist import all_reduce_
-
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
-    if world > 1:
-        flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset: offset + g.numel()].view_as(g))
-            offset += g.numel()
-    for p, g in zip(params.values(), grads, strict=True):
-        p.grad = g
 
 
 # ----------------------------------------------------------------------------- the trainer

@@ -9,14 +9,18 @@ the resumed run writes each step exactly once.
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from ..config import param
 from ..errors import TrainingError
 from ..logs import MetricsFile, info, read_metrics
 
-__all__ = ["TrainingError", "checkpoint", "find_checkpoint", "make_optimizer", "open_metrics", "restore", "split_batch"]
+__all__ = ["OptimConfig", "PolicyConfig", "TrainingError", "all_reduce_grads", "checkpoint", "scheduled_lr", "find_checkpoint", "make_optimizer", "open_metrics", "restore", "split_batch"]
 
 
 def find_checkpoint(out: Path, *, who: str) -> Path | None:
@@ -85,3 +89,45 @@ def make_optimizer(kind: str, groups: list[dict], *, weight_decay: float) -> tor
     if kind == "sgd":
         return torch.optim.SGD(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
     return torch.optim.AdamW(groups, lr=groups[0]["lr"], weight_decay=weight_decay)
+
+
+def all_reduce_grads(params: dict[str, torch.Tensor], world: int) -> None:
+    """Sum gradients over ranks (each rank already weighted its share of the global mean)."""
+    from ..dist import all_reduce_
+
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+    if world > 1:
+        flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+    for p, g in zip(params.values(), grads, strict=True):
+        p.grad = g
+
+
+@dataclass
+class PolicyConfig:
+    lora_rank: int = param(8, min=0, help="0: full fine-tuning")
+    lora_alpha: float = param(8.0, min=0.0)
+    ema_decay: float = param(0.0, min=0.0, max=1.0, help="0: no EMA")
+    gradient_checkpointing: bool = False
+    export_merged: bool = False  # LoRA: also write policy/transformer with the adapter folded in
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = param(1e-2, min=0.0)
+    schedule: Literal["constant", "cosine"] = "constant"  # cosine: lr -> min_lr_ratio * lr over the run
+    min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
+    weight_decay: float = param(0.0, min=0.0)
+    grad_clip: float = param(1.0, min=0.0, help="max global gradient norm (0: no clipping)")
+
+
+def scheduled_lr(o: OptimConfig, step: int, total: int) -> float:
+    """Learning rate of (0-based) ``step`` of ``total``: constant, or cosine from ``lr`` to ``min_lr_ratio x lr``."""
+    if o.schedule == "constant":
+        return o.lr
+    t = min(1.0, step / max(1, total - 1))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))

@@ -24,6 +24,7 @@ from PIL import Image, ImageDraw
 DIRECTIONAL = ("left of", "right of", "above", "below")
 DEPTH = ("in front of", "behind")
 NEXT_TO = 0.12  # "next to": the gap between two objects' boxes is below this
+POSITION_THRESHOLD = 0.1  # GenEval's position rule: offsets shrink by this x the summed box sizes
 
 Point = tuple[float, float]
 
@@ -40,6 +41,29 @@ def directional_value(rtype: str, a: Point, b: Point) -> float:
     if rtype == "below":
         return ay - by
     raise ValueError(f"not a directional relation: {rtype!r}")
+
+
+def geneval_relations(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> set[str]:
+    """The directional relations of box A relative to box B (``[x0, y0, x1, y1]``, any unit) by
+    GenEval's rule (``relative_position`` in djghosh13/geneval's ``evaluation/evaluate_images.py``)."""
+    a = np.asarray(box_a, dtype=np.float64)[:4].reshape(2, 2)
+    b = np.asarray(box_b, dtype=np.float64)[:4].reshape(2, 2)
+    offset = a.mean(0) - b.mean(0)
+    dims = np.abs(a[1] - a[0]) + np.abs(b[1] - b[0])
+    shrunk = np.maximum(np.abs(offset) - threshold * dims, 0) * np.sign(offset)
+    if np.all(np.abs(shrunk) < 1e-3):
+        return set()
+    dx, dy = shrunk / np.linalg.norm(offset)
+    out = set()
+    if dx < -0.5:
+        out.add("left of")
+    if dx > 0.5:
+        out.add("right of")
+    if dy < -0.5:
+        out.add("above")
+    if dy > 0.5:
+        out.add("below")
+    return out
 
 
 def segment_position(a: Point, b: Point, c: Point) -> tuple[float, float]:

@@ -31,6 +31,7 @@ from .geometry import (
     DIRECTIONAL,
     NEXT_TO,
     directional_value,
+    geneval_relations,
     segment_position,
     shape_area,
     shape_array,
@@ -41,6 +42,7 @@ PERTURBATIONS = ("flip", "swap", "relation", "binding")
 
 # Decision boundaries (truth) and generation margins (layouts stay clear of the boundary).
 MARGIN = 0.08          # directional: |cx_a - cx_b| >= MARGIN when generated
+GENEVAL_MARGIN = 0.2   # ... and the relation holds by GenEval's position rule at twice its threshold
 NEXT_HOLD = (0.03, 0.06)
 NEXT_FAIL = 0.22
 OCCLUDED = (0.15, 0.5)  # depth relations: share of the back object covered when generated
@@ -155,11 +157,17 @@ def object_value(rtype: str, objs: list[Obj]) -> float:
     raise ValueError(f"unknown relation type {rtype!r}")
 
 
+def _bbox(o: Obj) -> tuple[float, float, float, float]:
+    return (o.cx - o.r, o.cy - o.r, o.cx + o.r, o.cy + o.r)
+
+
 def holds_clearly(rtype: str, objs: list[Obj]) -> bool:
-    """The relation holds with the generation margin."""
+    """The relation holds with the generation margin. A directional relation also holds by GenEval's
+    position rule on the objects' boxes (the offset along its axis dominates), so that a benchmark
+    judge and the scene agree on what "left of" means."""
     a, b = objs[0], objs[1]
     if rtype in DIRECTIONAL:
-        return object_value(rtype, objs) >= MARGIN
+        return object_value(rtype, objs) >= MARGIN and rtype in geneval_relations(_bbox(a), _bbox(b), GENEVAL_MARGIN)
     if rtype == "next to":
         gap = _dist(a, b) - a.r - b.r
         return NEXT_HOLD[0] <= gap <= NEXT_HOLD[1]
@@ -299,7 +307,16 @@ def _candidate(scene: Scene, i: int, ready, box, rng: random.Random) -> tuple[fl
     o = scene.objects[i]
     shaped = [c for c in ready if c[1] not in _SIGN]
     if not shaped or rng.random() < 0.1:
-        return rng.uniform(x0, x1), rng.uniform(y0, y1)
+        x, y = rng.uniform(x0, x1), rng.uniform(y0, y1)
+        held = [c for c in ready if c[1] in _SIGN and c[2]]
+        if held and rng.random() < 0.7:  # keep a held direction's axis dominant (GenEval's rule)
+            ids, rtype, _ = rng.choice(held)
+            p = scene.objects[ids[1] if ids[0] == i else ids[0]]
+            if _SIGN[rtype][0]:
+                y = p.cy + (x - p.cx) * rng.uniform(-0.6, 0.6)
+            else:
+                x = p.cx + (y - p.cy) * rng.uniform(-0.6, 0.6)
+        return x, y
     ids, rtype, want = rng.choice(shaped)
     if rtype == "between":
         a, b, c = (scene.objects[j] for j in ids)

@@ -26,7 +26,7 @@ from ..config import ConfigError, param
 from ..vocab import COLOURS, OBJECTS, RELATIONS
 from .geometry import DIRECTIONAL
 from .render import render
-from .scene import PERTURBATIONS, SceneSpec, perturb, random_scene, write_prompt
+from .scene import PERTURBATIONS, Scene, SceneSpec, perturb, random_scene, write_prompt
 
 SPLITS = ("train", "val", "test")
 
@@ -240,3 +240,36 @@ class StreamingPairs(torch.utils.data.IterableDataset):
     def state_dict(self, consumed: int) -> dict:
         return {"seed": self.seed, "rank": self.rank, "world_size": self.world_size, "start": self.start + consumed}
 
+
+
+def scene_sample(cfg: SynthConfig, seed: int | str, index: int, split: str = "train", *, max_draws: int = 1000,
+                 spec: SceneSpec | None = None) -> tuple[str, object, Scene]:
+    """Item ``index`` of the stream ``seed`` of perfect scenes whose prompt falls in ``split``:
+    (prompt, rendered image, scene) — what a generator is fine-tuned on. A pure function of its
+    arguments (draws are retried under sub-seeds until the split matches), so any rank can make any
+    item and a resumed run redraws the same ones."""
+    spec = spec or cfg.spec()
+    for draw in range(max_draws):
+        rng = random.Random(f"spatialcore-scene:{seed}:{index}:{draw}")
+        scene = random_scene(spec, rng)
+        prompt = write_prompt(scene, rng)
+        key = prompt if cfg.split_by == "prompt" else "|".join(sorted(f"{o.colour} {o.kind}" for o in scene.objects))
+        if split_of(key, cfg) == split:
+            return prompt, render(scene, cfg.size, rng, colour_jitter=cfg.colour_jitter), scene
+    raise ValueError(f"no '{split}' scene in {max_draws} draws (val_fraction/test_fraction too small?)")
+
+
+def split_prompts(preset: str, overrides: dict, split: str, n: int, seed: int | str) -> list[str]:
+    """Up to ``n`` distinct prompts of preset ``preset``'s ``split`` (the synthetic generator with
+    ``overrides``): the held-out prompts of generator training and evaluation."""
+    from ..config import from_dict
+
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES[preset], "size": 32, **overrides}, "stream")
+    out: dict[str, None] = {}
+    for pair in pairs_of_split(cfg, f"prompts-{seed}", split, 200 * n):
+        out[pair.record["prompt"]] = None
+        if len(out) == n:
+            break
+    if not out:
+        raise ConfigError("prompt_stream", f"the stream has no '{split}' prompts")
+    return list(out)

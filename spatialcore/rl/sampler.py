@@ -143,6 +143,7 @@ class FluxSampler:
         """(prompt_embeds [B, L, D], pooled [B, Dp]); frozen encoders, cached per prompt."""
         todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
         if todo:
+            self._check_length(todo)
             emb, pooled, _ = self.pipe.encode_prompt(todo, prompt_2=None, device=self.device,
                                                      max_sequence_length=self.cfg.max_sequence_length)
             for i, p in enumerate(todo):
@@ -150,6 +151,16 @@ class FluxSampler:
         emb = torch.stack([self._text_cache[p][0] for p in prompts])
         pooled = torch.stack([self._text_cache[p][1] for p in prompts])
         return emb, pooled
+
+    def _check_length(self, prompts: list[str]) -> None:
+        """A prompt longer than ``max_sequence_length`` T5 tokens would be cut silently: refuse it."""
+        tok = self.pipe.tokenizer_2
+        limit = self.cfg.max_sequence_length
+        for p in prompts:
+            n = len(tok(p).input_ids)
+            if n > limit:
+                raise ConfigError("max_sequence_length", f"a prompt has {n} T5 tokens, more than max_sequence_length="
+                                                         f"{limit} (it would be truncated): {p[:60]!r}...")
 
     def velocity(self, x: torch.Tensor, sigma: float | torch.Tensor, emb: torch.Tensor, pooled: torch.Tensor,
                  transformer: torch.nn.Module | None = None) -> torch.Tensor:

@@ -1,0 +1,1 @@
+"""Evaluating generators: detectors, GenEval's position rule, the `spatialcore eval` report."""
