@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..gpu import default_dtype
+from ..paths import git_commit
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
 PEAK_BF16_TFLOPS = {"H100 SXM": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H200": 989.4, "GH200": 989.4}
@@ -91,7 +92,7 @@ def environment(device: torch.device) -> dict:
 
     env = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "triton": triton.__version__, "cuda": torch.version.cuda,
-           "threads": torch.get_num_threads(), "commit": _git_commit()}
+           "threads": torch.get_num_threads(), "commit": git_commit()}
     facts = gpu_facts()
     if facts:
         env["gpu"] = [f.__dict__ for f in facts]
@@ -101,15 +102,6 @@ def environment(device: torch.device) -> dict:
     except (OSError, subprocess.SubprocessError):
         env["driver"] = None
     return env
-
-
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(__file__).resolve().parent)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 # ----------------------------------------------------------------------------- score

@@ -63,3 +63,15 @@ def require_policy(value: str | None, key: str) -> None:
         hint = f" (did you mean {path / 'policy'}?)" if (path / "policy").is_dir() else ""
         raise ConfigError(key, f"{value} holds neither {LORA_FILE} nor transformer/ (expected a policy folder "
                                f"written by `spatialcore grpo train`){hint}")
+
+
+def git_commit() -> str | None:
+    """The checkout's short commit hash (None outside a git checkout)."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -108,7 +108,9 @@ def _compare_reward_runs(baseline, other) -> None:
     for step in (1, 2):
         name = f"checkpoints/step_{step:08d}/weights.safetensors"
         rel, moved = relative_difference(load_file(one / name), load_file(other / name), start)
-        assert moved > 1e-2 and rel <= REL, (step, rel, moved)
+        # float32 sums in another order (4 pairs at once vs 4 micro-batches of 1) differ by ~1e-5 of the
+        # move after two SGD steps at lr 1; a gradient summed or averaged wrongly differs by O(1)
+        assert moved > 1e-2 and rel <= 3 * REL, (step, rel, moved)
 
 
 def test_reward_gradient_accumulation(baseline_args, reward_baseline, tmp_path):

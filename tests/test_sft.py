@@ -119,6 +119,9 @@ def test_the_checkpoint_loads_in_the_stock_pipeline_and_its_lora_matches(tiny_di
     train(_sft_cfg(model=str(tiny_dir / "flux"), out=str(out), image_size=32, steps=2, batch_size=2,
                    eval_every=2, eval_prompts=1, eval_seeds=1, sample_steps=2, **{"policy.lora_rank": 4,
                    "policy.lora_alpha": 8, "optim.lr": 0.05, "threads": 1}))
+    run = json.loads((out / "pipeline" / "spatialcore_run.json").read_text())
+    assert run["steps"] == 2 and run["config"]["policy"]["lora_rank"] == 4 and set(run["eval"]) == {
+        "eval_found", "eval_relation_acc"} and run["eval_samples"] == 1
     trained = FluxPipeline.from_pretrained(out / "pipeline")
     img = trained("the red circle is to the left of the blue square", height=32, width=32, num_inference_steps=2,
                   guidance_scale=3.5, max_sequence_length=32, output_type="pt").images

@@ -514,11 +514,28 @@ class SFTTrainer:
             final.update(self.evaluate("final"))
         if is_main():
             self.export(self.out)
+            self._manifest(final)
             self.metrics.close()
             plot_run(self.out)
             info(f"done: pipeline -> {self.out / 'pipeline'}", who="sft")
         shutdown()
         return final
+
+    def _manifest(self, final: dict) -> None:
+        """``out/pipeline/spatialcore_run.json``: how the pipeline was made (command, resolved config, seed,
+        commit, training time) and its last held-out evaluation."""
+        import json
+        import sys
+
+        from ..config import to_dict
+        from ..paths import git_commit
+
+        record = {"command": "spatialcore " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["sft"] else None,
+                  "config": to_dict(self.cfg), "seed": self.cfg.seed, "commit": git_commit(),
+                  "steps": self.step, "training_seconds": round(self.elapsed, 1),
+                  "eval": {k: final[k] for k in ("eval_found", "eval_relation_acc") if k in final},
+                  "eval_samples": len(self.eval_prompts) * self.cfg.eval_seeds}
+        (self.out / "pipeline" / "spatialcore_run.json").write_text(json.dumps(record, indent=2) + "\n")
 
     def export(self, out: Path) -> None:
         """``out/pipeline`` (complete Flux pipeline, LoRA folded in, EMA weights if any) and, for LoRA,
