@@ -50,7 +50,9 @@ def test_ode_sampler_equals_stock_pipeline(pipe):
     stock = pipe(LEFT, height=32, width=32, num_inference_steps=5, guidance_scale=3.5, latents=lat,
                  output_type="pt", max_sequence_length=64).images
     ours = s.sample([LEFT], [3], sde=False).images
-    torch.testing.assert_close(ours, stock, rtol=0, atol=1e-6)
+    # the sampler runs a single row as two (BLAS matrix-matrix instead of matrix-vector path, see
+    # FluxSampler.velocity): float32 rounding of a few 1e-6 in pixel values, nothing more
+    torch.testing.assert_close(ours, stock, rtol=0, atol=5e-6)
 
 
 @pytest.mark.parametrize("sde_type,window,compile", [("sde", (0, 0), "none"), ("cps", (1, 3), "none"),
