@@ -33,7 +33,6 @@ config resumes from the newest complete one and ends with the same weights and m
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,7 @@ from ..dist import is_main
 from ..logs import info, progress, step_line
 from ..phases import phase
 from ..rl.sampler import SamplerConfig, Trajectory
-from .run import OptimConfig, PolicyConfig, all_reduce_grads
+from .run import OptimConfig, PolicyConfig, all_reduce_grads, gather_by_index
 
 TIME_KEYS = ("t_sample", "t_score", "t_train", "samples_per_s", "elapsed_s", "gpu_mem_gib")
 
@@ -197,30 +196,6 @@ def iteration_plan(cfg: GRPOTrainConfig, n_prompts: int, iteration: int, window:
     return groups, steps
 
 
-def synth_prompts(preset: str, overrides: dict, split: str, n: int, seed: int) -> list[str]:
-    """Up to ``n`` distinct prompts of the synthetic generator's ``split``."""
-    from ..data.synth import split_prompts
-
-    return split_prompts(preset, overrides, split, n, seed)
-
-
-def gather_by_index(values: torch.Tensor, n_total: int, rank: int, world: int) -> torch.Tensor:
-    """All-gather per-rank values of samples ``rank, rank + world, ...`` into the full ``[n_total]``
-    (CPU float32: a host-side collective, served by gloo also in a CUDA run)."""
-    from ..dist import all_gather
-
-    if world == 1:
-        return values.float().cpu()
-    per = math.ceil(n_total / world)
-    buf = torch.full((per,), float("nan"), dtype=torch.float32)
-    buf[: values.numel()] = values.float().cpu()
-    full = torch.empty(n_total)
-    for r, part in enumerate(all_gather(buf)):
-        idx = torch.arange(r, n_total, world)
-        full[idx] = part[: idx.numel()]
-    return full
-
-
 def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch.Tensor, emb: torch.Tensor,
                     pooled: torch.Tensor, adv: torch.Tensor, keep: torch.Tensor, steps: list[int],
                     sigmas: torch.Tensor, *, n_kept_global: int, clip_range: float, kl_beta: float,
@@ -302,8 +277,10 @@ class GRPOTrainer:
         """Prompts before any model: a bad prompt source fails fast."""
         cfg = self.cfg
         if cfg.prompt_stream:
-            self.train_prompts = synth_prompts(cfg.prompt_stream, cfg.stream, "train", cfg.n_stream_prompts, cfg.seed)
-            self.eval_prompts = cfg.eval_prompts or synth_prompts(cfg.prompt_stream, cfg.stream, "test",
+            from ..data.synth import split_prompts
+
+            self.train_prompts = split_prompts(cfg.prompt_stream, cfg.stream, "train", cfg.n_stream_prompts, cfg.seed)
+            self.eval_prompts = cfg.eval_prompts or split_prompts(cfg.prompt_stream, cfg.stream, "test",
                                                                   max(1, cfg.n_stream_prompts // 8), cfg.seed)
         else:
             self.train_prompts, self.eval_prompts = list(cfg.prompts), list(cfg.eval_prompts or cfg.prompts)

@@ -20,7 +20,7 @@ from ..config import param
 from ..errors import TrainingError
 from ..logs import MetricsFile, info, read_metrics
 
-__all__ = ["OptimConfig", "PolicyConfig", "TrainingError", "all_reduce_grads", "checkpoint", "scheduled_lr", "find_checkpoint", "make_optimizer", "open_metrics", "restore", "split_batch"]
+__all__ = ["OptimConfig", "PolicyConfig", "TrainingError", "all_reduce_grads", "checkpoint", "gather_by_index", "scheduled_lr", "find_checkpoint", "make_optimizer", "open_metrics", "restore", "split_batch"]
 
 
 def find_checkpoint(out: Path, *, who: str) -> Path | None:
@@ -131,3 +131,20 @@ def scheduled_lr(o: OptimConfig, step: int, total: int) -> float:
         return o.lr
     t = min(1.0, step / max(1, total - 1))
     return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def gather_by_index(values: torch.Tensor, n_total: int, rank: int, world: int) -> torch.Tensor:
+    """All-gather per-rank values of samples ``rank, rank + world, ...`` into the full ``[n_total]``
+    (CPU float32: a host-side collective, served by gloo also in a CUDA run)."""
+    from ..dist import all_gather
+
+    if world == 1:
+        return values.float().cpu()
+    per = math.ceil(n_total / world)
+    buf = torch.full((per,), float("nan"), dtype=torch.float32)
+    buf[: values.numel()] = values.float().cpu()
+    full = torch.empty(n_total)
+    for r, part in enumerate(all_gather(buf)):
+        idx = torch.arange(r, n_total, world)
+        full[idx] = part[: idx.numel()]
+    return full

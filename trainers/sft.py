@@ -450,7 +450,7 @@ class SFTTrainer:
         """Held-out prompts x ``eval_seeds`` fixed noises, ODE, (EMA) transformer; the pixel oracle's
         objects-found rate and relation accuracy where the prompts follow the synthetic grammar."""
         from ..rl.sampler import to_pil
-        from ..trainers.grpo import gather_by_index
+        from .run import gather_by_index
 
         cfg = self.cfg
         prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
