@@ -407,3 +407,111 @@ def test_config_files_load():
     for f in files:
         cfg = load_config(GRPOTrainConfig, f)
         assert cfg.group_size >= 2 * cfg.resolved_top_k()
+
+
+# ----------------------------------------------------------------------------- uncertainty-aware rewards
+
+
+def _lcb_topk_reference(mu, sigma, lam, k, *, stats_over, unbiased, eps, clip):
+    """Written from the definition: per group rank by mu - lam*sigma (stable, descending), keep the first
+    k and the last k; advantages from mu over the kept samples (or the whole group), clipped."""
+    P, G = mu.shape
+    adv, keep = np.zeros((P, G)), np.zeros((P, G), dtype=bool)
+    for p in range(P):
+        lcb = [mu[p, j] - lam * sigma[p, j] for j in range(G)]
+        order = sorted(range(G), key=lambda j: -lcb[j])  # sorted() is stable: ties in index order
+        kept = set(order[:k]) | set(order[-k:])
+        stats = sorted(kept) if stats_over == "kept" else list(range(G))
+        vals = np.array([mu[p, j] for j in stats], dtype=np.float64)
+        sd = vals.std(ddof=1 if unbiased else 0)
+        for j in kept:
+            keep[p, j] = True
+            adv[p, j] = np.clip((mu[p, j] - vals.mean()) / (sd + eps), -clip, clip)
+    return adv, keep
+
+
+@pytest.mark.parametrize("preset", ["spatial_rl", "dancegrpo"])
+def test_sigma_aware_top_k_ranks_by_the_lower_bound(preset):
+    """Top-k ranked by mu - lambda*sigma keeps other samples than Top-k by mu (the example is built so),
+    and the kept samples' advantages come from mu: checked against a loop written from the definition."""
+    from spatialcore.kernels import ADVANTAGE_PRESETS
+    from spatialcore.trainers.grpo import ranked_advantages
+
+    g = torch.Generator().manual_seed(3)
+    mu = torch.randn(3, 7, generator=g)
+    sigma = torch.rand(3, 7, generator=g) * 2.0
+    sigma[0, mu[0].argmax()] = 10.0  # the best mu is the least certain: its bound ranks it last
+    lam, k, kw = 0.7, 2, ADVANTAGE_PRESETS[preset]
+    res = ranked_advantages(mu, mu - lam * sigma, k, drop_zero_std=True, **kw)
+    adv, keep = _lcb_topk_reference(mu.double().numpy(), sigma.double().numpy(), lam, k,
+                                    stats_over=kw["stats_over"], unbiased=kw["unbiased"], eps=kw["eps"],
+                                    clip=kw.get("clip", np.inf))
+    assert torch.equal(res.keep, torch.from_numpy(keep))
+    np.testing.assert_allclose(res.advantages.numpy(), adv, rtol=1e-5, atol=1e-6)
+    plain = ranked_advantages(mu, None, k, drop_zero_std=True, **kw)
+    assert not torch.equal(plain.keep, res.keep)
+
+
+def test_spatialscore_reward_forms():
+    from spatialcore.rl.reward_fns import SpatialScoreReward
+
+    class Model:
+        def score(self, prompts, images, batch_size):
+            return torch.tensor([0.5, -1.0, 2.0]), torch.tensor([0.1, 2.0, 0.5])
+
+    images = torch.zeros(3, 3, 8, 8)
+    for form, want in [("mu", [0.5, -1.0, 2.0]), ("lcb", [0.5 - 0.3 * 0.1, -1.0 - 0.3 * 2.0, 2.0 - 0.3 * 0.5])]:
+        r = SpatialScoreReward.__new__(SpatialScoreReward)
+        r.model, r.batch_size, r.form, r.sigma_weight = Model(), 4, form, 0.3
+        np.testing.assert_allclose(r(images, ["p"] * 3).numpy(), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="form"):
+        SpatialScoreReward("unused", form="ucb")
+
+
+def test_trainer_keeps_the_lower_bound_top_k(tiny_dir, tmp_path, monkeypatch):
+    """In the trainer with reward.spatialscore.topk_by=lcb (reward: mu): the logged rewards are mu and
+    the samples that reach the update are the lower bound's Top-k, which differ from mu's Top-k here."""
+    import spatialcore.rl.reward_fns
+
+    mu = torch.tensor([0.9, 0.1, 0.5, 0.2, -0.3, 0.8, 0.0, 0.4])
+    sigma = torch.tensor([2.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 3.0])
+    made = {}
+
+    class Reward:
+        def scores(self, images, prompts):
+            return (mu, sigma) if len(prompts) == 8 else (torch.zeros(len(prompts)), torch.zeros(len(prompts)))
+
+        def reward(self, m, s):
+            return m
+
+        def __call__(self, images, prompts):
+            return self.reward(*self.scores(images, prompts))
+
+    kept = []
+    real_adv = kernels.group_advantages
+
+    def group_advantages(*a, **kw):
+        res = real_adv(*a, **kw)
+        kept.append(res.keep.reshape(-1).clone())
+        return res
+
+    monkeypatch.setattr(spatialcore.rl.reward_fns, "make_reward", lambda *a, **k: made.update(k) or Reward())
+    monkeypatch.setattr(kernels, "group_advantages", group_advantages)
+    train(_cfg(tiny_dir, tmp_path / "run", iterations=1, save_grids=False, eval_every=100, eval_seeds=1,
+               **{"reward.name": "spatialscore", "reward.spatialscore.model": str(tmp_path / "unused"),
+                  "reward.spatialscore.sigma_weight": 0.5, "reward.spatialscore.topk_by": "lcb"}))
+    assert made["score_form"] == "mu" and made["sigma_weight"] == 0.5
+    lcb, by_mu = (mu - 0.5 * sigma).view(2, 4), mu.view(2, 4)
+    want, plain = torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)
+    for p in range(2):  # top_k=1 of 4: the highest and the lowest of each group
+        want[p, int(lcb[p].argmax())] = want[p, int(lcb[p].argmin())] = True
+        plain[p, int(by_mu[p].argmax())] = plain[p, int(by_mu[p].argmin())] = True
+    assert not torch.equal(want, plain)
+    assert torch.equal(kept[0], want.reshape(-1))
+    rec = [r for r in records(tmp_path / "run") if "reward_mean" in r][0]
+    assert rec["reward_mean"] == pytest.approx(float(mu.mean()), rel=1e-6)
+
+
+def test_sigma_keys_need_the_spatialscore_reward(tiny_dir, tmp_path):
+    with pytest.raises(ConfigError, match=r"reward\.spatialscore\.topk_by.*no sigma"):
+        _cfg(tiny_dir, tmp_path, **{"reward.spatialscore.topk_by": "lcb"})

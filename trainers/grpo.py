@@ -63,6 +63,12 @@ class SpatialScoreRewardConfig:
     quantize: Literal["none", "int8", "float8"] = "none"
     liger: bool = False  # liger-kernel RMSNorm/SwiGLU/RoPE in the backbone (CUDA)
     compile: bool = False  # torch.compile of the backbone's decoder layers
+    # Uncertainty-aware rewards from the Gaussian head (mu, sigma): the reward is mu, or the lower
+    # confidence bound mu - sigma_weight x sigma; Top-k may rank a group by that bound while the
+    # advantages use the reward (an uncertain sample ranks lower at both ends: pessimism).
+    form: Literal["mu", "lcb"] = param("mu", help="RL reward: mu, or mu - sigma_weight x sigma (lcb)")
+    sigma_weight: float = param(1.0, min=0.0, help="lambda of the lower confidence bound mu - lambda x sigma")
+    topk_by: Literal["reward", "lcb"] = param("reward", help="rank Top-k by the reward or by mu - lambda x sigma")
 
 
 @dataclass
@@ -77,6 +83,10 @@ class RewardFnConfig:
     def check(self) -> None:
         if self.name == "spatialscore" and not self.spatialscore.model:
             raise ConfigError("spatialscore.model", "reward.name=spatialscore needs a SpatialScore folder")
+        s = self.spatialscore
+        if self.name != "spatialscore" and (s.form != "mu" or s.topk_by != "reward"):
+            raise ConfigError("spatialscore.form" if s.form != "mu" else "spatialscore.topk_by",
+                              f"sigma-aware rewards need reward.name=spatialscore (got {self.name}: no sigma)")
 
 
 @dataclass
@@ -303,13 +313,15 @@ class GRPOTrainer:
         self.sampler = FluxSampler(pipe, cfg.sampler)
         r, s = cfg.reward, cfg.reward.spatialscore
         self.reward_fn = make_reward(r.name, model=s.model, device=self.device, quantize=s.quantize, tau=r.oracle.tau,
-                                     form=r.oracle.form, batch_size=r.batch, liger=s.liger, compile=s.compile)
+                                     form=r.oracle.form, batch_size=r.batch, liger=s.liger, compile=s.compile,
+                                     score_form=s.form, sigma_weight=s.sigma_weight)
         self.params = self.policy.params
         self.opt = make_optimizer(cfg.optim.name, [{"params": list(self.params.values()), "lr": cfg.optim.lr}],
                                   weight_decay=cfg.optim.weight_decay)
         self.ema = EMA(self.params, cfg.policy.ema_decay) if cfg.policy.ema_decay > 0 else None
         self.preset = dict(ADVANTAGE_PRESETS[cfg.advantage])
         self.top_k = cfg.resolved_top_k()
+        self.lcb_topk = bool(self.top_k) and r.name == "spatialscore" and s.topk_by == "lcb"
         self.window = cfg.sampler.window()
         if is_main():
             w0, w1 = self.window
@@ -352,7 +364,7 @@ class GRPOTrainer:
 
     def train_step(self) -> dict:
         """One iteration: sample -> score -> advantages -> update (kept samples only)."""
-        from ..kernels import group_advantages
+        from ..rl.reward_fns import lower_bound
 
         cfg, t0 = self.cfg, time.perf_counter()
         pool = cfg.warmup_prompts if self.it < cfg.warmup_iterations else self.train_prompts
@@ -364,16 +376,22 @@ class GRPOTrainer:
             traj = self._sample(prompts, seeds)
         t1 = time.perf_counter()
 
+        shape = (cfg.prompts_per_iter, cfg.group_size)
         with torch.no_grad(), phase("score"):  # rewards of all ranks: group statistics are global
-            local = self.reward_fn(traj.images, prompts).float().cpu()
-        rewards = gather_by_index(local, self.n_total, self.rank, self.world).view(cfg.prompts_per_iter,
-                                                                                   cfg.group_size)
+            rank_key = None
+            if self.lcb_topk:
+                mu, sigma = self.reward_fn.scores(traj.images, prompts)
+                local = self.reward_fn.reward(mu, sigma).float().cpu()
+                rank_key = gather_by_index(lower_bound(mu, sigma, cfg.reward.spatialscore.sigma_weight).float().cpu(),
+                                           self.n_total, self.rank, self.world).view(shape)
+            else:
+                local = self.reward_fn(traj.images, prompts).float().cpu()
+        rewards = gather_by_index(local, self.n_total, self.rank, self.world).view(shape)
         n_bad = self._check_rewards(rewards)
         t2 = time.perf_counter()
 
         with phase("advantages"):
-            res = group_advantages(rewards, top_k=self.top_k or None, drop_zero_std=cfg.drop_zero_std,
-                                   **self.preset)
+            res = ranked_advantages(rewards, rank_key, self.top_k, drop_zero_std=cfg.drop_zero_std, **self.preset)
         n_kept = int(res.keep.sum())
 
         stats = self._update(traj, res.advantages.reshape(-1), res.keep.reshape(-1), steps, n_kept)
@@ -523,6 +541,34 @@ def train(cfg: GRPOTrainConfig) -> dict:
     """Build a :class:`GRPOTrainer` from ``cfg`` and run it (resuming from ``cfg.out``)."""
     cfg.check()
     return GRPOTrainer(cfg).run()
+
+
+def topk_mask(key: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``[P, G]`` bool: the ``top_k`` highest and ``top_k`` lowest finite entries of each row of ``key``
+    (ties in index order, as the advantage kernel breaks them)."""
+    valid = torch.isfinite(key)
+    order = torch.sort(torch.where(valid, key, float("-inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(key.shape[1]).expand_as(order))
+    n_valid = valid.sum(1, keepdim=True)
+    return valid & ((rank < top_k) | (rank >= n_valid - top_k))
+
+
+def ranked_advantages(rewards: torch.Tensor, rank_key: torch.Tensor | None, top_k: int, **kwargs):
+    """Group advantages of ``rewards [P, G]`` with Top-k: ranked by the rewards themselves (the fused
+    kernel's own filter), or by ``rank_key`` (e.g. SpatialScore's lower confidence bound). In the
+    second case the samples outside the key's Top-k leave as non-finite rewards do: no statistics, no
+    advantage, ``keep=False``; the kept ones get their advantage from their reward."""
+    from ..kernels import group_advantages
+
+    if rank_key is None or not top_k:
+        return group_advantages(rewards, top_k=top_k or None, **kwargs)
+    keep = topk_mask(rank_key, top_k) & torch.isfinite(rewards)
+    if kwargs.get("stats_over", "kept") == "kept":
+        return group_advantages(torch.where(keep, rewards, float("nan")), top_k=None, **kwargs)
+    res = group_advantages(rewards, top_k=None, **kwargs)  # statistics over the whole group, then the filter
+    res.keep = res.keep & keep
+    res.advantages = torch.where(res.keep, res.advantages, torch.zeros_like(res.advantages))
+    return res
 
 
 def _reward_record(rewards: torch.Tensor, res, n_kept: int, n_bad: int) -> dict:

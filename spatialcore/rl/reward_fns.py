@@ -89,11 +89,21 @@ def oracle_hard(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor,
     return torch.tensor(scores), torch.tensor(acc)
 
 
+def lower_bound(mu: torch.Tensor, sigma: torch.Tensor, weight: float) -> torch.Tensor:
+    """The lower confidence bound ``mu - weight x sigma`` of SpatialScore's Gaussian head."""
+    return mu - weight * sigma
+
+
 class SpatialScoreReward:
-    """``mu`` of a SpatialScore checkpoint, scored in batches without gradients."""
+    """A SpatialScore checkpoint as a reward, scored in batches without gradients: ``mu`` (``form="mu"``)
+    or the lower confidence bound ``mu - sigma_weight x sigma`` (``form="lcb"``)."""
 
     def __init__(self, path: str, *, device: torch.device | str = "cpu", dtype: torch.dtype | None = None,
-                 quantize: str = "none", batch_size: int = 32, liger: bool = False, compile: bool = False):
+                 quantize: str = "none", batch_size: int = 32, liger: bool = False, compile: bool = False,
+                 form: str = "mu", sigma_weight: float = 1.0):
+        if form not in ("mu", "lcb"):
+            raise ValueError(f"form must be 'mu' or 'lcb', got {form!r}")
+        self.form, self.sigma_weight = form, sigma_weight
         from ..reward.model import SpatialScore
 
         self.model = SpatialScore.from_pretrained(path, dtype=dtype).to(device).eval()
@@ -105,18 +115,26 @@ class SpatialScoreReward:
         self.batch_size = batch_size
 
     @torch.no_grad()
+    def scores(self, images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu, sigma)`` float32 ``[B]`` on the images' device."""
+        mu, sigma = self.model.score(prompts, images, batch_size=self.batch_size)
+        return mu.to(images.device), sigma.to(images.device)
+
+    def reward(self, mu: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return mu if self.form == "mu" else lower_bound(mu, sigma, self.sigma_weight)
+
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-        mu, _ = self.model.score(prompts, images, batch_size=self.batch_size)
-        return mu.to(images.device)
+        return self.reward(*self.scores(images, prompts))
 
 
 def make_reward(name: str, *, model: str | None = None, device="cpu", quantize: str = "none", tau: float = 60.0,
-                form: str = "moment", batch_size: int = 32, liger: bool = False, compile: bool = False):
+                form: str = "moment", batch_size: int = 32, liger: bool = False, compile: bool = False,
+                score_form: str = "mu", sigma_weight: float = 1.0):
     if name == "oracle":
         return lambda images, prompts: oracle_reward(images, prompts, tau=tau, form=form)
     if name == "spatialscore":
         if not model:
             raise ValueError("reward 'spatialscore' needs a model path")
         return SpatialScoreReward(model, device=device, quantize=quantize, batch_size=batch_size, liger=liger,
-                                  compile=compile)
+                                  compile=compile, form=score_form, sigma_weight=sigma_weight)
     raise ValueError(f"unknown reward {name!r} (known: oracle, spatialscore)")
