@@ -141,6 +141,29 @@ def test_the_checkpoint_loads_in_the_stock_pipeline_and_its_lora_matches(tiny_di
     assert (a - untouched).abs().max() > 1e-4, "the LoRA changed the transformer"
 
 
+def test_float16_export_halves_the_files_and_loads_as_float32(tiny_dir, tmp_path):
+    """export_dtype=float16 stores every weight of the pipeline in half precision (what a committed
+    checkpoint uses); the project's loader reads it back as float32 equal to the float32 export rounded
+    to half precision."""
+    from safetensors.torch import load_file
+    from spatialcore.rl.sampler import load_pipeline
+    from spatialcore.trainers.sft import train
+
+    kw = dict(model=str(tiny_dir / "flux"), image_size=32, steps=1, batch_size=2, eval_every=5, eval_prompts=1,
+              eval_seeds=1, sample_steps=1, threads=1)
+    for dtype in ("float32", "float16"):
+        train(_sft_cfg(out=str(tmp_path / dtype), export_dtype=dtype, **kw))
+    files = sorted((tmp_path / "float16" / "pipeline").rglob("*.safetensors"))
+    assert {p.parent.name for p in files} >= {"transformer", "vae", "text_encoder", "text_encoder_2"}
+    for f in files:
+        full = load_file(tmp_path / "float32" / f.relative_to(tmp_path / "float16"))
+        half = load_file(f)
+        assert all(t.dtype == torch.float16 for t in half.values())
+        assert all(torch.equal(half[k], v.half()) for k, v in full.items())
+    pipe = load_pipeline(tmp_path / "float16" / "pipeline")
+    assert all(p.dtype == torch.float32 for p in pipe.transformer.parameters())
+
+
 def test_config_files_load():
     from spatialcore.trainers.sft import SFTTrainConfig
 

@@ -31,6 +31,7 @@ LoRA file for ``load_lora_weights`` on the base model).
 
 from __future__ import annotations
 
+import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,8 @@ class SFTTrainConfig:
     out: str = "runs/sft"
     seed: int = param(0, min=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
+    export_dtype: Literal["float32", "float16", "bfloat16"] = param(
+        "float32", help="dtype of the exported pipeline's weights (float16 halves a committed checkpoint)")
     data: SFTDataConfig = field(default_factory=SFTDataConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -558,6 +561,8 @@ class SFTTrainer:
         p = self.pipe
         pipe = FluxPipeline(scheduler=p.scheduler, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
                             text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2, transformer=plain.to(tr.dtype))
+        if self.cfg.export_dtype != "float32":
+            pipe = copy.deepcopy(pipe).to(getattr(torch, self.cfg.export_dtype))
         with atomic_dir(out / "pipeline") as tmp:
             pipe.save_pretrained(tmp)
 
