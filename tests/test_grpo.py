@@ -58,8 +58,11 @@ def test_ode_sampler_equals_stock_pipeline(pipe):
 @pytest.mark.parametrize("sde_type,window,compile", [("sde", (0, 0), "none"), ("cps", (1, 3), "none"),
                                                       ("sde", (0, 0), "regional")])
 def test_stored_logprobs_equal_recomputation_bit_for_bit(pipe, sde_type, window, compile):
-    """The training recomputation of every stored log-prob is the same float32 number, in micro-batches
-    of 1, 3 and G rows (the trainer's layouts), eager and compiled: the first PPO ratio is exactly 1."""
+    """The training recomputation of every stored log-prob, in micro-batches of 1, 3 and G rows (the
+    trainer's layouts), eager and compiled: the same float32 number in the sampler's layout, within a
+    few ulp in the others (bit-identical where the CPU's GEMM does not depend on the row count; an
+    AMD EPYC's differs by 1 ulp). The trainer's first PPO ratio is exactly 1 either way: it uses the
+    recomputed log-prob as the old one (test_first_inner_step_has_ratio_one_and_later_steps_use_stored)."""
     cfg = SamplerConfig(steps=5, image_size=32, sde_type=sde_type, window_start=window[0], window_size=window[1],
                         compile=compile)
     s = FluxSampler(pipe, cfg)
@@ -74,7 +77,10 @@ def test_stored_logprobs_equal_recomputation_bit_for_bit(pipe, sde_type, window,
                 rows = slice(start, start + mb)
                 lp, _, _ = s.step_logprob(traj.latents[rows], j, traj.sigmas, traj.prompt_embeds[rows],
                                           traj.pooled[rows])
-                assert torch.equal(lp, traj.log_probs[rows, j]), (mb, j, start)
+                if mb == G:  # the sampler's own layout: the same float32 numbers
+                    assert torch.equal(lp, traj.log_probs[rows, j]), (mb, j, start)
+                else:  # other row counts: as close as the CPU's GEMM is batch-size invariant (AMD EPYC: 1 ulp)
+                    torch.testing.assert_close(lp, traj.log_probs[rows, j], rtol=0, atol=5e-7, msg=str((mb, j, start)))
     if w0:  # steps before the window are the deterministic ODE
         ode = s.sample(prompts, seeds, sde=False)
         x = s.noise(seeds)[0]
