@@ -32,9 +32,11 @@ def test_bench_suite_writes_json_and_markdown(suite, tiny_dir, tmp_path):
         assert data["info"]["logits_shape"][-1] == 512  # the stock path computes vocabulary logits
         fp8 = next(r for r in rows if "float8" in r["name"])
         assert fp8["status"].startswith("skipped: ") and "8.9" in fp8["status"]
-    if suite == "logprob":  # fp32 on CPU: the recomputation is the sampler's number, bit for bit
+    if suite == "logprob":  # fp32 on CPU: the sampler's number, bit for bit in its own layout (6 rows);
+        # a few ulp at other row counts where the CPU's GEMM depends on them (an AMD EPYC's: 1 ulp)
         assert [r["name"] for r in rows] == ["micro-batch 1", "micro-batch 3", "micro-batch 6"]
-        assert all(r["bitwise"] and r["max_abs_logp_diff"] == 0.0 for r in rows)
+        assert rows[-1]["bitwise"] and rows[-1]["max_abs_logp_diff"] == 0.0
+        assert all(r["max_abs_logp_diff"] <= 5e-7 and r["bitwise"] == (r["max_abs_logp_diff"] == 0.0) for r in rows)
     if suite == "grpo":
         info = data["info"]
         assert info["train_flops"] > 0 and info["train_tflops"] > 0 and info["mfu"] is None  # no peak on CPU
