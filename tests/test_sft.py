@@ -146,8 +146,9 @@ def test_float16_export_halves_the_files_and_loads_as_float32(tiny_dir, tmp_path
     checkpoint uses); the project's loader reads it back as float32 equal to the float32 export rounded
     to half precision."""
     from safetensors.torch import load_file
-    from spatialcore.rl.sampler import load_pipeline
     from spatialcore.trainers.sft import train
+
+    from spatialcore.rl.sampler import load_pipeline
 
     kw = dict(model=str(tiny_dir / "flux"), image_size=32, steps=1, batch_size=2, eval_every=5, eval_prompts=1,
               eval_seeds=1, sample_steps=1, threads=1)
