@@ -92,3 +92,29 @@ def test_corpus_covers_vocabulary():
         assert word in text
     assert len(RELATIONS) >= 8
     assert tokenizer_corpus(3, 50) == tokenizer_corpus(3, 50)
+
+
+def test_flux_without_guidance_embedder_samples_like_the_stock_pipeline(tmp_path):
+    """``flux.guidance_embeds: false`` (FLUX.1-schnell's layout): no guidance embedder in the
+    checkpoint, and the project's ODE sampler (which then passes no guidance) matches the stock
+    pipeline from the same starting noise."""
+    from diffusers import FluxPipeline
+
+    from spatialcore.rl.sampler import FluxSampler, SamplerConfig
+
+    cfg = TinyConfig()
+    cfg.flux.guidance_embeds = False
+    cfg.flux.sample_size = 32
+    build_tiny(cfg, tmp_path / "t")
+    pipe = FluxPipeline.from_pretrained(tmp_path / "t" / "flux")
+    pipe.set_progress_bar_config(disable=True)
+    assert pipe.transformer.config.guidance_embeds is False
+    assert not any("guidance_embedder" in n for n, _ in pipe.transformer.named_parameters())
+    s = FluxSampler(pipe, SamplerConfig(steps=3, image_size=32, max_sequence_length=32))
+    x = torch.randn(1, s.channels, s.latent_hw, s.latent_hw, generator=torch.Generator().manual_seed(4))
+    lat = pipe._pack_latents(x, 1, s.channels, s.latent_hw, s.latent_hw)
+    prompt = "a red circle left of a blue square"
+    stock = pipe(prompt, height=32, width=32, num_inference_steps=3, latents=lat, output_type="pt",
+                 max_sequence_length=32).images
+    ours = s.sample([prompt], [4], sde=False).images
+    torch.testing.assert_close(ours, stock, rtol=0, atol=5e-6)
