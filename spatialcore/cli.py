@@ -310,7 +310,7 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
 
     from .data.pairs import PairSet, PairSetError
     from .paths import require
-    from .reward.evaluate import format_table, pair_metrics, pair_scores
+    from .reward.evaluate import format_by_type, format_table, pair_metrics, pair_scores, perturbation_types
 
     require(args.model, "--model", "spatialscore")
     require(args.data, "--data", "pairs")
@@ -331,8 +331,10 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
         print(f"spatialcore reward eval: {err}", file=sys.stderr)
         return 1
     metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
-                                        shuffle_prompts=args.shuffle_prompts))
+                                        shuffle_prompts=args.shuffle_prompts),
+                           types=perturbation_types(data, args.limit))
     print(format_table(metrics, name=Path(args.model).name))
+    print("\n" + format_by_type(metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     return 0

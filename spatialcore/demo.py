@@ -139,12 +139,12 @@ def _reward_train_stage(cfg: DemoConfig, rcfg: RewardTrainConfig):
 
 def _reward_eval_stage(model_dir: Path, pairs: Path):
     from .data.pairs import PairSet
-    from .reward.evaluate import pair_metrics, pair_scores
+    from .reward.evaluate import pair_metrics, pair_scores, perturbation_types
     from .reward.model import SpatialScore
 
     model = SpatialScore.from_pretrained(model_dir)
     test = PairSet(pairs, split="test")
-    real = pair_metrics(*pair_scores(model, test))
+    real = pair_metrics(*pair_scores(model, test), types=perturbation_types(test))
     control = pair_metrics(*pair_scores(model, test, shuffle_prompts=True))
     return (real, control, len(test)), (f"{len(test)} test pairs: accuracy {real['accuracy']:.3f} "
                                         f"(shuffled-prompt control {control['accuracy']:.3f})")
@@ -169,15 +169,15 @@ def _grpo_stage(gcfg: GRPOTrainConfig):
 
 
 def _table(real: dict, control: dict) -> str:
-    """The evaluation table with the shuffled-prompt control as a second row."""
-    from .reward.evaluate import format_table
+    """The evaluation table with the shuffled-prompt control as a second row, then the per-type one."""
+    from .reward.evaluate import format_by_type, format_table
 
     rows = format_table(real, "SpatialScore (tiny)").splitlines()
     control_row = next(r for r in format_table(control, "shuffled-prompt control").splitlines()
                        if r.startswith("| shuffled"))
     table = [r for r in rows if r.startswith("|")]
     notes = [r for r in rows if r and not r.startswith("|")]
-    return "\n".join(table + [control_row, "", *notes])
+    return "\n".join(table + [control_row, "", *notes, "", format_by_type(real)])
 
 
 def run_demo(cfg: DemoConfig, out: Path) -> int:

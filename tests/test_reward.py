@@ -276,3 +276,55 @@ def test_a_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_di
     assert sorted(p.name for p in (run / "checkpoints").glob("step_*")) == ["step_00000002"]
     assert not (run / "model").exists()
     assert step_records(records(run), "loss") == [1, 2]
+
+
+# A hand-made pair set: each pair's perturbation list and whether the model (stubbed scores below)
+# ranks it right (1), wrong (0) or ties (0.5).
+HAND_PAIRS = [(["flip"], 1), (["swap"], 0), (["flip", "relation"], 1), (["binding"], 0.5),
+              (["relation", "relation"], 0), (["swap", "flip", "binding"], 1)]
+# Worked out by hand from the list above: (type, pairs with it, accuracy, pairs with only it, accuracy).
+HAND_BY_TYPE = [("flip", 3, 1.0, 1, 1.0), ("swap", 2, 0.5, 1, 0.0), ("relation", 2, 0.5, 1, 0.0),
+                ("binding", 2, 0.75, 1, 0.5)]
+
+
+def _hand_pair_set(folder):
+    folder.mkdir()
+    img = _images()[0]
+    lines = []
+    for i, (types, _) in enumerate(HAND_PAIRS):
+        img.save(folder / f"c{i}.png")
+        img.save(folder / f"r{i}.png")
+        lines.append(json.dumps({"id": f"p{i}", "prompt": PROMPT, "chosen": f"c{i}.png", "rejected": f"r{i}.png",
+                                 "n_perturbations": len(types), "perturbations": types, "split": "test"}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    return folder
+
+
+def _hand_scores():
+    mu_w = torch.tensor([1.0 if won == 1 else 0.0 if won == 0.5 else -1.0 for _, won in HAND_PAIRS])
+    mu_l = torch.zeros(len(HAND_PAIRS))
+    ones = torch.ones(len(HAND_PAIRS))
+    return mu_w, ones, mu_l, ones, torch.tensor([len(t) for t, _ in HAND_PAIRS])
+
+
+def test_per_perturbation_type_breakdown_by_value(tiny_dir, tmp_path, monkeypatch, capsys):
+    from spatialcore.reward import evaluate
+
+    data = PairSet(_hand_pair_set(tmp_path / "hand"), split="test")
+    types = evaluate.perturbation_types(data)
+    assert types == [t for t, _ in HAND_PAIRS]
+    m = evaluate.pair_metrics(*_hand_scores(), types=types)
+    got = [(r["type"], r["pairs"], r["accuracy"], r["pairs_alone"], r["accuracy_alone"]) for r in m["by_type"]]
+    assert got == HAND_BY_TYPE
+    assert m["accuracy"] == pytest.approx(3.5 / 6) and m["accuracy_1"] == pytest.approx(1.5 / 3)
+    # `reward eval` prints it and writes it to --json (model scores stubbed with the ones above)
+    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(evaluate, "pair_scores", lambda *a, **k: _hand_scores())
+    out = tmp_path / "eval.json"
+    assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "hand"),
+                 "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "| perturbation type | pairs with it | accuracy | pairs with it alone | accuracy (alone) |" in printed
+    assert "| binding | 2 | 0.750 | 1 | 0.500 |" in printed
+    assert [r["type"] for r in json.loads(out.read_text())["by_type"]] == ["flip", "swap", "relation", "binding"]

@@ -1,5 +1,6 @@
 """Pairwise evaluation in the published table format: accuracy overall / 1 / 2-3 perturbations,
-mean margin, and calibration of the predicted pair probability."""
+mean margin, calibration of the predicted pair probability, and accuracy per perturbation type
+(flip, swap, relation change, binding swap) so users see what their reward model misses."""
 
 from __future__ import annotations
 
@@ -50,8 +51,44 @@ def _prompt(dataset, i: int) -> str:
     return records[i].prompt if records is not None else dataset[i]["prompt"]
 
 
-def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 10) -> dict:
-    """The table's numbers plus margin and calibration (predicted p vs observed wins)."""
+def perturbation_types(dataset, n: int | None = None) -> list[list[str]]:
+    """The ``perturbations`` list of each of the first ``n`` pairs (record order, as ``pair_scores``)."""
+    records = getattr(dataset, "records", None)  # a PairSet: no need to decode images
+    n = len(dataset) if n is None else min(n, len(dataset))
+    if records is not None:
+        return [list(records[i].perturbations) for i in range(n)]
+    return [list(dataset[i].get("perturbations", [])) for i in range(n)]
+
+
+def _type_order(types: list[list[str]]) -> list[str]:
+    from ..data.scene import PERTURBATIONS
+
+    seen = {t for ts in types for t in ts}
+    return [t for t in PERTURBATIONS if t in seen] + sorted(seen - set(PERTURBATIONS))
+
+
+def by_perturbation_type(mu_w, mu_l, types: list[list[str]]) -> list[dict]:
+    """Accuracy over the pairs whose rejected image carries each perturbation type (``with``: among
+    others; ``alone``: its only perturbation), ties counting half as in the table."""
+    if len(types) != len(mu_w):
+        raise ValueError(f"{len(types)} perturbation lists for {len(mu_w)} pairs")
+    rows = []
+    for t in _type_order(types):
+        with_t = torch.tensor([t in ts for ts in types])
+        alone = torch.tensor([len(ts) > 0 and all(x == t for x in ts) for ts in types])
+        rows.append({
+            "type": t,
+            "pairs": int(with_t.sum()),
+            "accuracy": pairwise_accuracy(mu_w[with_t], mu_l[with_t]),
+            "pairs_alone": int(alone.sum()),
+            "accuracy_alone": pairwise_accuracy(mu_w[alone], mu_l[alone]) if alone.any() else float("nan"),
+        })
+    return rows
+
+
+def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 10, types: list[list[str]] | None = None) -> dict:
+    """The table's numbers plus margin and calibration (predicted p vs observed wins); with ``types``
+    (each pair's perturbation list, see :func:`perturbation_types`) also ``by_type``."""
     one = n_pert == 1
     many = n_pert >= 2
     z = (mu_w - mu_l) / torch.sqrt(1 + math.pi / 8 * (var_w + var_l))
@@ -74,6 +111,7 @@ def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 10) -> dict:
         "mean_margin": float((mu_w - mu_l).mean()),
         "ece": float(ece),
         "calibration": calib,
+        **({"by_type": by_perturbation_type(mu_w, mu_l, types)} if types is not None else {}),
     }
 
 
@@ -87,4 +125,21 @@ def format_table(metrics: dict, name: str = "SpatialScore") -> str:
         f"| {name} | {f(metrics['accuracy'])} | {f(metrics['accuracy_1'])} | {f(metrics['accuracy_2_3'])} | "
         f"{metrics['mean_margin']:.3f} | {metrics['ece']:.3f} |",
         f"\n({metrics['pairs']} pairs: {metrics['pairs_1']} with 1 perturbation, {metrics['pairs_2_3']} with 2-3)",
+    ])
+
+
+def format_by_type(metrics: dict) -> str:
+    """The per-perturbation-type table ("" when the metrics have none)."""
+    rows = metrics.get("by_type")
+    if not rows:
+        return ""
+
+    def f(x):
+        return "  n/a" if x != x else f"{x:.3f}"
+
+    return "\n".join([
+        "| perturbation type | pairs with it | accuracy | pairs with it alone | accuracy (alone) |",
+        "|---|---:|---:|---:|---:|",
+        *(f"| {r['type']} | {r['pairs']} | {f(r['accuracy'])} | {r['pairs_alone']} | {f(r['accuracy_alone'])} |"
+          for r in rows),
     ])
