@@ -334,7 +334,8 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
                                         shuffle_prompts=args.shuffle_prompts),
                            types=perturbation_types(data, args.limit))
     print(format_table(metrics, name=Path(args.model).name))
-    print("\n" + format_by_type(metrics))
+    if metrics.get("by_type"):
+        print("\n" + format_by_type(metrics))
     if args.json:
         Path(args.json).write_text(json.dumps(metrics, indent=2))
     return 0

@@ -115,10 +115,12 @@ def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 10, types: lis
     }
 
 
-def format_table(metrics: dict, name: str = "SpatialScore") -> str:
-    def f(x):
-        return "  n/a" if x != x else f"{x:.3f}"
+def _fmt(x: float) -> str:
+    return "  n/a" if x != x else f"{x:.3f}"
 
+
+def format_table(metrics: dict, name: str = "SpatialScore") -> str:
+    f = _fmt
     return "\n".join([
         "| model | overall | 1 perturbation | 2-3 perturbations | mean margin | ECE |",
         "|---|---:|---:|---:|---:|---:|",
@@ -133,10 +135,7 @@ def format_by_type(metrics: dict) -> str:
     rows = metrics.get("by_type")
     if not rows:
         return ""
-
-    def f(x):
-        return "  n/a" if x != x else f"{x:.3f}"
-
+    f = _fmt
     return "\n".join([
         "| perturbation type | pairs with it | accuracy | pairs with it alone | accuracy (alone) |",
         "|---|---:|---:|---:|---:|",
