@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spatialcore.config import from_dict
+from spatialcore.config import ConfigError, from_dict
 from spatialcore.data.oracle import judge, pixel_score
 from spatialcore.data.render import difference
 from spatialcore.data.scene import (
@@ -181,3 +181,37 @@ def test_synth_cli_and_config_errors(tmp_path, capsys):
     assert main(["data", "synth", "--out", str(tmp_path / "x"), "--pairs", "2", "perturbation_types=[twist]"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "perturbation_types" in err[0]
+
+
+def test_layout_knobs_restrict_what_is_drawn_and_keep_the_relations():
+    """sizes / backgrounds / layout_grid: every scene (chosen and rejected) uses only the allowed sizes and
+    background, object centres sit on cell centres of the grid, and the relations still hold / fail as
+    claimed (scene graph and pixel oracle)."""
+    grid = 4
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES["easy"], "size": 64, "layout_grid": grid, "sizes": ["large"],
+                                  "backgrounds": ["white"], "p_background": 0.0})
+    cfg.check()
+    centres = {(k + 0.5) / grid for k in range(grid)}
+    for i in range(40):
+        pair = make_pair(cfg, 2, i)
+        rec = pair.record
+        for key in ("chosen_scene", "rejected_scene"):
+            meta = rec["meta"][key]
+            assert meta["background"] == "white"
+            for o in meta["objects"]:
+                assert o["size"] == "large" and round(o["cx"], 4) in centres and round(o["cy"], 4) in centres
+        rels = _rels(rec["meta"]["chosen_scene"])
+        assert fraction_satisfied(rels, Scene.from_meta(rec["meta"]["chosen_scene"])) == 1.0
+        assert fraction_satisfied(rels, Scene.from_meta(rec["meta"]["rejected_scene"])) == 0.0
+        assert judge(pair.chosen, rels) == [True] and judge(pair.rejected, rels) == [False]
+        assert "background" not in rec["prompt"]
+    for key, value in (("sizes", ["huge"]), ("backgrounds", []), ("backgrounds", ["black"])):
+        with pytest.raises(ConfigError, match=key):
+            from_dict(SynthConfig, {key: value}).check()
+
+
+def test_snap_moves_to_cell_centres():
+    from spatialcore.data.scene import snap
+
+    assert [snap(v, 4) for v in (0.0, 0.1, 0.25, 0.49, 0.5, 0.99, 1.0)] == [0.125, 0.125, 0.375, 0.375, 0.625,
+                                                                             0.875, 0.875]

@@ -239,12 +239,19 @@ def _close_pairs(scene: Scene) -> set[frozenset[int]]:
     return pairs
 
 
-def sample_layout(scene: Scene, rng: random.Random, tries: int = 30) -> bool:
+def snap(v: float, grid: int) -> float:
+    """``v`` in [0, 1] moved to the centre of its cell of a ``grid``-cell axis."""
+    return (min(int(v * grid), grid - 1) + 0.5) / grid
+
+
+def sample_layout(scene: Scene, rng: random.Random, tries: int = 30, grid: int = 0) -> bool:
     """Place the objects so that every constraint holds; False if no layout was found.
 
     Objects are placed one at a time (most constrained first); each candidate position is
     drawn from the region that one of its constraints with already placed objects allows
     (a half-plane, a ring around the partner, a segment), then checked against all of them.
+    With ``grid`` > 0 a candidate first moves to the centre of its cell of a ``grid`` x ``grid``
+    grid (a layout space of a few fixed positions).
     """
     n = len(scene.objects)
     cons = _constraints(scene)
@@ -264,6 +271,8 @@ def sample_layout(scene: Scene, rng: random.Random, tries: int = 30) -> bool:
                 break
             for _ in range(20):
                 o.cx, o.cy = _candidate(scene, i, ready, box, rng)
+                if grid:
+                    o.cx, o.cy = snap(o.cx, grid), snap(o.cy, grid)
                 if box[0] <= o.cx <= box[1] and box[2] <= o.cy <= box[3] and _consistent(scene, i, placed, ready, close):
                     break
             else:
@@ -437,6 +446,9 @@ class SceneSpec:
     fixed_objects: tuple[tuple[str, str], ...] = ()
     p_sizes: float = 0.3
     p_background: float = 0.5
+    sizes: tuple[str, ...] = SIZES
+    backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
+    layout_grid: int = 0  # > 0: object centres at the cell centres of a layout_grid^2 grid
 
 
 def random_scene(spec: SceneSpec, rng: random.Random) -> Scene:
@@ -449,15 +461,15 @@ def random_scene(spec: SceneSpec, rng: random.Random) -> Scene:
             idents = list(zip(rng.sample(list(COLOURS), n), rng.sample(OBJECTS, n), strict=True))
         objs = []
         for colour, kind in idents:
-            size = rng.choice(SIZES)
+            size = rng.choice(spec.sizes)
             objs.append(Obj(colour, kind, size, r=SIZE_RADIUS[size] * rng.uniform(0.92, 1.08)))
         rng.shuffle(objs)
         rels = _random_relations(objs, spec, rng)
         if not rels:
             continue
-        scene = Scene(objs, rels, rng.choice(list(BACKGROUNDS)), mention_background=rng.random() < spec.p_background,
-                      show_sizes=rng.random() < spec.p_sizes)
-        if assign_depth(scene, rng) and sample_layout(scene, rng):
+        scene = Scene(objs, rels, rng.choice(list(spec.backgrounds)),
+                      mention_background=rng.random() < spec.p_background, show_sizes=rng.random() < spec.p_sizes)
+        if assign_depth(scene, rng) and sample_layout(scene, rng, grid=spec.layout_grid):
             return scene
     raise RuntimeError("could not lay out a scene for this spec (too many relations for the objects?)")
 
@@ -543,7 +555,7 @@ def perturb(scene: Scene, n_violations: int, spec: SceneSpec, rng: random.Random
         new.negated = [scene.relations[i] for i in sorted(targets)]
         for o in new.objects:
             o.r = SIZE_RADIUS[o.size] * rng.uniform(0.92, 1.08)
-        if assign_depth(new, rng) and sample_layout(new, rng):
+        if assign_depth(new, rng) and sample_layout(new, rng, grid=spec.layout_grid):
             return new, ops, sorted(targets)
     raise RuntimeError(f"could not build a scene violating {n_violations} of {len(scene.relations)} relations")
 

@@ -23,7 +23,7 @@ from typing import Literal
 import torch.utils.data
 
 from ..config import ConfigError, param
-from ..vocab import COLOURS, OBJECTS, RELATIONS
+from ..vocab import BACKGROUNDS, COLOURS, OBJECTS, RELATIONS, SIZES
 from .geometry import DIRECTIONAL
 from .render import render
 from .scene import PERTURBATIONS, Scene, SceneSpec, perturb, random_scene, write_prompt
@@ -49,6 +49,9 @@ class SynthConfig:
     test_fraction: float = param(0.05, min=0.0, max=0.5)
     split_by: Literal["prompt", "objects"] = "prompt"
     colour_jitter: int = param(8, min=0, max=30)
+    sizes: list[str] = field(default_factory=lambda: list(SIZES))  # object sizes drawn from
+    backgrounds: list[str] = field(default_factory=lambda: list(BACKGROUNDS))  # backgrounds drawn from
+    layout_grid: int = param(0, min=0, max=16, help="> 0: object centres on the cell centres of an N x N grid")
 
     def check(self) -> None:
         if self.min_objects > self.max_objects:
@@ -72,6 +75,10 @@ class SynthConfig:
             raise ConfigError("fixed_objects", "colours must differ")
         if len(self.fixed_objects) == 1:
             raise ConfigError("fixed_objects", "needs at least two objects")
+        for key, allowed in (("sizes", SIZES), ("backgrounds", BACKGROUNDS)):
+            bad = [v for v in getattr(self, key) if v not in allowed]
+            if bad or not getattr(self, key):
+                raise ConfigError(key, f"unknown {bad} (known: {list(allowed)})" if bad else "is empty")
         if self.val_fraction + self.test_fraction >= 1:
             raise ConfigError("val_fraction", "val_fraction + test_fraction must be < 1")
 
@@ -81,7 +88,8 @@ class SynthConfig:
             max_relations=self.max_relations, relation_types=tuple(self.relation_types),
             perturbation_types=tuple(self.perturbation_types), max_violations=self.max_violations,
             p_single=self.p_single, fixed_objects=tuple(tuple(x.split()) for x in self.fixed_objects),
-            p_sizes=self.p_sizes, p_background=self.p_background)
+            p_sizes=self.p_sizes, p_background=self.p_background, sizes=tuple(self.sizes),
+            backgrounds=tuple(self.backgrounds), layout_grid=self.layout_grid)
 
 
 
