@@ -435,9 +435,10 @@ def _add_data(sub) -> None:
     d.add_argument("--pairs", type=int, required=True, metavar="N")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", type=int, default=None, metavar="PX", help="image side (overrides the preset)")
-    d.add_argument("--difficulty", choices=["easy", "medium", "hard"], default="hard",
+    d.add_argument("--difficulty", choices=["easy", "medium", "hard", "easy_grid"], default="hard",
                    help="preset: easy (fixed object pair, one relation), medium (two objects, one relation, "
-                        "split by object pair), hard (3-6 objects, 2-9 relations; default)")
+                        "split by object pair), hard (3-6 objects, 2-9 relations; default), easy_grid (the tiny "
+                        "generator's world: easy at 32 px on white, centres on a 4 x 4 grid)")
     d.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
     d.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     _add_config_args(d)
@@ -541,7 +542,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR|HUB_ID", help="Flux pipeline (e.g. runs/sft_tiny/pipeline)")
     p.add_argument("--lora", metavar="DIR", help="policy folder written by grpo train (out/policy)")
     p.add_argument("--prompts", default="synthetic:easy", metavar="SOURCE",
-                   help="synthetic:easy|medium|hard (held-out test prompts), GenEval metadata .jsonl, or a text file "
+                   help="synthetic:easy|medium|hard|easy_grid (held-out test prompts), GenEval metadata .jsonl, or a text file "
                         "of synthetic-grammar prompts (default synthetic:easy)")
     p.add_argument("--n-prompts", type=int, default=64, help="prompts taken from the source (default 64)")
     p.add_argument("-n", type=int, default=4, help="images per prompt (default 4)")

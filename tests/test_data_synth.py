@@ -215,3 +215,15 @@ def test_snap_moves_to_cell_centres():
 
     assert [snap(v, 4) for v in (0.0, 0.1, 0.25, 0.49, 0.5, 0.99, 1.0)] == [0.125, 0.125, 0.375, 0.375, 0.625,
                                                                              0.875, 0.875]
+
+
+def test_easy_grid_is_the_easy_task_in_the_generator_world():
+    """The generator's world keeps the easy task (objects, relations, flips) and only narrows what is drawn;
+    the CLI offers every preset."""
+    from spatialcore.cli import build_parser
+
+    grid, easy = DIFFICULTIES["easy_grid"], DIFFICULTIES["easy"]
+    assert {k: grid[k] for k in easy if k != "size"} == {k: v for k, v in easy.items() if k != "size"}
+    sub = next(a for a in build_parser()._actions if a.dest == "command").choices["data"]
+    synth = next(a for a in sub._actions if a.dest == "data_command").choices["synth"]
+    assert next(a for a in synth._actions if a.dest == "difficulty").choices == list(DIFFICULTIES)

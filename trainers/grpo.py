@@ -152,8 +152,10 @@ class GRPOTrainConfig:
             raise ConfigError("prompts", "give training prompts or a prompt_stream")
         if self.prompts and self.prompt_stream:
             raise ConfigError("prompt_stream", "give either prompts or a prompt_stream, not both (prompts: [])")
-        if self.prompt_stream and self.prompt_stream not in ("easy", "medium", "hard"):
-            raise ConfigError("prompt_stream", f"unknown preset {self.prompt_stream!r} (easy, medium, hard)")
+        from ..data.synth import DIFFICULTIES
+
+        if self.prompt_stream and self.prompt_stream not in DIFFICULTIES:
+            raise ConfigError("prompt_stream", f"unknown preset {self.prompt_stream!r} ({', '.join(DIFFICULTIES)})")
         top_k = self.resolved_top_k()
         if top_k and 2 * top_k > self.group_size:
             raise ConfigError("top_k", f"2 x top_k = {2 * top_k} exceeds group_size={self.group_size}")

@@ -53,7 +53,7 @@ VAE_PREFIX, TRANSFORMER_PREFIX, EMA_PREFIX = "vae.", "transformer.", "ema."
 class SFTDataConfig:
     source: Literal["synthetic", "pairs", "folder"] = "synthetic"
     path: str | None = param(None, help="pair-set folder (its chosen images) or image folder with metadata.jsonl")
-    preset: Literal["easy", "medium", "hard"] = "easy"  # synthetic: the scene preset
+    preset: Literal["easy", "medium", "hard", "easy_grid"] = "easy"  # synthetic: the scene preset
     synth: dict[str, Any] = field(default_factory=dict)  # synthetic: SynthConfig overrides (size is image_size)
     split: Literal["train", "val", "test"] = "train"
 

@@ -106,6 +106,13 @@ DIFFICULTIES: dict[str, dict] = {
                "max_violations": 1, "p_single": 1.0, "split_by": "objects"},
     # The full task: 3-6 objects, 2-9 relations of every type, 1-3 violations.
     "hard": {},
+    # The tiny generator's world: the easy objects and relations at 32 px, on white, in two sizes, with
+    # object centres on a 4 x 4 grid (a layout space of a few fixed positions that a ~2M-parameter Flux
+    # learns to draw on CPU). The reward model of the demo is trained on pairs of this world too.
+    "easy_grid": {"size": 32, "fixed_objects": ["red circle", "blue square"], "min_relations": 1,
+                  "max_relations": 1, "relation_types": list(DIRECTIONAL), "perturbation_types": ["flip"],
+                  "max_violations": 1, "p_single": 1.0, "layout_grid": 4, "backgrounds": ["white"],
+                  "p_background": 0.0, "sizes": ["medium", "large"]},
 }
 
 

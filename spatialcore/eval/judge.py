@@ -112,7 +112,7 @@ def load_tasks(source: str, *, n: int, seed: int) -> list[Task]:
 
         preset = source.split(":", 1)[1]
         if preset not in DIFFICULTIES:
-            raise ConfigError("--prompts", f"unknown preset {preset!r} (synthetic:easy|medium|hard)")
+            raise ConfigError("--prompts", f"unknown preset {preset!r} (synthetic:{'|'.join(DIFFICULTIES)})")
         return [task_from_prompt(p) for p in split_prompts(preset, {}, "test", n, seed)]
     path = Path(source)
     if not path.is_file():
