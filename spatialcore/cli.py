@@ -178,13 +178,21 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     require(args.model, "--model", "flux", hub=True)
     require_policy(args.lora, "--lora")
     require(args.reward_model, "--reward-model", "spatialscore")
-    for key, value, low in (("-n", args.n, 1), ("--n-prompts", args.n_prompts, 1), ("--steps", args.steps, 1)):
+    for key, value, low in (("-n", args.n, 1), ("--n-prompts", args.n_prompts, 1), ("--steps", args.steps or 1, 1)):
         if value < low:
             raise ConfigError(key, f"must be >= {low}, got {value}")
-    settings = EvalSettings(prompts=args.prompts, n_prompts=args.n_prompts, per_prompt=args.n, seed=args.seed,
-                            steps=args.steps, size=args.size, guidance=args.guidance,
-                            max_sequence_length=args.max_sequence_length, detector=args.detector,
-                            threshold=args.threshold, batch=args.batch)
+    from .eval.report import trained_settings
+    from .logs import info
+
+    # Unset sampling options come from the generator's own training run when it has one, else the defaults.
+    given = {k: getattr(args, k) for k in ("prompts", "steps", "size", "guidance", "max_sequence_length")}
+    trained = {k: v for k, v in trained_settings(args.model).items() if given[k] is None}
+    if trained:
+        info("from the generator's spatialcore_run.json: " + ", ".join(f"{k}={v}" for k, v in trained.items()),
+             who="eval")
+    chosen = {k: v for k, v in given.items() if v is not None}
+    settings = EvalSettings(**{**trained, **chosen}, n_prompts=args.n_prompts, per_prompt=args.n, seed=args.seed,
+                            detector=args.detector, threshold=args.threshold, batch=args.batch)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = run_eval(args.model, args.out, settings, lora=args.lora, reward_model=args.reward_model, device=device,
                        dtype=args.dtype)
@@ -541,16 +549,19 @@ def _add_eval(sub) -> None:
                                    "eval.json, eval.md, grid.png, samples.jsonl in --out.")
     p.add_argument("--model", required=True, metavar="DIR|HUB_ID", help="Flux pipeline (e.g. runs/sft_tiny/pipeline)")
     p.add_argument("--lora", metavar="DIR", help="policy folder written by grpo train (out/policy)")
-    p.add_argument("--prompts", default="synthetic:easy", metavar="SOURCE",
-                   help="synthetic:easy|medium|hard|easy_grid (held-out test prompts), GenEval metadata .jsonl, or a text file "
-                        "of synthetic-grammar prompts (default synthetic:easy)")
+    p.add_argument("--prompts", default=None, metavar="SOURCE",
+                   help="synthetic:easy|medium|hard|easy_grid (held-out test prompts), GenEval metadata .jsonl, or a "
+                        "text file of synthetic-grammar prompts (default: the generator's training preset, else "
+                        "synthetic:easy)")
     p.add_argument("--n-prompts", type=int, default=64, help="prompts taken from the source (default 64)")
     p.add_argument("-n", type=int, default=4, help="images per prompt (default 4)")
     p.add_argument("--seed", type=int, default=0, help="noise seeds derive from it (and the synthetic prompts)")
-    p.add_argument("--steps", type=int, default=12, help="ODE steps (default 12)")
-    p.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
-    p.add_argument("--guidance", type=float, default=3.5)
-    p.add_argument("--max-sequence-length", type=int, default=64, help="T5 tokens (longer prompts are refused)")
+    # Unset, these four come from the generator's spatialcore_run.json (sft train writes one), else the defaults.
+    p.add_argument("--steps", type=int, default=None, help="ODE steps (default: as trained, else 12)")
+    p.add_argument("--size", type=int, default=None, help="image side in pixels (default: as trained, else 32)")
+    p.add_argument("--guidance", type=float, default=None, help="default: as trained, else 3.5")
+    p.add_argument("--max-sequence-length", type=int, default=None,
+                   help="T5 tokens, longer prompts are refused (default: as trained, else 64)")
     p.add_argument("--detector", default="oracle", metavar="oracle|DIR|HUB_ID",
                    help="the pixel oracle (synthetic scenes) or a zero-shot detector (OWLv2, Grounding DINO)")
     p.add_argument("--threshold", type=float, default=0.1, help="zero-shot detector score threshold")

@@ -186,14 +186,40 @@ def test_eval_command_end_to_end(tiny_dir, tmp_path, capsys):
     assert s["samples"] == 2 and s["per_relation"]["left of"]["n"] == 2
 
 
-@pytest.mark.parametrize("preset", ["easy", "medium"])
-def test_the_judge_calls_every_rendered_scene_correct(preset):
+def test_eval_samples_as_the_generator_was_trained(tiny_dir, tmp_path, capsys):
+    """Unset sampling options come from the pipeline's spatialcore_run.json (sft train writes one); options
+    on the command line win."""
+    import shutil
+
+    model = tmp_path / "gen"
+    shutil.copytree(tiny_dir / "flux", model)
+    (model / "spatialcore_run.json").write_text(json.dumps({"config": {
+        "image_size": 48, "max_sequence_length": 40, "guidance": 2.0, "sample_steps": 3,
+        "data": {"source": "synthetic", "preset": "easy_grid", "synth": {}}}}))
+    assert main(["eval", "--model", str(model), "--n-prompts", "1", "-n", "1", "--out", str(tmp_path / "a")]) == 0
+    s = json.loads((tmp_path / "a" / "eval.json").read_text())["settings"]
+    assert (s["size"], s["max_sequence_length"], s["guidance"], s["steps"], s["prompts"]) == \
+        (48, 40, 2.0, 3, "synthetic:easy_grid")
+    assert Image.open(tmp_path / "a" / "images" / "0000_00.png").size == (48, 48)
+    assert "spatialcore_run.json" in capsys.readouterr().err
+    assert main(["eval", "--model", str(model), "--n-prompts", "1", "-n", "1", "--size", "32", "--steps", "2",
+                 "--prompts", "synthetic:easy", "--out", str(tmp_path / "b")]) == 0
+    s = json.loads((tmp_path / "b" / "eval.json").read_text())["settings"]
+    assert (s["size"], s["max_sequence_length"], s["steps"], s["prompts"]) == (32, 40, 2, "synthetic:easy")
+    assert main(["eval", "--model", str(tiny_dir / "flux"), "--n-prompts", "1", "-n", "1", "--steps", "1",
+                 "--out", str(tmp_path / "c")]) == 0
+    s = json.loads((tmp_path / "c" / "eval.json").read_text())["settings"]
+    assert (s["size"], s["max_sequence_length"], s["prompts"]) == (32, 64, "synthetic:easy")
+
+
+@pytest.mark.parametrize("preset,size", [("easy", 64), ("medium", 64), ("easy_grid", 32)])
+def test_the_judge_calls_every_rendered_scene_correct(preset, size):
     """Synthetic layouts hold each directional relation by GenEval's rule too, so the judge (pixel
     oracle boxes + GenEval's rule) and the scene graph agree on the renderer's own images."""
     from spatialcore.config import from_dict
     from spatialcore.data.synth import DIFFICULTIES, SynthConfig, scene_sample
 
-    cfg = from_dict(SynthConfig, {**DIFFICULTIES[preset], "size": 64}, "s")
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES[preset], "size": size}, "s")
     det = OracleDetector()
     wrong = []
     for k in range(120):

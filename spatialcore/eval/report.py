@@ -37,6 +37,22 @@ class EvalSettings:
     batch: int = 16
 
 
+def trained_settings(model: str | Path) -> dict:
+    """The sampling settings a generator was trained with, from the ``spatialcore_run.json`` that
+    ``sft train`` writes beside its pipeline (empty for any other model): image size, T5 length (Flux
+    pads the prompt to it, so another length is another input), guidance, ODE steps and the prompt preset."""
+    path = Path(model) / "spatialcore_run.json"
+    if not path.is_file():
+        return {}
+    cfg = json.loads(path.read_text()).get("config", {})
+    out = {"size": cfg.get("image_size"), "max_sequence_length": cfg.get("max_sequence_length"),
+           "guidance": cfg.get("guidance"), "steps": cfg.get("sample_steps")}
+    data = cfg.get("data", {})
+    if data.get("source") == "synthetic" and not data.get("synth"):
+        out["prompts"] = f"synthetic:{data.get('preset')}"
+    return {k: v for k, v in out.items() if v is not None}
+
+
 def sample_seed(seed: int, i: int, j: int) -> int:
     return int(np.random.SeedSequence([seed, i, j]).generate_state(1)[0])
 
