@@ -122,6 +122,7 @@ def test_the_checkpoint_loads_in_the_stock_pipeline_and_its_lora_matches(tiny_di
     run = json.loads((out / "pipeline" / "spatialcore_run.json").read_text())
     assert run["steps"] == 2 and run["config"]["policy"]["lora_rank"] == 4 and set(run["eval"]) == {
         "eval_found", "eval_relation_acc"} and run["eval_samples"] == 1
+    assert run["base_model_tiny_config"]["seed"] == 0 and run["base_model_tiny_config"]["flux"]["heads"] == 2
     trained = FluxPipeline.from_pretrained(out / "pipeline")
     img = trained("the red circle is to the left of the blue square", height=32, width=32, num_inference_steps=2,
                   guidance_scale=3.5, max_sequence_length=32, output_type="pt").images

@@ -533,8 +533,13 @@ class SFTTrainer:
         from ..config import to_dict
         from ..paths import git_commit
 
+        import yaml
+
+        # a base model built by `spatialcore tiny` carries its build config one folder up
+        tiny = Path(self.cfg.model).parent / "tiny.yaml"
         record = {"command": "spatialcore " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["sft"] else None,
                   "config": to_dict(self.cfg), "seed": self.cfg.seed, "commit": git_commit(),
+                  "base_model_tiny_config": yaml.safe_load(tiny.read_text()) if tiny.is_file() else None,
                   "steps": self.step, "training_seconds": round(self.elapsed, 1),
                   "eval": {k: final[k] for k in ("eval_found", "eval_relation_acc") if k in final},
                   "eval_samples": len(self.eval_prompts) * self.cfg.eval_seeds}
