@@ -530,10 +530,10 @@ class SFTTrainer:
         import json
         import sys
 
+        import yaml
+
         from ..config import to_dict
         from ..paths import git_commit
-
-        import yaml
 
         # a base model built by `spatialcore tiny` carries its build config one folder up
         tiny = Path(self.cfg.model).parent / "tiny.yaml"
