@@ -14,6 +14,7 @@ from spatialcore.data.oracle import judge, pixel_score
 from spatialcore.data.render import difference
 from spatialcore.data.scene import (
     OPPOSITE,
+    DEFAULT_PERTURBATIONS,
     PERTURBATIONS,
     RELATION_CHANGE,
     Scene,
@@ -88,7 +89,7 @@ def test_perturbations_violate_exactly_what_they_claim(hard_pairs):
             assert len(moved) == 2 and moved[0][0].colour == moved[1][1].colour
         # Independent layouts: the two images are not pixel-aligned copies.
         assert difference(pair.chosen, pair.rejected) > 0.5
-    assert set(ops) == set(PERTURBATIONS)
+    assert set(ops) == set(DEFAULT_PERTURBATIONS)
     assert set(n_counts) == {1, 2, 3}
 
 
@@ -223,7 +224,38 @@ def test_easy_grid_is_the_easy_task_in_the_generator_world():
     from spatialcore.cli import build_parser
 
     grid, easy = DIFFICULTIES["easy_grid"], DIFFICULTIES["easy"]
-    assert {k: grid[k] for k in easy if k != "size"} == {k: v for k, v in easy.items() if k != "size"}
+    same = [k for k in easy if k not in ("size", "perturbation_types")]
+    assert {k: grid[k] for k in same} == {k: easy[k] for k in same}
+    assert grid["perturbation_types"] == easy["perturbation_types"] + ["drop"]
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["data"]
     synth = next(a for a in sub._actions if a.dest == "data_command").choices["synth"]
     assert next(a for a in synth._actions if a.dest == "difficulty").choices == list(DIFFICULTIES)
+
+
+@pytest.mark.parametrize("preset", ["easy_grid", "hard"])
+def test_drop_removes_one_named_object_and_violates_exactly_its_relations(preset):
+    """A "drop" rejected image lacks one object of the prompt: the relations naming it are the violated ones
+    (scene graph), every other relation still holds, the perturbed prompt describes the rejected scene, and
+    the pixel oracle finds the object's colour only in the chosen image."""
+    from spatialcore.data.oracle import detect
+
+    # (on hard the other operations stand in where no object has few enough relations to be dropped)
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES[preset], "size": 96, "perturbation_types": list(PERTURBATIONS)})
+    seen = 0
+    for i in range(60):
+        pair = make_pair(cfg, 5, i)
+        rec, meta = pair.record, pair.record["meta"]
+        if rec["perturbations"] != ["drop"]:
+            continue
+        seen += 1
+        chosen, rejected = Scene.from_meta(meta["chosen_scene"]), Scene.from_meta(meta["rejected_scene"])
+        rels = parse_prompt(rec["prompt"])
+        (gone,) = {o.ident for o in chosen.objects} - {o.ident for o in rejected.objects}
+        assert len(rejected.objects) == len(chosen.objects) - 1
+        naming = [k for k, r in enumerate(rels) if gone in r.args]
+        assert meta["violated"] == naming and rec["n_perturbations"] == len(naming) >= 1
+        assert [k for k, r in enumerate(rels) if not satisfied(r, rejected)] == naming
+        assert parse_prompt(meta["perturbed_prompt"]) == rejected.relations
+        assert all(satisfied(r, rejected) for r in rejected.relations)
+        assert gone[0] in detect(pair.chosen) and gone[0] not in detect(pair.rejected)
+    assert seen >= 8

@@ -38,7 +38,10 @@ from .geometry import (
 )
 
 SIZE_RADIUS = {"small": 0.075, "medium": 0.095, "large": 0.115}  # half box side, fraction of W
-PERTURBATIONS = ("flip", "swap", "relation", "binding")
+# What a perturbed scene may do: the published task's four (the defaults) and "drop" (one named object is
+# absent from the rejected image: what a generator does when it loses an object).
+PERTURBATIONS = ("flip", "swap", "relation", "binding", "drop")
+DEFAULT_PERTURBATIONS = PERTURBATIONS[:4]
 
 # Decision boundaries (truth) and generation margins (layouts stay clear of the boundary).
 MARGIN = 0.08          # directional: |cx_a - cx_b| >= MARGIN when generated
@@ -378,6 +381,9 @@ def noun(o: Obj, scene: Scene, rng: random.Random) -> str:
 
 def write_prompt(scene: Scene, rng: random.Random) -> str:
     """Natural-language prompt for the scene's relations (varied phrasing, same facts)."""
+    if not scene.relations:  # e.g. the one object a "drop" perturbation left
+        body = ", ".join(noun(o, scene, rng) for o in scene.objects)
+        return body[0].upper() + body[1:] + "."
     clauses = []
     for rel in scene.relations:
         objs = [scene.find(a) for a in rel.args]
@@ -440,7 +446,7 @@ class SceneSpec:
     min_relations: int = 1
     max_relations: int = 9
     relation_types: tuple[str, ...] = tuple(RELATIONS)
-    perturbation_types: tuple[str, ...] = PERTURBATIONS
+    perturbation_types: tuple[str, ...] = DEFAULT_PERTURBATIONS
     max_violations: int = 3
     p_single: float = 0.5
     fixed_objects: tuple[tuple[str, str], ...] = ()
@@ -552,6 +558,8 @@ def perturb(scene: Scene, n_violations: int, spec: SceneSpec, rng: random.Random
             ops.append(op)
         if len(targets) != n_violations:
             continue
+        # a dropped object takes its relations with it (indices stayed aligned with scene's until here)
+        new.relations = [r for r in new.relations if all(new.find(a) is not None for a in r.args)]
         new.negated = [scene.relations[i] for i in sorted(targets)]
         for o in new.objects:
             o.r = SIZE_RADIUS[o.size] * rng.uniform(0.92, 1.08)
@@ -569,6 +577,15 @@ def _choices(op: str, new: Scene, old: Scene, targets: set[int], budget: int) ->
         return [i for i in free if rels[i].type != "between"]
     if op == "swap":
         return [i for i in free if rels[i].type in OPPOSITE or rels[i].type == "between"]
+    if op == "drop":
+        if targets:  # it removes objects: only as the first operation
+            return []
+        out = []
+        for a, o in enumerate(new.objects):
+            hit = [i for i, r in enumerate(rels) if o.ident in r.args]
+            if hit and len(hit) <= budget:
+                out.append((a, hit))
+        return out
     if op == "binding":
         if targets:  # it renames objects: only as the first operation
             return []
@@ -595,6 +612,10 @@ RELATION_CHANGE = {
 def _apply(op: str, new: Scene, old: Scene, targets: set[int], budget: int, rng: random.Random) -> set[int]:
     options = _choices(op, new, old, targets, budget)
     rels = new.relations
+    if op == "drop":  # the object leaves the scene; its relations are removed once all operations are done
+        a, hit = rng.choice(options)
+        del new.objects[a]
+        return set(hit)
     if op == "binding":  # exchange the colours of two objects (kinds and places stay)
         a, b, hit = rng.choice(options)
         oa, ob = new.objects[a], new.objects[b]

@@ -26,7 +26,7 @@ from ..config import ConfigError, param
 from ..vocab import BACKGROUNDS, COLOURS, OBJECTS, RELATIONS, SIZES
 from .geometry import DIRECTIONAL
 from .render import render
-from .scene import PERTURBATIONS, Scene, SceneSpec, perturb, random_scene, write_prompt
+from .scene import DEFAULT_PERTURBATIONS, PERTURBATIONS, Scene, SceneSpec, perturb, random_scene, write_prompt
 
 SPLITS = ("train", "val", "test")
 
@@ -39,7 +39,7 @@ class SynthConfig:
     min_relations: int = param(2, min=1, max=9)
     max_relations: int = param(9, min=1, max=9)
     relation_types: list[str] = field(default_factory=lambda: list(RELATIONS))
-    perturbation_types: list[str] = field(default_factory=lambda: list(PERTURBATIONS))
+    perturbation_types: list[str] = field(default_factory=lambda: list(DEFAULT_PERTURBATIONS))  # or "drop"
     max_violations: int = param(3, min=1, max=3, help="pairs violate 1..max_violations relations")
     p_single: float = param(0.5, min=0.0, max=1.0, help="share of pairs with exactly one violation")
     fixed_objects: list[str] = field(default_factory=list)  # e.g. ["red circle", "blue square"]
@@ -108,9 +108,11 @@ DIFFICULTIES: dict[str, dict] = {
     "hard": {},
     # The tiny generator's world: the easy objects and relations at 32 px, on white, in two sizes, with
     # object centres on a 4 x 4 grid (a layout space of a few fixed positions that a ~2M-parameter Flux
-    # learns to draw on CPU). The reward model of the demo is trained on pairs of this world too.
+    # learns to draw on CPU). The reward model of the demo is trained on pairs of this world too; its
+    # rejected images flip the relation or drop an object (a reward model that never saw a missing object
+    # pays a policy for losing one).
     "easy_grid": {"size": 32, "fixed_objects": ["red circle", "blue square"], "min_relations": 1,
-                  "max_relations": 1, "relation_types": list(DIRECTIONAL), "perturbation_types": ["flip"],
+                  "max_relations": 1, "relation_types": list(DIRECTIONAL), "perturbation_types": ["flip", "drop"],
                   "max_violations": 1, "p_single": 1.0, "layout_grid": 4, "backgrounds": ["white"],
                   "p_background": 0.0, "sizes": ["medium", "large"]},
 }
