@@ -13,8 +13,8 @@ from spatialcore.config import ConfigError, from_dict
 from spatialcore.data.oracle import judge, pixel_score
 from spatialcore.data.render import difference
 from spatialcore.data.scene import (
-    OPPOSITE,
     DEFAULT_PERTURBATIONS,
+    OPPOSITE,
     PERTURBATIONS,
     RELATION_CHANGE,
     Scene,
