@@ -263,6 +263,32 @@ def test_common_noise_pairs_groups_of_different_prompts(tiny_dir, tmp_path):
     assert grpo_mod.iteration_seeds(cfg, 6, groups, [0]) != common[:1]
 
 
+def test_shared_initial_noise_per_group(tiny_dir, tmp_path, monkeypatch):
+    """init_noise=per_group (DanceGRPO's shared initialisation): the samples of a group start from one initial
+    latent and differ by their SDE noise; groups differ; per_sample (the default) gives every sample its own."""
+    seen = []
+    real = FluxSampler.sample
+
+    def spy(self, prompts, seeds, **kw):
+        traj = real(self, prompts, seeds, **kw)
+        if kw.get("sde", True):
+            seen.append(traj)
+        return traj
+
+    monkeypatch.setattr(FluxSampler, "sample", spy)
+    for mode in ("per_group", "per_sample"):
+        seen.clear()
+        train(_cfg(tiny_dir, tmp_path / mode, iterations=1, eval_every=5, init_noise=mode, group_size=3))
+        (traj,) = seen
+        start, end = traj.latents[:, 0], traj.final
+        if mode == "per_group":
+            assert torch.equal(start[0], start[1]) and torch.equal(start[0], start[2])
+            assert not torch.equal(start[0], start[3]) and torch.equal(start[3], start[5])
+        else:
+            assert all(not torch.equal(start[0], start[k]) for k in range(1, 6))
+        assert all(not torch.equal(end[0], end[k]) for k in (1, 2))  # the SDE noise still differs
+
+
 @pytest.mark.parametrize("form,least", [("moment", 0.1), ("centroid", 0.3)])
 def test_oracle_reward_reads_the_relation(form, least):
     img = torch.full((3, 3, 32, 32), 0.5)

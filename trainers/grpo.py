@@ -122,6 +122,10 @@ class GRPOTrainConfig:
     # groups of different prompts differ only through the prompt (the prompt-independent part of
     # their gradients cancels sample by sample instead of on average).
     common_noise: bool = False
+    # DanceGRPO's shared initialisation: the G samples of a group start from the same initial latent and
+    # differ only by the SDE noise, so a group's reward differences come from the policy's own stochastic
+    # steps (what the log-prob gradient can credit), not from where each sample started.
+    init_noise: Literal["per_sample", "per_group"] = "per_sample"
     group_size: int = param(16, min=2, max=1024, help="G: images per prompt")
     prompts_per_iter: int = param(2, min=1)
     top_k: int | None = param(None, min=0, help="keep the top-K and bottom-K per group (0: keep all; null: the "
@@ -197,6 +201,16 @@ def iteration_seeds(cfg: GRPOTrainConfig, iteration: int, groups: np.ndarray, sa
         return [sample_seed(cfg.seed, iteration, n) for n in samples]
     occurrence = [int((groups[:g] == groups[g]).sum()) for g in range(len(groups))]
     return [sample_seed(cfg.seed, iteration, occurrence[n // G] * G + n % G) for n in samples]
+
+
+def init_seeds(cfg: GRPOTrainConfig, iteration: int, groups: np.ndarray, samples: list[int]) -> list[int] | None:
+    """Initial-latent seed of each of ``samples`` with ``init_noise: per_group`` (one per group; with
+    ``common_noise`` shared by the k-th group of every prompt), else None (each sample's own seed)."""
+    if cfg.init_noise == "per_sample":
+        return None
+    G = cfg.group_size
+    key = [int((groups[:g] == groups[g]).sum()) if cfg.common_noise else g for g in range(len(groups))]
+    return [int(np.random.SeedSequence([cfg.seed, iteration, key[n // G], 1]).generate_state(1)[0]) for n in samples]
 
 
 def iteration_plan(cfg: GRPOTrainConfig, n_prompts: int, iteration: int, window: int) -> tuple[np.ndarray, list[int]]:
@@ -375,7 +389,7 @@ class GRPOTrainer:
         seeds = iteration_seeds(cfg, self.it, groups, self.mine)
 
         with phase("sample"):
-            traj = self._sample(prompts, seeds)
+            traj = self._sample(prompts, seeds, init_seeds(cfg, self.it, groups, self.mine))
         t1 = time.perf_counter()
 
         shape = (cfg.prompts_per_iter, cfg.group_size)
@@ -404,9 +418,10 @@ class GRPOTrainer:
                 [pool[g] for g in groups], **stats, "t_sample": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
                 "samples_per_s": self.n_total / (t3 - t0), "elapsed_s": self.elapsed, "lr": lr_at(cfg, self.it - 1)}
 
-    def _sample(self, prompts: list[str], seeds: list[int]) -> Trajectory:
+    def _sample(self, prompts: list[str], seeds: list[int], inits: list[int] | None) -> Trajectory:
         chunk = self.cfg.sample_batch or max(1, len(prompts))
-        return Trajectory.cat([self.sampler.sample(prompts[s:s + chunk], seeds[s:s + chunk])
+        return Trajectory.cat([self.sampler.sample(prompts[s:s + chunk], seeds[s:s + chunk],
+                                                   init_seeds=inits[s:s + chunk] if inits else None)
                                for s in range(0, len(prompts), chunk)])
 
     def _check_rewards(self, rewards: torch.Tensor) -> int:
@@ -468,8 +483,16 @@ class GRPOTrainer:
             o = gather_by_index(_oracle(traj.images, my_prompts, cfg), len(prompts), rank, world)
             res["eval_oracle"] = float(o.nanmean())
         if self.oracle_ok:
+            from ..eval.judge import judge_synthetic
+            from ..rl.sampler import to_pil
+
             _, acc = oracle_hard(traj.images, my_prompts)
             res["eval_oracle_acc"] = float(gather_by_index(acc, len(prompts), rank, world).nanmean())
+            # the judge of `spatialcore eval`: both objects found, and GenEval's position rule
+            found, correct = judge_synthetic(to_pil(traj.images), my_prompts)
+            if found is not None:
+                res["eval_found"] = float(gather_by_index(found, len(prompts), rank, world).nanmean())
+                res["eval_relation_acc"] = float(gather_by_index(correct, len(prompts), rank, world).nanmean())
         if tag and cfg.save_grids and is_main() and world == 1:
             _grid(traj.images, self.eval_prompts, cfg.eval_seeds, self.out / f"samples_{tag}.png")
         return res

@@ -462,7 +462,9 @@ class SFTTrainer:
         with self.policy.swapped(self.ema.weights if self.ema else None):
             traj = self.sampler.sample([prompts[i] for i in mine], [seeds[i] for i in mine], sde=False)
         pil = to_pil(traj.images)
-        found, correct = _judge_synthetic(pil, [prompts[i] for i in mine])
+        from ..eval.judge import judge_synthetic
+
+        found, correct = judge_synthetic(pil, [prompts[i] for i in mine])
         res = {}
         if found is not None:
             res["eval_found"] = float(gather_by_index(found, len(prompts), self.rank, self.world).nanmean())
@@ -570,20 +572,6 @@ class SFTTrainer:
             pipe = copy.deepcopy(pipe).to(getattr(torch, self.cfg.export_dtype))
         with atomic_dir(out / "pipeline") as tmp:
             pipe.save_pretrained(tmp)
-
-
-def _judge_synthetic(images, prompts: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Per image: all named objects found, and GenEval-correct (found and every relation holds), by the
-    pixel oracle; (None, None) when the prompts are not of the synthetic grammar."""
-    from ..eval.judge import OracleDetector, judge, task_from_prompt
-
-    try:
-        tasks = [task_from_prompt(p) for p in prompts]
-    except ValueError:
-        return None, None
-    det = OracleDetector()
-    verdicts = [judge(im, t, det) for im, t in zip(images, tasks, strict=True)]
-    return (torch.tensor([float(v.all_found) for v in verdicts]), torch.tensor([float(v.correct) for v in verdicts]))
 
 
 def train(cfg: SFTTrainConfig) -> dict:

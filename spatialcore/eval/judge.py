@@ -25,10 +25,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from ..data.geometry import DIRECTIONAL, geneval_relations
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -211,3 +215,17 @@ def judge(image, task: Task, detector) -> Verdict:
         else:
             verdicts.append(detector.relation(image, rtype, [task.objects[i] for i in idx]))
     return Verdict(found, verdicts, boxes)
+
+
+def judge_synthetic(images, prompts: list[str]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Per image: all named objects found, and GenEval-correct (found and every relation holds), by the
+    pixel oracle; (None, None) when the prompts are not of the synthetic grammar."""
+    import torch
+
+    try:
+        tasks = [task_from_prompt(p) for p in prompts]
+    except ValueError:
+        return None, None
+    det = OracleDetector()
+    verdicts = [judge(im, t, det) for im, t in zip(images, tasks, strict=True)]
+    return (torch.tensor([float(v.all_found) for v in verdicts]), torch.tensor([float(v.correct) for v in verdicts]))

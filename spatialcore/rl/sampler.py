@@ -184,13 +184,15 @@ class FluxSampler:
                                 encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=self.img_ids,
                                 return_dict=False)[0]
 
-    def noise(self, seeds: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Initial latents ``[B, L, C]`` and per-step SDE noise ``[B, steps, L, C]``, one generator per sample."""
+    def noise(self, seeds: list[int], init_seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Initial latents ``[B, L, C]`` and per-step SDE noise ``[B, steps, L, C]``, one generator per sample;
+        with ``init_seeds`` the initial latents come from those seeds instead (e.g. one per group)."""
         C, h = self.channels, self.latent_hw
         x0, eps = [], []
-        for s in seeds:
+        for n, s in enumerate(seeds):
             g = torch.Generator().manual_seed(int(s))
-            x = torch.randn(1, C, h, h, generator=g)
+            gi = g if init_seeds is None else torch.Generator().manual_seed(int(init_seeds[n]))
+            x = torch.randn(1, C, h, h, generator=gi)
             x0.append(self.pipe._pack_latents(x, 1, C, h, h)[0])
             eps.append(torch.randn(self.cfg.steps, self.seq_len, 4 * C, generator=g))
         return (torch.stack(x0).to(self.device, self.dtype), torch.stack(eps).to(self.device, self.dtype))
@@ -211,14 +213,15 @@ class FluxSampler:
     # ------------------------------------------------------------------ the loop
 
     @torch.no_grad()
-    def sample(self, prompts: list[str], seeds: list[int], *, decode: bool = True, sde: bool = True) -> Trajectory:
+    def sample(self, prompts: list[str], seeds: list[int], *, decode: bool = True, sde: bool = True,
+               init_seeds: list[int] | None = None) -> Trajectory:
         """Sample one image per (prompt, seed). ``sde=False`` runs the deterministic ODE everywhere
-        (fixed-noise evaluation)."""
-        if len(prompts) != len(seeds):
+        (fixed-noise evaluation); ``init_seeds`` draws the initial latents from other seeds than the SDE noise."""
+        if len(prompts) != len(seeds) or (init_seeds is not None and len(init_seeds) != len(seeds)):
             raise ValueError(f"{len(prompts)} prompts for {len(seeds)} seeds")
         cfg = self.cfg
         emb, pooled = self.encode(prompts)
-        x, eps = self.noise(seeds)
+        x, eps = self.noise(seeds, init_seeds)
         w0, w1 = cfg.window()
         stochastic = sde and cfg.noise_level > 0
         kept, logps = [], []
