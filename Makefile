@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.spatialcore-installed
 
-.PHONY: venv demo test bench cuda lint clean
+.PHONY: venv demo test bench cuda lint clean generator
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,18 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider profiling/benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
+
+# Rebuild the committed tiny generator assets/tiny_generator from its configs (~1 h on one CPU core):
+# train, judge 276 held-out samples with the pixel oracle, keep the pipeline, its manifest, the
+# evaluation and the per-sample verdicts (what tests/test_tiny_generator.py re-measures).
+GEN_EVAL := runs/eval_tiny_generator
+generator: $(STAMP)
+	$(VENV)/bin/spatialcore tiny --config configs/tiny/generator.yaml --out runs/tiny_gen --force
+	$(VENV)/bin/spatialcore sft train --config configs/sft/tiny_cpu.yaml
+	$(VENV)/bin/spatialcore eval --model runs/sft_tiny/pipeline --prompts synthetic:easy_grid --n-prompts 64 -n 12 --out $(GEN_EVAL)
+	rm -rf assets/tiny_generator && mkdir -p assets && cp -r runs/sft_tiny/pipeline assets/tiny_generator
+	cp $(GEN_EVAL)/eval.json assets/tiny_generator/
+	$(PY) -c "import json,sys; keep=('prompt_index','seed_index','all_found','correct'); rows=[json.loads(l) for l in open('$(GEN_EVAL)/samples.jsonl')]; open('assets/tiny_generator/verdicts.jsonl','w').writelines(json.dumps({k: r[k] for k in keep})+'\n' for r in rows)"
 
 cuda: $(STAMP)
 	$(VENV)/bin/cmake -S . -B build -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython3_EXECUTABLE=$(abspath $(PY)) && $(VENV)/bin/cmake --build build

@@ -230,6 +230,9 @@ class SFTTrainer:
             self.load_state_dict(*restore(ckpt, self.rank, who="sft"))
         self.metrics = open_metrics(self.out, self.step)
         self.last: dict = {}
+        from ..paths import git_commit
+
+        self.commit = git_commit()  # the code the run starts with (the manifest is written at the end)
 
     # ------------------------------------------------------------------ models
 
@@ -535,12 +538,11 @@ class SFTTrainer:
         import yaml
 
         from ..config import to_dict
-        from ..paths import git_commit
 
         # a base model built by `spatialcore tiny` carries its build config one folder up
         tiny = Path(self.cfg.model).parent / "tiny.yaml"
         record = {"command": "spatialcore " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["sft"] else None,
-                  "config": to_dict(self.cfg), "seed": self.cfg.seed, "commit": git_commit(),
+                  "config": to_dict(self.cfg), "seed": self.cfg.seed, "commit": self.commit,
                   "base_model_tiny_config": yaml.safe_load(tiny.read_text()) if tiny.is_file() else None,
                   "steps": self.step, "training_seconds": round(self.elapsed, 1),
                   "eval": {k: final[k] for k in ("eval_found", "eval_relation_acc") if k in final},
