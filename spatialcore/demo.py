@@ -1,24 +1,28 @@
-"""`spatialcore demo`: the main job end to end on tiny CPU models, with a Markdown report.
+"""`spatialcore demo`: the paper in miniature, end to end on tiny CPU models, with a Markdown report.
 
 Stages, each timed and summarised in ``REPORT.md``:
 
-1. build the tiny Qwen2.5-VL and Flux checkpoints (reused when the run folder has them for the
-   same config);
-2. synthesise a SpatialReward pair set (easy preset: the evaluation set), validate it and draw
-   its statistics;
-3. train the tiny SpatialScore on freshly streamed pairs: ``configs/reward/tiny_cpu.yaml`` (its
-   curriculum) with ``REWARD_CHANGES``;
-4. evaluate it on the pair set's test split (the published table's columns) with the
-   shuffled-prompt control beside it;
-5. Spatial-RL: GRPO with Top-k filtering on the tiny Flux, rewarded by that SpatialScore
-   (``configs/grpo/tiny_cpu_spatialscore.yaml`` with ``GRPO_CHANGES``), on synthetic prompts (training split), evaluated before and after on held-out prompts from fixed
-   noise with SpatialScore and the pixel oracle.
+1. build the tiny Qwen2.5-VL backbone (reused when the run folder has it for the same config);
+2. synthesise a SpatialReward pair set in the tiny generator's world (preset ``easy_grid``: what the
+   generator draws), validate it and draw its statistics;
+3. train the tiny SpatialScore on freshly streamed pairs of that world: ``configs/reward/tiny_cpu_grid.yaml``
+   (its curriculum) with ``REWARD_CHANGES``;
+4. evaluate it on the pair set's test split (the published table's columns) with the shuffled-prompt
+   control beside it;
+5. judge the base generator (the committed pretrained tiny Flux, ``assets/tiny_generator``) with
+   ``spatialcore eval``: held-out prompts, fixed seeds, the pixel oracle and GenEval's position rule;
+6. Spatial-RL: GRPO with Top-k filtering on that generator, rewarded by the SpatialScore of stage 3
+   (``configs/grpo/tiny_cpu_grid.yaml`` with ``GRPO_CHANGES``), a fixed number of iterations;
+7. judge the RL policy exactly as the base (same prompts, same noise).
 
-Every stage writes into ``out`` and is reused on a second run when its result is there.
+The report sets base against RL (objects found, relation accuracy, SpatialScore) with the reward-hacking
+gauge: how far the learned reward moved against how far the independent judge moved. Every stage writes
+into ``out`` and is reused on a second run when its result is there.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,16 +35,18 @@ from .tiny import TinyConfig
 from .trainers.grpo import GRPOTrainConfig
 from .trainers.reward import RewardTrainConfig
 
-# The reward curriculum of configs/reward/tiny_cpu.yaml (see there for why each stage exists).
 # The stage configs are the files in configs/ with the demo's own choices on top, validated as any
 # run's are (the demo runs from a checkout: `make demo`).
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-REWARD_FILE, REWARD_CHANGES = "reward/tiny_cpu.yaml", [
-    "seed=1", "max_steps=2000"]  # seed 1 reaches the final curriculum stage at step ~1,800; cut at 2,000
-GRPO_FILE, GRPO_CHANGES = "grpo/tiny_cpu_spatialscore.yaml", [
-    # reward.spatialscore.model becomes the model the demo trains; threads=0: the demo's own setting
-    "n_stream_prompts=64", "optim.lr=5e-4", "iterations=400", "max_minutes=5", "eval_every=50", "eval_seeds=8",
-    "threads=0"]
+CHECKOUT = Path(__file__).resolve().parents[1]
+CONFIGS = CHECKOUT / "configs"
+GENERATOR = CHECKOUT / "assets" / "tiny_generator"
+PRESET = "easy_grid"
+REWARD_FILE, REWARD_CHANGES = "reward/tiny_cpu_grid.yaml", [
+    "max_steps=1500"]  # the last curriculum stage starts at step ~900 and is at 0.99+ by 1,000
+GRPO_FILE, GRPO_CHANGES = "grpo/tiny_cpu_grid.yaml", [
+    # model and reward.spatialscore.model become the demo's; threads=0: the demo's own setting; no time
+    # limit: the result must not depend on the machine's speed
+    "threads=0", "max_minutes=0"]
 
 
 def _from_configs(cls, name: str, changes: list[str]):
@@ -60,17 +66,32 @@ def _grpo_defaults() -> GRPOTrainConfig:
 
 
 @dataclass
+class DemoEvalConfig:
+    """`spatialcore eval` of the base generator and of the RL policy (the same prompts and noise)."""
+
+    n_prompts: int = param(64, min=1, help="held-out prompts (easy_grid's test split has ~23 distinct ones)")
+    per_prompt: int = param(12, min=1, help="fixed noise seeds per prompt")
+    seed: int = param(0, min=0)
+    steps: int = param(0, min=0, help="ODE steps (0: as the generator was trained)")
+    batch: int = param(16, min=1)
+
+
+@dataclass
 class DemoConfig:
     seed: int = param(0, min=0)
     threads: int = param(0, min=0, help="torch CPU threads (0: leave torch's default)")
     tiny: TinyConfig = field(default_factory=TinyConfig)
-    pairs: int = param(400, min=20, help="synthetic evaluation pairs (easy preset)")
+    generator: str = param(str(GENERATOR), help="the base generator (a Flux pipeline folder)")
+    pairs: int = param(400, min=20, help="synthetic evaluation pairs (easy_grid preset)")
     reward: RewardTrainConfig = field(default_factory=_reward_defaults)
     grpo: GRPOTrainConfig = field(default_factory=_grpo_defaults)
+    eval: DemoEvalConfig = field(default_factory=DemoEvalConfig)
 
     def check(self) -> None:
         if self.grpo.reward.name != "spatialscore":
             raise ConfigError("grpo.reward.name", "the demo rewards GRPO with the SpatialScore it trains")
+        if not (Path(self.generator) / "model_index.json").is_file():
+            raise ConfigError("generator", f"{self.generator} is not a Flux pipeline folder (no model_index.json)")
 
 
 class _Stages:
@@ -115,7 +136,7 @@ def _data_stage(cfg: DemoConfig, out: Path):
     from .data.synth import DIFFICULTIES, SynthConfig, synth_pair_set
 
     folder = out / "pairs"
-    synth = from_dict(SynthConfig, {**DIFFICULTIES["easy"], "test_fraction": 0.5}, "pairs")
+    synth = from_dict(SynthConfig, {**DIFFICULTIES[PRESET], "test_fraction": 0.5}, "pairs")
     if not (folder / "pairs.jsonl").is_file() or len((folder / "pairs.jsonl").read_text().splitlines()) != cfg.pairs:
         synth_pair_set(folder, cfg.pairs, cfg.seed + 101, synth, overwrite=True, workers=1)
     records, problems = scan_pair_set(folder)
@@ -131,10 +152,10 @@ def _reward_train_stage(cfg: DemoConfig, rcfg: RewardTrainConfig):
 
     folder = Path(rcfg.out)
     if (folder / "model").is_dir() and _same_config(folder, rcfg):
-        return folder / "model", f"reused {folder / 'model'}"
+        return (folder / "model", True), f"reused {folder / 'model'}"
     last = train(rcfg)
-    return folder / "model", (f"{rcfg.max_steps} steps, held-out accuracy {last['accuracy']:.3f} on fresh "
-                              f"pairs -> reward/model, reward/accuracy.png")
+    return (folder / "model", False), (f"{rcfg.max_steps} steps, held-out accuracy {last['accuracy']:.3f} on "
+                                       f"fresh pairs -> reward/model, reward/accuracy.png")
 
 
 def _reward_eval_stage(model_dir: Path, pairs: Path):
@@ -155,17 +176,38 @@ def _grpo_stage(gcfg: GRPOTrainConfig):
     from .trainers.grpo import train
 
     folder = Path(gcfg.out)
-    if (folder / "policy").is_dir() and _same_config(folder, gcfg):
-        recs = read_metrics(folder / "metrics.jsonl")
-    else:
+    reused = (folder / "policy").is_dir() and _same_config(folder, gcfg)
+    if not reused:
         train(gcfg)
-        recs = read_metrics(folder / "metrics.jsonl")
-    evals = [r for r in recs if "eval_reward" in r]
-    before, after = evals[0], evals[-1]
+    recs = read_metrics(folder / "metrics.jsonl")
     its = max(r["step"] for r in recs)
-    return (before, after, recs), (f"{its} iterations, held-out SpatialScore {before['eval_reward']:.3f} -> "
-                                   f"{after['eval_reward']:.3f}, pixel oracle {before.get('eval_oracle', 0):.3f} -> "
-                                   f"{after.get('eval_oracle', 0):.3f}")
+    train_recs = [r for r in recs if "reward_mean" in r]
+    minutes = train_recs[-1]["elapsed_s"] / 60 if train_recs else 0.0
+    prefix = "reused: " if reused else ""
+    return (recs, its, reused), f"{prefix}{its} of {gcfg.iterations} iterations in {minutes:.1f} min -> grpo/policy"
+
+
+def _generator_eval_stage(cfg: DemoConfig, model_dir: Path, out: Path, lora: Path | None, rerun: bool):
+    """`spatialcore eval` of the generator (+ policy) with the demo's settings and SpatialScore's mu."""
+    from .eval.report import EvalSettings, run_eval, trained_settings
+
+    e = cfg.eval
+    trained = trained_settings(cfg.generator)
+    settings = EvalSettings(**{**trained, "prompts": f"synthetic:{PRESET}", "n_prompts": e.n_prompts,
+                               "per_prompt": e.per_prompt, "seed": e.seed, "batch": e.batch,
+                               **({"steps": e.steps} if e.steps else {})})
+    inputs = {"settings": settings.__dict__, "model": cfg.generator, "lora": str(lora) if lora else None,
+              "reward_model": str(model_dir)}
+    stamp = out / "inputs.json"
+    if not rerun and stamp.is_file() and json.loads(stamp.read_text()) == inputs and (out / "eval.json").is_file():
+        s = json.loads((out / "eval.json").read_text())
+        prefix = "reused: "
+    else:
+        s = run_eval(cfg.generator, out, settings, lora=str(lora) if lora else None, reward_model=str(model_dir))
+        stamp.write_text(json.dumps(inputs, indent=2) + "\n")
+        prefix = ""
+    return s, (f"{prefix}{s['samples']} samples: objects found {s['objects_found']:.3f}, relation accuracy "
+               f"{s['relation_accuracy']:.3f}, SpatialScore {s['spatialscore']['mu_mean']:.2f} -> {out.name}/")
 
 
 def _table(real: dict, control: dict) -> str:
@@ -180,11 +222,52 @@ def _table(real: dict, control: dict) -> str:
     return "\n".join(table + [control_row, "", *notes, "", format_by_type(real)])
 
 
+def _gauge(base: dict, rl: dict) -> list[str]:
+    """The reward-hacking gauge: the learned reward's move (in the base's spread of mu over samples) set
+    against the independent judge's move (points of relation accuracy and of objects found)."""
+    b, a = base["spatialscore"], rl["spatialscore"]
+    reward_gain = (a["mu_mean"] - b["mu_mean"]) / max(b["mu_std"], 1e-9)
+    rel = 100 * (rl["relation_accuracy"] - base["relation_accuracy"])
+    found = 100 * (rl["objects_found"] - base["objects_found"])
+    if reward_gain > 0.1 and rel <= 0:
+        verdict = "**reward hacking**: the learned reward rose while the judge's relation accuracy did not"
+    elif reward_gain > 0.1 and found < -5:
+        verdict = "**partly hacked**: relation accuracy rose, but objects went missing"
+    elif rel > 0:
+        verdict = "the judge agrees with the reward: layouts moved towards the named relations"
+    else:
+        verdict = "neither moved much"
+    return [f"Reward-hacking gauge: SpatialScore moved {reward_gain:+.2f} base standard deviations "
+            f"({b['mu_mean']:.2f} -> {a['mu_mean']:.2f}); the pixel oracle's relation accuracy moved {rel:+.1f} "
+            f"points and objects found {found:+.1f} points: {verdict}."]
+
+
+def _generator_table(base: dict, rl: dict) -> list[str]:
+    def row(name, b, a, points=True):
+        delta = f"{100 * (a - b):+.1f} points" if points else f"{a - b:+.2f}"
+        return f"| {name} | {b:.3f} | {a:.3f} | {delta} |"
+
+    lines = ["| held-out metric (pixel oracle + GenEval's rule) | base | after Spatial-RL | change |",
+             "|---|---:|---:|---:|",
+             row("objects found (both named objects)", base["objects_found"], rl["objects_found"]),
+             row("relation accuracy (GenEval: found and relation holds)", base["relation_accuracy"],
+                 rl["relation_accuracy"]),
+             row("relation accuracy when both objects are found", base["relation_accuracy_when_found"],
+                 rl["relation_accuracy_when_found"]),
+             row("SpatialScore mu (the reward), mean over samples", base["spatialscore"]["mu_mean"],
+                 rl["spatialscore"]["mu_mean"], points=False)]
+    for rel in base["per_relation"]:
+        if rel in rl["per_relation"]:
+            lines.append(row(f"'{rel}' holds", base["per_relation"][rel]["accuracy"],
+                             rl["per_relation"][rel]["accuracy"]))
+    return lines
+
+
 def run_demo(cfg: DemoConfig, out: Path) -> int:
     import torch
 
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    cfg.check()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -199,57 +282,49 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
     rcfg = from_dict(RewardTrainConfig, {**to_dict(cfg.reward), "model": str(tiny_dir / "reward"),
                                          "out": str(out / "reward"), "init_from": None,
                                          "threads": cfg.reward.threads or cfg.threads}, "reward")
-    model_dir = stages.run("SpatialScore training", _reward_train_stage, cfg, rcfg)
+    model_dir, reward_reused = stages.run("SpatialScore training", _reward_train_stage, cfg, rcfg)
     real, control, n_test = stages.run("SpatialScore evaluation", _reward_eval_stage, model_dir, pairs)
+    base = stages.run("base generator evaluation", _generator_eval_stage, cfg, model_dir, out / "eval_base", None,
+                      not reward_reused)
 
     g = to_dict(cfg.grpo)
     g["reward"]["spatialscore"]["model"] = str(model_dir)
-    gcfg = from_dict(GRPOTrainConfig, {**g, "model": str(tiny_dir / "flux"), "out": str(out / "grpo"),
+    gcfg = from_dict(GRPOTrainConfig, {**g, "model": cfg.generator, "out": str(out / "grpo"),
                                        "threads": cfg.grpo.threads or cfg.threads, "seed": cfg.seed}, "grpo")
-    before, after, recs = stages.run("Spatial-RL (GRPO + Top-k)", _grpo_stage, gcfg)
+    recs, its, grpo_reused = stages.run("Spatial-RL (GRPO + Top-k)", _grpo_stage, gcfg)
+    rl = stages.run("RL policy evaluation", _generator_eval_stage, cfg, model_dir, out / "eval_rl",
+                    out / "grpo" / "policy", not (reward_reused and grpo_reused))
     total = time.perf_counter() - t0
 
-    def row(name, key, fmt="{:.3f}"):
-        b, a = before.get(key), after.get(key)
-        return f"| {name} | {fmt.format(b) if b is not None else 'n/a'} | {fmt.format(a) if a is not None else 'n/a'} |"
-
-    train_recs = [r for r in recs if "reward_mean" in r]
-    lines = ["# spatialcore demo report", "", f"Total time: {total / 60:.1f} min on CPU "
-             f"({torch.get_num_threads()} threads).", "",
-             "| stage | time (s) | result |", "|---|---:|---|"]
+    lines = ["# spatialcore demo report", ""]
+    if its < gcfg.iterations:
+        lines += [f"**PARTIAL RESULT: Spatial-RL stopped at iteration {its} of {gcfg.iterations} (time limit "
+                  f"grpo.max_minutes={gcfg.max_minutes}); the numbers below are not the configured run's.**", ""]
+    lines += [f"Total time: {total / 60:.1f} min on CPU ({torch.get_num_threads()} threads).", "",
+              "| stage | time (s) | result |", "|---|---:|---|"]
     lines += [f"| {name} | {dt:.1f} | {summary} |" for name, dt, summary in stages.rows]
     lines += ["", "## SpatialScore (tiny Qwen2.5-VL) on the synthetic test split", "",
-              f"{n_test} held-out pairs (easy preset: red circle / blue square, one relation, new images and "
-              "prompts). The control judges every pair against another pair's prompt: a model that reads "
-              "the prompt drops to about 0.5.", "",
+              f"{n_test} held-out pairs of the generator's world (easy_grid: red circle / blue square, one relation, "
+              "32 px; the rejected image flips the relation or drops an object). The control judges every pair "
+              "against another pair's prompt: a model that reads the prompt drops to about 0.5.", "",
               _table(real, control),
               "", "![reward model accuracy](reward/accuracy.png)", "",
-              "## Spatial-RL on the tiny Flux, rewarded by SpatialScore", "",
-              f"G = {gcfg.group_size} images per prompt, {gcfg.prompts_per_iter} prompts per iteration, Top-k keeps "
-              f"the best {gcfg.top_k} and worst {gcfg.top_k} of each group; "
-              f"{'LoRA r' + str(gcfg.policy.lora_rank) if gcfg.policy.lora_rank else 'full fine-tuning'}. Held-out prompts "
-              f"(synthetic test split), {gcfg.eval_seeds} fixed noise seeds each, deterministic ODE sampling.", "",
-              "| held-out metric | before | after |", "|---|---:|---:|",
-              row("SpatialScore mu (the reward)", "eval_reward"),
-              row("pixel oracle, dense (colour-mass moments, -1..1)", "eval_oracle"),
-              row("pixel oracle, hard (fraction of relations true)", "eval_oracle_acc"), ""]
-    if train_recs:
-        head, tail = train_recs[:10], train_recs[-10:]
-
-        def avg(recs, key):
-            return sum(r[key] for r in recs) / len(recs)
-
-        lines += [f"Training reward (sampled with the SDE, mean of the first / last 10 iterations; it moves mostly "
-                  f"with which prompts were drawn, the held-out table is the measure): "
-                  f"{avg(head, 'reward_mean'):.3f} -> {avg(tail, 'reward_mean'):.3f}; within-group std at the start "
-                  f"{avg(head, 'reward_std_group'):.3f}; kept fraction {tail[-1]['kept_fraction']:.2f}; "
-                  f"{avg(tail, 'samples_per_s'):.1f} samples/s.", ""]
-    lines += ["The tiny SpatialScore was trained on rendered shapes, the tiny Flux draws blurry colour fields: "
-              "the reward it optimises is out of its training distribution, so the pixel oracle beside it is the "
-              "honest check of whether the images moved towards the named layout.", "",
-              "![GRPO reward](grpo/reward.png)", "", "Before (held-out prompts, fixed noise):", "",
-              "![before](grpo/samples_before.png)", "", "After:", "", "![after](grpo/samples_after.png)", "",
-              "![pair statistics](pair_stats.png)", ""]
+              "## Spatial-RL on the pretrained tiny Flux, rewarded by SpatialScore", "",
+              f"Base: `{cfg.generator}`. G = {gcfg.group_size} images per prompt, {gcfg.prompts_per_iter} prompts "
+              f"per iteration, Top-k keeps the best {gcfg.resolved_top_k()} and worst {gcfg.resolved_top_k()} of "
+              f"each group; {'LoRA r' + str(gcfg.policy.lora_rank) if gcfg.policy.lora_rank else 'full fine-tuning'}"
+              f", {its} iterations. Judged by `spatialcore eval`: {base['samples']} samples ({base['prompts']} "
+              f"held-out prompts x {cfg.eval.per_prompt} fixed noise seeds, the same for base and policy), "
+              "deterministic ODE, the pixel oracle as detector and GenEval's position rule.", ""]
+    lines += _generator_table(base, rl) + [""] + _gauge(base, rl) + [""]
+    lines += ["What this shows and what it cannot: in a world the tiny models can learn on a CPU, SpatialScore-"
+              "driven GRPO with Top-k moves a generator's layouts towards the prompt, as judged by an oracle that "
+              "never saw the reward. Real accuracy and speed need the real models (FLUX.1-dev, Qwen2.5-VL-7B) and "
+              "GPUs.", "",
+              "![GRPO reward](grpo/reward.png)", "",
+              "Base generator (green: correct, orange: relation wrong, red: an object missing):", "",
+              "![base](eval_base/grid.png)", "", "After Spatial-RL (same prompts, same noise):", "",
+              "![after](eval_rl/grid.png)", "", "![pair statistics](pair_stats.png)", ""]
     report = out / "REPORT.md"
     report.write_text("\n".join(lines))
     info(f"done in {total / 60:.1f} min; report: {report}", who="demo")

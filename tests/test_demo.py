@@ -1,29 +1,50 @@
-"""The end-to-end demo on a reduced budget: every stage runs, the report has its tables, and a
-second run reuses what the first one built."""
+"""The end-to-end demo on a reduced budget: every stage runs, the report has its tables (base against RL
+by the pixel oracle, the reward-hacking gauge), and a second run reuses what the first one built."""
 
-from spatialcore.config import load_config
+import json
+
+import pytest
+
+from spatialcore.config import ConfigError, load_config
 from spatialcore.demo import DemoConfig, run_demo
 
 SMALL = ["pairs=24", "threads=2", "reward.max_steps=6", "reward.warmup_steps=1", "reward.eval_every=3",
          "reward.eval_pairs=8", "reward.save_every=6", "reward.log_every=3", "grpo.iterations=2",
          "grpo.eval_every=2", "grpo.group_size=4", "grpo.top_k=1", "grpo.sampler.steps=3",
-         "grpo.sampler.image_size=32", "grpo.train_timesteps=2", "grpo.n_stream_prompts=4", "grpo.eval_seeds=2", "grpo.save_every=2"]
+         "grpo.sampler.window_size=2", "grpo.train_timesteps=2", "grpo.n_stream_prompts=4", "grpo.eval_seeds=2",
+         "grpo.save_every=2", "eval.n_prompts=2", "eval.per_prompt=2", "eval.steps=2"]
 
 
 def test_demo_runs_every_stage_and_reports(tmp_path):
     cfg = load_config(DemoConfig, None, SMALL)
     assert cfg.reward.curriculum and cfg.grpo.reward.name == "spatialscore"  # demo defaults survive overrides
+    assert cfg.grpo.max_minutes == 0  # fixed iteration counts: the result does not depend on the machine's speed
     assert run_demo(cfg, tmp_path) == 0
     report = (tmp_path / "REPORT.md").read_text()
     for stage in ("tiny checkpoints", "synthetic pairs", "SpatialScore training", "SpatialScore evaluation",
-                  "Spatial-RL (GRPO + Top-k)"):
+                  "base generator evaluation", "Spatial-RL (GRPO + Top-k)", "RL policy evaluation"):
         assert f"| {stage} |" in report, stage
     assert "| SpatialScore (tiny) |" in report and "| shuffled-prompt control |" in report
-    assert "| SpatialScore mu (the reward) |" in report and "pixel oracle, hard" in report
-    for png in ("pair_stats.png", "reward/accuracy.png", "grpo/reward.png", "grpo/samples_before.png",
-                "grpo/samples_after.png"):
+    base = json.loads((tmp_path / "eval_base" / "eval.json").read_text())
+    rl = json.loads((tmp_path / "eval_rl" / "eval.json").read_text())
+    assert base["samples"] == rl["samples"] == 4 and rl["lora"] and not base["lora"]
+    # the table carries the judge's numbers of both evaluations, and the gauge compares them
+    assert (f"| objects found (both named objects) | {base['objects_found']:.3f} | {rl['objects_found']:.3f} |"
+            in report)
+    assert f"| {base['relation_accuracy']:.3f} | {rl['relation_accuracy']:.3f} |" in report
+    assert "Reward-hacking gauge" in report and "PARTIAL" not in report
+    for png in ("pair_stats.png", "reward/accuracy.png", "grpo/reward.png", "eval_base/grid.png", "eval_rl/grid.png"):
         assert (tmp_path / png).stat().st_size > 0, png
-    # A second run reuses the checkpoints, the reward model and the policy it built.
+    # A second run reuses the checkpoints, the reward model, the policy and both evaluations.
     assert run_demo(load_config(DemoConfig, None, SMALL), tmp_path) == 0
     report = (tmp_path / "REPORT.md").read_text()
-    assert report.count("reused") >= 2
+    assert report.count("reused") >= 5
+    # a time limit that ends Spatial-RL early is said loudly
+    partial = SMALL + ["grpo.iterations=3", "grpo.max_minutes=1e-6"]
+    assert run_demo(load_config(DemoConfig, None, partial), tmp_path / "partial") == 0
+    assert "**PARTIAL RESULT" in (tmp_path / "partial" / "REPORT.md").read_text()
+
+
+def test_demo_refuses_a_missing_generator(tmp_path):
+    with pytest.raises(ConfigError, match="generator"):
+        run_demo(load_config(DemoConfig, None, SMALL + [f"generator={tmp_path}"]), tmp_path / "x")
