@@ -226,7 +226,7 @@ def test_easy_grid_is_the_easy_task_in_the_generator_world():
     grid, easy = DIFFICULTIES["easy_grid"], DIFFICULTIES["easy"]
     same = [k for k in easy if k not in ("size", "perturbation_types")]
     assert {k: grid[k] for k in same} == {k: easy[k] for k in same}
-    assert grid["perturbation_types"] == easy["perturbation_types"] + ["drop"]
+    assert grid["perturbation_types"] == easy["perturbation_types"] + ["drop", "duplicate"]
     sub = next(a for a in build_parser()._actions if a.dest == "command").choices["data"]
     synth = next(a for a in sub._actions if a.dest == "data_command").choices["synth"]
     assert next(a for a in synth._actions if a.dest == "difficulty").choices == list(DIFFICULTIES)
@@ -258,4 +258,36 @@ def test_drop_removes_one_named_object_and_violates_exactly_its_relations(preset
         assert parse_prompt(meta["perturbed_prompt"]) == rejected.relations
         assert all(satisfied(r, rejected) for r in rejected.relations)
         assert gone[0] in detect(pair.chosen) and gone[0] not in detect(pair.rejected)
-    assert seen >= 8
+    assert seen >= 4
+
+
+@pytest.mark.parametrize("preset", ["easy_grid", "hard"])
+def test_duplicate_adds_a_copy_where_the_relations_naming_it_fail(preset):
+    """A "duplicate" rejected image holds a second copy of one named object: the original still satisfies
+    the relations naming it, the copy violates each of them (so, over all copies, they are the violated ones)
+    and the perturbed prompt keeps only the relations still true of the image."""
+    from spatialcore.data.scene import object_value
+
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES[preset], "size": 96, "perturbation_types": list(PERTURBATIONS)})
+    seen = 0
+    for i in range(80):
+        pair = make_pair(cfg, 6, i)
+        rec, meta = pair.record, pair.record["meta"]
+        if rec["perturbations"] != ["duplicate"]:
+            continue
+        seen += 1
+        chosen, rejected = Scene.from_meta(meta["chosen_scene"]), Scene.from_meta(meta["rejected_scene"])
+        rels = parse_prompt(rec["prompt"])
+        counts = Counter(o.ident for o in rejected.objects)
+        (twice,) = [k for k, n in counts.items() if n == 2]
+        original, copy = [o for o in rejected.objects if o.ident == twice]
+        naming = [k for k, r in enumerate(rels) if twice in r.args]
+        assert len(rejected.objects) == len(chosen.objects) + 1
+        assert meta["violated"] == naming and [k for k, r in enumerate(rels) if not satisfied(r, rejected)] == naming
+        for k in naming:
+            first = [original if a == twice else rejected.find(a) for a in rels[k].args]
+            second = [copy if a == twice else rejected.find(a) for a in rels[k].args]
+            assert object_value(rels[k].type, first) > 0 > object_value(rels[k].type, second)
+        assert all(satisfied(r, rejected) for r in rejected.relations)
+        assert parse_prompt(meta["perturbed_prompt"]) == rejected.relations
+    assert seen >= 4

@@ -38,9 +38,10 @@ from .geometry import (
 )
 
 SIZE_RADIUS = {"small": 0.075, "medium": 0.095, "large": 0.115}  # half box side, fraction of W
-# What a perturbed scene may do: the published task's four (the defaults) and "drop" (one named object is
-# absent from the rejected image: what a generator does when it loses an object).
-PERTURBATIONS = ("flip", "swap", "relation", "binding", "drop")
+# What a perturbed scene may do: the published task's four (the defaults), "drop" (one named object is
+# absent from the rejected image: what a generator does when it loses an object) and "duplicate" (a second
+# copy of a named object, placed where the relations naming it fail: what a generator does when it hedges).
+PERTURBATIONS = ("flip", "swap", "relation", "binding", "drop", "duplicate")
 DEFAULT_PERTURBATIONS = PERTURBATIONS[:4]
 
 # Decision boundaries (truth) and generation margins (layouts stay clear of the boundary).
@@ -88,6 +89,7 @@ class Scene:
     mention_background: bool = False
     show_sizes: bool = False
     negated: list[Relation] = field(default_factory=list)  # must be clearly false in the layout
+    duplicate: tuple[str, str] | None = None  # perturbation: an object to add a second copy of after the layout
 
     def find(self, ident: tuple[str, str]) -> Obj | None:
         return next((o for o in self.objects if o.ident == ident), None)
@@ -198,11 +200,14 @@ def fails_clearly(rtype: str, objs: list[Obj]) -> bool:
 
 
 def satisfied(rel: Relation, scene: Scene) -> bool:
-    """Scene-graph truth of a relation; a named object missing from the scene makes it false."""
-    objs = [scene.find(ident) for ident in rel.args]
-    if any(o is None for o in objs):
+    """Scene-graph truth of a relation; a named object missing from the scene makes it false, and a named
+    object present twice must satisfy it with every copy (GenEval's rule over all instances)."""
+    import itertools
+
+    copies = [[o for o in scene.objects if o.ident == ident] for ident in rel.args]
+    if any(not c for c in copies):
         return False
-    return object_value(rel.type, objs) > 0
+    return all(object_value(rel.type, list(objs)) > 0 for objs in itertools.product(*copies))
 
 
 def fraction_satisfied(relations: list[Relation], scene: Scene) -> float:
@@ -560,12 +565,37 @@ def perturb(scene: Scene, n_violations: int, spec: SceneSpec, rng: random.Random
             continue
         # a dropped object takes its relations with it (indices stayed aligned with scene's until here)
         new.relations = [r for r in new.relations if all(new.find(a) is not None for a in r.args)]
-        new.negated = [scene.relations[i] for i in sorted(targets)]
+        dup = new.duplicate
+        # a duplicated object keeps its relations for the layout (the original satisfies them); its copy is
+        # then placed where they fail
+        copied = [scene.relations[i] for i in sorted(targets)] if dup else []
+        new.negated = [] if dup else [scene.relations[i] for i in sorted(targets)]
         for o in new.objects:
             o.r = SIZE_RADIUS[o.size] * rng.uniform(0.92, 1.08)
-        if assign_depth(new, rng) and sample_layout(new, rng, grid=spec.layout_grid):
+        if assign_depth(new, rng) and sample_layout(new, rng, grid=spec.layout_grid) and (
+                dup is None or _place_copy(new, dup, copied, rng, spec.layout_grid)):
+            new.relations = [r for r in new.relations if dup is None or dup not in r.args]
             return new, ops, sorted(targets)
     raise RuntimeError(f"could not build a scene violating {n_violations} of {len(scene.relations)} relations")
+
+
+def _place_copy(scene: Scene, ident: tuple[str, str], mine: list[Relation], rng: random.Random, grid: int,
+                tries: int = 200) -> bool:
+    """Add a second copy of object ``ident`` where every relation of ``mine`` (those naming it) fails clearly
+    with the copy in its place and the copy overlaps nothing; False if no such place was found."""
+    src = scene.find(ident)
+    idx = {o.ident: o for o in scene.objects}
+    for _ in range(tries):
+        copy = Obj(src.colour, src.kind, src.size, r=src.r, z=max(o.z for o in scene.objects) + 1)
+        copy.cx, copy.cy = rng.uniform(copy.r, 1 - copy.r), rng.uniform(copy.r, 1 - copy.r)
+        if grid:
+            copy.cx, copy.cy = snap(copy.cx, grid), snap(copy.cy, grid)
+        if any(_dist(copy, o) < SEPARATE * (copy.r + o.r) + SEP_GAP for o in scene.objects):
+            continue
+        if all(fails_clearly(r.type, [copy if a == ident else idx[a] for a in r.args]) for r in mine):
+            scene.objects.append(copy)
+            return True
+    return False
 
 
 def _choices(op: str, new: Scene, old: Scene, targets: set[int], budget: int) -> list:
@@ -577,8 +607,8 @@ def _choices(op: str, new: Scene, old: Scene, targets: set[int], budget: int) ->
         return [i for i in free if rels[i].type != "between"]
     if op == "swap":
         return [i for i in free if rels[i].type in OPPOSITE or rels[i].type == "between"]
-    if op == "drop":
-        if targets:  # it removes objects: only as the first operation
+    if op in ("drop", "duplicate"):
+        if targets:  # it removes or adds objects: only as the first operation
             return []
         out = []
         for a, o in enumerate(new.objects):
@@ -615,6 +645,10 @@ def _apply(op: str, new: Scene, old: Scene, targets: set[int], budget: int, rng:
     if op == "drop":  # the object leaves the scene; its relations are removed once all operations are done
         a, hit = rng.choice(options)
         del new.objects[a]
+        return set(hit)
+    if op == "duplicate":  # the copy is placed after the layout (see _place_copy)
+        a, hit = rng.choice(options)
+        new.duplicate = new.objects[a].ident
         return set(hit)
     if op == "binding":  # exchange the colours of two objects (kinds and places stay)
         a, b, hit = rng.choice(options)

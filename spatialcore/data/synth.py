@@ -109,10 +109,11 @@ DIFFICULTIES: dict[str, dict] = {
     # The tiny generator's world: the easy objects and relations at 32 px, on white, in two sizes, with
     # object centres on a 4 x 4 grid (a layout space of a few fixed positions that a ~2M-parameter Flux
     # learns to draw on CPU). The reward model of the demo is trained on pairs of this world too; its
-    # rejected images flip the relation or drop an object (a reward model that never saw a missing object
-    # pays a policy for losing one).
+    # rejected images flip the relation, drop an object or add a second copy of one where the relation fails
+    # (a reward model that never saw a missing or a doubled object pays a policy for losing one or for
+    # drawing several: both happened in Spatial-RL runs).
     "easy_grid": {"size": 32, "fixed_objects": ["red circle", "blue square"], "min_relations": 1,
-                  "max_relations": 1, "relation_types": list(DIRECTIONAL), "perturbation_types": ["flip", "drop"],
+                  "max_relations": 1, "relation_types": list(DIRECTIONAL), "perturbation_types": ["flip", "drop", "duplicate"],
                   "max_violations": 1, "p_single": 1.0, "layout_grid": 4, "backgrounds": ["white"],
                   "p_background": 0.0, "sizes": ["medium", "large"]},
 }
