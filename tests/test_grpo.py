@@ -547,3 +547,28 @@ def test_trainer_keeps_the_lower_bound_top_k(tiny_dir, tmp_path, monkeypatch):
 def test_sigma_keys_need_the_spatialscore_reward(tiny_dir, tmp_path):
     with pytest.raises(ConfigError, match=r"reward\.spatialscore\.topk_by.*no sigma"):
         _cfg(tiny_dir, tmp_path, **{"reward.spatialscore.topk_by": "lcb"})
+
+
+def test_prompts_from_a_file(tiny_dir, tmp_path, capsys):
+    """prompts_file (one per line, or JSON Lines with "prompt") trains on the file's prompts and, without
+    held-out ones, evaluates on them; eval_prompts_file gives the held-out set; a bad file is one line, exit 2."""
+    text = tmp_path / "train.txt"
+    text.write_text(f"{LEFT}\n\n{RIGHT}\n")
+    held = tmp_path / "held.jsonl"
+    held.write_text(json.dumps({"prompt": "the red circle is above the blue square"}) + "\n")
+    out = tmp_path / "run"
+    train(_cfg(tiny_dir, out, prompts=[], prompts_file=str(text), eval_prompts_file=str(held), iterations=1,
+               eval_every=1))
+    assert set(next(r for r in records(out) if "group_prompts" in r)["group_prompts"]) <= {LEFT, RIGHT}
+    trainer = grpo_mod.GRPOTrainer(_cfg(tiny_dir, tmp_path / "again", prompts=[], prompts_file=str(text),
+                                              eval_prompts_file=str(held)))
+    assert trainer.train_prompts == [LEFT, RIGHT]
+    assert trainer.eval_prompts == ["the red circle is above the blue square"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok"}\n{"caption": "no prompt"}\n')
+    capsys.readouterr()
+    for args, key in (([f"prompts_file={bad}"], "line 2"), ([f"prompts_file={tmp_path / 'none.txt'}"], "not a file"),
+                      ([f"prompts_file={text}", "prompt_stream=easy"], "prompt_stream")):
+        code = main(["grpo", "train", *cli_args(_overrides(tiny_dir, tmp_path / "x", prompts=[])), *args])
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and key in err, err

@@ -112,6 +112,9 @@ class GRPOTrainConfig:
     prompts: list[str] = field(default_factory=lambda: ["the red circle is to the left of the blue square"])
     eval_prompts: list[str] = field(default_factory=list)
     prompt_stream: str | None = None
+    # or a file: one prompt per line, or JSON Lines with a "prompt" field (eval_prompts_file likewise)
+    prompts_file: str | None = None
+    eval_prompts_file: str | None = None
     stream: dict[str, Any] = field(default_factory=dict)
     n_stream_prompts: int = param(64, min=1, help="prompts drawn per split from the stream")
     # Curriculum: the first warmup_iterations draw only from warmup_prompts (e.g. one relation
@@ -152,10 +155,13 @@ class GRPOTrainConfig:
 
     def check(self) -> None:
         self.sampler.check()
-        if not self.prompts and not self.prompt_stream:
-            raise ConfigError("prompts", "give training prompts or a prompt_stream")
-        if self.prompts and self.prompt_stream:
-            raise ConfigError("prompt_stream", "give either prompts or a prompt_stream, not both (prompts: [])")
+        sources = [k for k in ("prompts", "prompt_stream", "prompts_file") if getattr(self, k)]
+        if not sources:
+            raise ConfigError("prompts", "give training prompts, a prompts_file or a prompt_stream")
+        if len(sources) > 1:
+            raise ConfigError(sources[1], f"give one prompt source, not {' and '.join(sources)} (prompts: [])")
+        if self.eval_prompts and self.eval_prompts_file:
+            raise ConfigError("eval_prompts_file", "give eval_prompts or eval_prompts_file, not both")
         from ..data.synth import DIFFICULTIES
 
         if self.prompt_stream and self.prompt_stream not in DIFFICULTIES:
@@ -301,15 +307,20 @@ class GRPOTrainer:
 
     def _init_prompts(self) -> None:
         """Prompts before any model: a bad prompt source fails fast."""
+        from ..data.prompts import read_prompts
+
         cfg = self.cfg
+        held_out = list(cfg.eval_prompts) or (read_prompts(cfg.eval_prompts_file, "eval_prompts_file")
+                                              if cfg.eval_prompts_file else [])
         if cfg.prompt_stream:
             from ..data.synth import split_prompts
 
             self.train_prompts = split_prompts(cfg.prompt_stream, cfg.stream, "train", cfg.n_stream_prompts, cfg.seed)
-            self.eval_prompts = cfg.eval_prompts or split_prompts(cfg.prompt_stream, cfg.stream, "test",
-                                                                  max(1, cfg.n_stream_prompts // 8), cfg.seed)
+            self.eval_prompts = held_out or split_prompts(cfg.prompt_stream, cfg.stream, "test",
+                                                          max(1, cfg.n_stream_prompts // 8), cfg.seed)
         else:
-            self.train_prompts, self.eval_prompts = list(cfg.prompts), list(cfg.eval_prompts or cfg.prompts)
+            train = read_prompts(cfg.prompts_file, "prompts_file") if cfg.prompts_file else list(cfg.prompts)
+            self.train_prompts, self.eval_prompts = train, held_out or train
         self.oracle_ok = _parses(self.eval_prompts)
 
     def _init_models(self) -> None:
