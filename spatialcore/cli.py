@@ -25,6 +25,19 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="override config keys, e.g. reward.text_layers=3 seed=1")
 
 
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    """--resume / --fresh of a trainer: the `run` key (a folder holding another config's run is refused)."""
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--resume", dest="run_mode", action="store_const", const="resume",
+                   help="continue the run in out (same config; an error if there is none)")
+    g.add_argument("--fresh", dest="run_mode", action="store_const", const="fresh",
+                   help="start over: an existing run in out is moved aside to out.replaced-<time>")
+
+
+def _train_overrides(args: argparse.Namespace) -> list[str]:
+    return list(args.overrides) + ([f"run={args.run_mode}"] if args.run_mode else [])
+
+
 def _cmd_tiny(args: argparse.Namespace) -> int:
     from .tiny import TinyConfig
 
@@ -130,7 +143,7 @@ def _cmd_reward_train(args: argparse.Namespace) -> int:
     from .paths import require
     from .trainers.reward import RewardTrainConfig, train
 
-    cfg = load_config(RewardTrainConfig, args.config, args.overrides)
+    cfg = load_config(RewardTrainConfig, args.config, _train_overrides(args))
     if not cfg.data.startswith("stream:"):
         require(cfg.data, "data", "pairs")
     if cfg.init_from:
@@ -147,7 +160,7 @@ def _cmd_grpo_train(args: argparse.Namespace) -> int:
     from .paths import require
     from .trainers.grpo import GRPOTrainConfig, train
 
-    cfg = load_config(GRPOTrainConfig, args.config, args.overrides)
+    cfg = load_config(GRPOTrainConfig, args.config, _train_overrides(args))
     require(cfg.model, "model", "flux", hub=True)
     if cfg.reward.name == "spatialscore":
         require(cfg.reward.spatialscore.model, "reward.spatialscore.model", "spatialscore")
@@ -161,7 +174,7 @@ def _cmd_sft_train(args: argparse.Namespace) -> int:
     from .paths import require
     from .trainers.sft import SFTTrainConfig, train
 
-    cfg = load_config(SFTTrainConfig, args.config, args.overrides)
+    cfg = load_config(SFTTrainConfig, args.config, _train_overrides(args))
     require(cfg.model, "model", "flux", hub=True)
     final = train(cfg)
     if args.json and final:
@@ -477,6 +490,7 @@ def _add_reward(sub) -> None:
                                     "checkpoint. Launch with torchrun for DDP.")
     r.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
     _add_config_args(r)
+    _add_run_args(r)
     r.set_defaults(func=_cmd_reward_train)
     r = rsub.add_parser("eval", help="pairwise accuracy table (overall / 1 / 2-3 perturbations)",
                         description="Evaluate a SpatialScore model on a pair set: accuracy overall, with 1 and "
@@ -515,6 +529,7 @@ def _add_grpo(sub) -> None:
                                     "the Flow-GRPO clipped loss; resumes from the run folder's latest checkpoint.")
     g.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     _add_config_args(g)
+    _add_run_args(g)
     g.set_defaults(func=_cmd_grpo_train)
     g = gsub.add_parser("compare", help="plot held-out reward of several runs per iteration and per second",
                         description="One PNG comparing runs (e.g. Top-k vs its ablation) against iterations and "
@@ -537,6 +552,7 @@ def _add_sft(sub) -> None:
                                     "checkpoint; writes out/pipeline (FluxPipeline.from_pretrained loads it).")
     s.add_argument("--json", action="store_true", help="print the final metrics as JSON")
     _add_config_args(s)
+    _add_run_args(s)
     s.set_defaults(func=_cmd_sft_train)
 
 

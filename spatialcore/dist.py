@@ -54,11 +54,17 @@ def start_run(cfg) -> tuple[int, int, torch.device]:
     from pathlib import Path
 
     from .config import save_config
+    from .logs import info
+    from .run_folder import prepare
 
     rank, world, device = init()
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    aside = prepare(cfg, main=is_main())
+    barrier()
+    if aside and is_main():
+        info(f"run=fresh: the previous run in {cfg.out} moved to {aside}")
     if is_main():
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.out) / "config.yaml")

@@ -101,6 +101,9 @@ class GRPOTrainConfig:
 
     model: str = param("runs/tiny/flux", help="Flux pipeline folder or hub id")
     out: str = "runs/grpo"
+    run: Literal["auto", "resume", "fresh"] = param(
+        "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
+                     "move an existing run aside and start over")
     seed: int = param(0, min=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)

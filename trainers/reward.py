@@ -41,6 +41,9 @@ class RewardTrainConfig:
     advance_at: float = param(0.95, min=0.0, max=1.0)
     eval_split: Literal["val", "test"] = "test"
     out: str = "runs/reward"
+    run: Literal["auto", "resume", "fresh"] = param(
+        "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
+                     "move an existing run aside and start over")
     seed: int = param(0, min=0)
     attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
     dtype: Literal["float32", "bfloat16"] = "float32"

@@ -74,6 +74,9 @@ class VAEStageConfig:
 class SFTTrainConfig:
     model: str = param("runs/tiny/flux", help="Flux pipeline folder or hub id")
     out: str = "runs/sft"
+    run: Literal["auto", "resume", "fresh"] = param(
+        "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
+                     "move an existing run aside and start over")
     seed: int = param(0, min=0)
     dtype: Literal["float32", "bfloat16"] = "float32"
     export_dtype: Literal["float32", "float16", "bfloat16"] = param(

@@ -1,0 +1,50 @@
+"""A run folder belongs to one run: a rerun with another config is refused with one line naming the first
+differing key; the same config (or one that only extends the run) resumes; --fresh moves the old run aside
+and starts over; --resume needs a run to resume."""
+
+from runs import cli_args, records
+
+from spatialcore.cli import main
+from spatialcore.run_folder import first_difference
+
+LEFT = "the red circle is to the left of the blue square"
+
+
+def _grpo(tiny_dir, out, *extra):
+    base = {"model": str(tiny_dir / "flux"), "out": str(out), "prompts": [LEFT], "group_size": 4, "prompts_per_iter": 1,
+            "top_k": 1, "iterations": 2, "eval_every": 2, "eval_seeds": 1, "save_every": 1, "sampler.steps": 2,
+            "sampler.image_size": 32, "policy.lora_rank": 4, "threads": 1}
+    return ["grpo", "train", *cli_args(base), *extra]
+
+
+def test_first_difference_names_the_dotted_key():
+    saved = {"optim": {"lr": 1e-3, "name": "adamw"}, "seed": 0, "threads": 1, "iterations": 10}
+    assert first_difference(saved, {**saved, "threads": 2, "iterations": 20}) is None
+    assert first_difference(saved, {**saved, "optim": {"lr": 1e-2, "name": "adamw"}}) == ("optim.lr", 1e-3, 1e-2)
+    assert first_difference(saved, {**saved, "new_key": 1}) == ("new_key", "<absent>", 1)
+
+
+def test_rerun_refused_resumed_or_started_fresh(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_grpo(tiny_dir, out)) == 0
+    first = records(out)
+    capsys.readouterr()
+    # another learning rate: refused before anything is built, one line naming the key, nothing touched
+    assert main(_grpo(tiny_dir, out, "optim.lr=0.5")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "optim.lr" in err and "--fresh" in err, err
+    assert records(out) == first
+    # the same config, extended: resumes from the last checkpoint
+    assert main(_grpo(tiny_dir, out, "iterations=3", "--resume")) == 0
+    assert "resumed from step 2" in capsys.readouterr().err
+    assert records(out)[: len(first)] == first and records(out)[-1]["step"] == 3
+    # --fresh: the old run moves aside intact, the new one starts at step 0
+    assert main(_grpo(tiny_dir, out, "optim.lr=0.5", "--fresh")) == 0
+    err = capsys.readouterr().err
+    assert "resumed from step" not in err and "moved to" in err
+    (aside,) = tmp_path.glob("run.replaced-*")
+    assert records(aside)[-1]["step"] == 3 and records(out)[-1]["step"] == 2
+    # --resume with nothing to resume
+    assert main(_grpo(tiny_dir, tmp_path / "empty", "--resume")) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no run to resume" in err, err
