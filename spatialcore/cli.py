@@ -214,6 +214,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export
+    from .logs import info
+
+    info(export(args.checkpoint, args.out, merged=args.merged, ema=not args.no_ema), who="export")
+    return 0
+
+
 def _cmd_grpo_compare(args: argparse.Namespace) -> int:
     from .trainers.grpo import compare_runs
 
@@ -590,6 +598,20 @@ def _add_eval(sub) -> None:
     p.set_defaults(func=_cmd_eval)
 
 
+def _add_export(sub) -> None:
+    """``spatialcore export``."""
+    p = sub.add_parser("export", help="a diffusers-loadable generator from any checkpoint of a grpo or sft run",
+                       description="Write the policy of a grpo run (LoRA file, or transformer/) or the pipeline of an "
+                                   "sft run from CHECKPOINT: a run folder (its newest complete checkpoint) or one "
+                                   "of its checkpoints/step_N folders. Example: spatialcore export "
+                                   "runs/grpo-tiny-grid/checkpoints/step_00000050 --out runs/policy-50")
+    p.add_argument("checkpoint", metavar="CHECKPOINT")
+    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--merged", action="store_true", help="LoRA: also write transformer/ with the adapter folded in")
+    p.add_argument("--no-ema", action="store_true", help="the raw weights even when the run kept an EMA")
+    p.set_defaults(func=_cmd_export)
+
+
 def _add_sample(sub) -> None:
     """``spatialcore sample``."""
     p = sub.add_parser("sample", help="generate images with a Flux checkpoint (+ a trained policy)",
@@ -660,8 +682,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for add in (_add_tiny, _add_demo, _add_data, _add_reward, _add_grpo, _add_sft, _add_eval, _add_sample, _add_bench_profile, _add_info,
-                _add_config_cmd):
+    for add in (_add_tiny, _add_demo, _add_data, _add_reward, _add_grpo, _add_sft, _add_eval, _add_sample, _add_export,
+                _add_bench_profile, _add_info, _add_config_cmd):
         add(sub)
     return parser
 

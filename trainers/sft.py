@@ -555,29 +555,35 @@ class SFTTrainer:
     def export(self, out: Path) -> None:
         """``out/pipeline`` (complete Flux pipeline, LoRA folded in, EMA weights if any) and, for LoRA,
         ``out/lora`` (diffusers' LoRA file)."""
-        from diffusers import FluxPipeline, FluxTransformer2DModel
-
-        from ..atomic import atomic_dir
-        from ..rl.policy import merged_state_dict
-
         weights = self.ema.weights if self.ema else None
-        with self.policy.swapped(weights):
-            tr = self.pipe.transformer
-            if self.policy.lora_rank:
-                self.policy.save(out / "lora")
-                state = merged_state_dict(tr)
-            else:
-                state = {k: v.detach().cpu() for k, v in tr.state_dict().items()}
-            plain = FluxTransformer2DModel.from_config(tr.config)
-            plain.load_state_dict(state)
-        p = self.pipe
-        pipe = FluxPipeline(scheduler=p.scheduler, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
-                            text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2, transformer=plain.to(tr.dtype))
-        if self.cfg.export_dtype != "float32":
-            pipe = copy.deepcopy(pipe).to(getattr(torch, self.cfg.export_dtype))
-        with atomic_dir(out / "pipeline") as tmp:
-            pipe.save_pretrained(tmp)
+        if self.policy.lora_rank:
+            self.policy.save(out / "lora", weights)
+        export_pipeline(self.pipe, self.policy, weights, out / "pipeline", self.cfg.export_dtype)
 
+
+def export_pipeline(pipe, policy, weights: dict[str, torch.Tensor] | None, out: Path, export_dtype: str) -> None:
+    """Write ``pipe`` with ``weights`` (or the policy's own) in its transformer, a LoRA folded in, as a
+    complete pipeline folder ``out`` in ``export_dtype`` (atomically)."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from ..atomic import atomic_dir
+    from ..rl.policy import merged_state_dict
+
+    with policy.swapped(weights):
+        tr = pipe.transformer
+        if policy.lora_rank:
+            state = merged_state_dict(tr)
+        else:
+            state = {k: v.detach().cpu() for k, v in tr.state_dict().items()}
+        plain = FluxTransformer2DModel.from_config(tr.config)
+        plain.load_state_dict(state)
+    p = pipe
+    pipe = FluxPipeline(scheduler=p.scheduler, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
+                        text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2, transformer=plain.to(tr.dtype))
+    if export_dtype != "float32":
+        pipe = copy.deepcopy(pipe).to(getattr(torch, export_dtype))
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp)
 
 def train(cfg: SFTTrainConfig) -> dict:
     """Build an :class:`SFTTrainer` from ``cfg`` and run it (resuming from ``cfg.out``)."""
