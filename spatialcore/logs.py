@@ -72,6 +72,81 @@ class MetricsFile:
         self.close()
 
 
+REPORTERS = ("jsonl", "tensorboard", "wandb")
+
+
+def check_report_to(values: list[str]) -> None:
+    """Config check of ``report_to``: known names, and the optional packages they need installed."""
+    import importlib.util
+
+    from .config import ConfigError
+
+    bad = [v for v in values if v not in REPORTERS]
+    if bad:
+        raise ConfigError("report_to", f"unknown {bad} (known: {list(REPORTERS)})")
+    for name, module, pkg in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if name in values and importlib.util.find_spec(module) is None:
+            raise ConfigError("report_to", f"{name} needs the {pkg} package (pip install {pkg})")
+
+
+class Reporter:
+    """Where a run's records go: ``metrics.jsonl`` always (resume and plots read it), and TensorBoard
+    (``out/tensorboard``) and Weights & Biases when ``report_to`` names them. Scalars are every finite number
+    of a record at its ``step``; :meth:`image` logs a PNG (sample grids). W&B follows its own environment
+    (``WANDB_MODE=offline`` works without a network); its run id is the run folder's, so a resumed run
+    continues the same W&B run."""
+
+    def __init__(self, path: str | Path, *, report_to: tuple[str, ...] | list[str] = ("jsonl",), step: int = 0,
+                 config: dict | None = None):
+        self.jsonl = MetricsFile(path)
+        out = Path(path).parent
+        self.tb = self.wb = None
+        if "tensorboard" in report_to:
+            from torch.utils.tensorboard import SummaryWriter
+
+            # purge_step: events a killed run wrote after its last checkpoint are dropped on resume
+            self.tb = SummaryWriter(log_dir=str(out / "tensorboard"), purge_step=step or None)
+        if "wandb" in report_to:
+            import hashlib
+
+            import wandb
+
+            run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:12]
+            self.wb = wandb.init(project=os.environ.get("WANDB_PROJECT", "spatialcore"), name=out.name, id=run_id,
+                                 dir=str(out), resume="allow", config=config)
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(record)
+        step = record.get("step")
+        scalars = {k: float(v) for k, v in record.items() if k not in ("step", "time") and isinstance(v, (int, float))
+                   and not isinstance(v, bool) and math.isfinite(v)}
+        if self.tb is not None:
+            for k, v in scalars.items():
+                self.tb.add_scalar(k, v, step)
+            self.tb.flush()
+        if self.wb is not None:
+            self.wb.log(scalars, step=step)
+
+    def image(self, tag: str, png: str | Path, step: int) -> None:
+        if self.tb is not None:
+            import numpy as np
+            from PIL import Image
+
+            self.tb.add_image(tag, np.asarray(Image.open(png).convert("RGB")), step, dataformats="HWC")
+            self.tb.flush()
+        if self.wb is not None:
+            import wandb
+
+            self.wb.log({tag: wandb.Image(str(png))}, step=step)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.wb is not None:
+            self.wb.finish()
+
+
 def _finite(value: Any) -> Any:
     if isinstance(value, float):
         return value if math.isfinite(value) else None

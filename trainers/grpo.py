@@ -101,6 +101,7 @@ class GRPOTrainConfig:
 
     model: str = param("runs/tiny/flux", help="Flux pipeline folder or hub id")
     out: str = "runs/grpo"
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (optional packages)
     run: Literal["auto", "resume", "fresh"] = param(
         "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
                      "move an existing run aside and start over")
@@ -157,6 +158,9 @@ class GRPOTrainConfig:
     stop_after: int = param(0, min=0, help="end the process after this many iterations, as if killed (tests)")
 
     def check(self) -> None:
+        from ..logs import check_report_to
+
+        check_report_to(self.report_to)
         self.sampler.check()
         sources = [k for k in ("prompts", "prompt_stream", "prompts_file") if getattr(self, k)]
         if not sources:
@@ -305,7 +309,7 @@ class GRPOTrainer:
         self.it, self.elapsed, self.bad_streak = 0, 0.0, 0
         if ckpt is not None:
             self.load_state_dict(*restore(ckpt, self.rank, who="grpo"))
-        self.metrics = open_metrics(self.out, self.it)
+        self.metrics = open_metrics(self.out, self.it, cfg)
         self.last: dict = {}
 
     def _init_prompts(self) -> None:
@@ -509,6 +513,8 @@ class GRPOTrainer:
                 res["eval_relation_acc"] = float(gather_by_index(correct, len(prompts), rank, world).nanmean())
         if tag and cfg.save_grids and is_main() and world == 1:
             _grid(traj.images, self.eval_prompts, cfg.eval_seeds, self.out / f"samples_{tag}.png")
+            if self.metrics:
+                self.metrics.image(f"samples/{tag}", self.out / f"samples_{tag}.png", self.it)
         return res
 
     # ------------------------------------------------------------------ the loop

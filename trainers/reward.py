@@ -41,6 +41,7 @@ class RewardTrainConfig:
     advance_at: float = param(0.95, min=0.0, max=1.0)
     eval_split: Literal["val", "test"] = "test"
     out: str = "runs/reward"
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (optional packages)
     run: Literal["auto", "resume", "fresh"] = param(
         "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
                      "move an existing run aside and start over")
@@ -82,6 +83,9 @@ class RewardTrainConfig:
                       "micro_batch))"}
 
     def check(self) -> None:
+        from ..logs import check_report_to
+
+        check_report_to(self.report_to)
         if self.curriculum and not self.data.startswith("stream:"):
             raise ConfigError("curriculum", "needs data=stream:<preset>")
         if self.warmup_steps >= self.max_steps:
@@ -134,7 +138,7 @@ class RewardTrainer:
         self.last_eval: dict = {}
         if ckpt is not None:
             self.load_state_dict(*restore(ckpt, self.rank, who="reward"))
-        self.metrics = open_metrics(self.out, self.step)
+        self.metrics = open_metrics(self.out, self.step, cfg)
         self._batches = None
 
     # ------------------------------------------------------------------ construction

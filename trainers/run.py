@@ -18,7 +18,7 @@ import torch
 
 from ..config import param
 from ..errors import TrainingError
-from ..logs import MetricsFile, info, read_metrics
+from ..logs import MetricsFile, Reporter, info, read_metrics
 
 __all__ = ["OptimConfig", "PolicyConfig", "TrainingError", "all_reduce_grads", "checkpoint", "gather_by_index", "scheduled_lr", "find_checkpoint", "make_optimizer", "open_metrics", "restore", "split_batch"]
 
@@ -53,8 +53,10 @@ def checkpoint(out: Path, step: int, tensors: dict[str, torch.Tensor] | None, st
     barrier()
 
 
-def open_metrics(out: Path, step: int) -> MetricsFile | None:
-    """Rank 0's metrics file, holding only the records of steps ``<= step`` (none for a fresh run)."""
+def open_metrics(out: Path, step: int, cfg=None) -> Reporter | None:
+    """Rank 0's reporter: ``metrics.jsonl`` holding only the records of steps ``<= step`` (none for a fresh
+    run), plus the integrations ``cfg.report_to`` names."""
+    from ..config import to_dict
     from ..dist import is_main
 
     if not is_main():
@@ -64,7 +66,8 @@ def open_metrics(out: Path, step: int) -> MetricsFile | None:
     with MetricsFile(path, append=False) as m:
         for r in keep:
             m.write(r)
-    return MetricsFile(path)
+    report_to = getattr(cfg, "report_to", ["jsonl"]) if cfg is not None else ["jsonl"]
+    return Reporter(path, report_to=report_to, step=step, config=to_dict(cfg) if cfg is not None else None)
 
 
 def split_batch(global_batch: int, micro_batch: int, world: int, *, keys: tuple[str, str] = ("batch_size",

@@ -74,6 +74,7 @@ class VAEStageConfig:
 class SFTTrainConfig:
     model: str = param("runs/tiny/flux", help="Flux pipeline folder or hub id")
     out: str = "runs/sft"
+    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (optional packages)
     run: Literal["auto", "resume", "fresh"] = param(
         "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
                      "move an existing run aside and start over")
@@ -107,6 +108,9 @@ class SFTTrainConfig:
     stop_after: int = param(0, min=0, help="end the process after this many steps, as if killed (tests)")
 
     def check(self) -> None:
+        from ..logs import check_report_to
+
+        check_report_to(self.report_to)
         self.data.check()
         if self.steps + self.vae.steps == 0:
             raise ConfigError("steps", "nothing to train: steps and vae.steps are both 0")
@@ -231,7 +235,7 @@ class SFTTrainer:
         self._start_stage()
         if ckpt is not None:
             self.load_state_dict(*restore(ckpt, self.rank, who="sft"))
-        self.metrics = open_metrics(self.out, self.step)
+        self.metrics = open_metrics(self.out, self.step, cfg)
         self.last: dict = {}
         from ..paths import git_commit
 
@@ -480,6 +484,8 @@ class SFTTrainer:
 
             rows = [pil[i * cfg.eval_seeds:(i + 1) * cfg.eval_seeds] for i in range(len(self.eval_prompts))]
             image_grid(rows[:8], [p[:48] for p in self.eval_prompts[:8]], self.out / f"samples_{tag}.png")
+            if self.metrics:
+                self.metrics.image("samples", self.out / f"samples_{tag}.png", self.step)
         return res
 
     # ------------------------------------------------------------------ the loop
