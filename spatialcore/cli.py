@@ -162,7 +162,7 @@ def _cmd_grpo_train(args: argparse.Namespace) -> int:
 
     cfg = load_config(GRPOTrainConfig, args.config, _train_overrides(args))
     require(cfg.model, "model", "flux", hub=True)
-    if cfg.reward.name == "spatialscore":
+    if "spatialscore" in cfg.reward.parts():
         require(cfg.reward.spatialscore.model, "reward.spatialscore.model", "spatialscore")
     final = train(cfg)
     if args.json and final:

@@ -572,3 +572,44 @@ def test_prompts_from_a_file(tiny_dir, tmp_path, capsys):
         code = main(["grpo", "train", *cli_args(_overrides(tiny_dir, tmp_path / "x", prompts=[])), *args])
         err = capsys.readouterr().err.strip()
         assert code == 2 and len(err.splitlines()) == 1 and key in err, err
+
+
+USER_REWARD = '''
+import torch
+
+def redness(images, prompts):
+    return images[:, 0].mean(dim=(1, 2)) - images[:, 2].mean(dim=(1, 2))
+
+def wrong_shape(images, prompts):
+    return torch.zeros(len(prompts) + 1)
+'''
+
+
+def test_user_and_weighted_rewards(tiny_dir, tmp_path, capsys):
+    """reward.name=python calls the user's function; weighted sums parts and logs each: reward_mean is the
+    weighted sum of the parts' means; a bad function is a one-line error."""
+    from spatialcore.rl.reward_fns import oracle_reward
+
+    user = tmp_path / "my_reward.py"
+    user.write_text(USER_REWARD)
+    out = tmp_path / "w"
+    train(_cfg(tiny_dir, out, iterations=2, eval_every=5, **{"reward.name": "weighted",
+          "reward.weights": {"oracle": 1.0, "python": 0.5}, "reward.python.function": f"{user}:redness"}))
+    recs = [r for r in records(out) if "reward_mean" in r]
+    for r in recs:
+        assert r["reward_mean"] == pytest.approx(r["reward_oracle_mean"] + 0.5 * r["reward_python_mean"], abs=1e-6)
+    img = torch.rand(2, 3, 8, 8)
+    fn = grpo_mod.GRPOTrainer(_cfg(tiny_dir, tmp_path / "p", **{"reward.name": "python",
+                              "reward.python.function": f"{user}:redness"})).reward_fn
+    assert torch.allclose(fn(img, [LEFT, RIGHT]), img[:, 0].mean((1, 2)) - img[:, 2].mean((1, 2)))
+    both = grpo_mod.GRPOTrainer(_cfg(tiny_dir, tmp_path / "q", **{"reward.name": "weighted", "reward.weights":
+                                {"oracle": 2.0, "python": -1.0}, "reward.python.function": f"{user}:redness"})).reward_fn
+    assert torch.allclose(both(img, [LEFT, RIGHT]), 2 * oracle_reward(img, [LEFT, RIGHT]) - fn(img, [LEFT, RIGHT]))
+    capsys.readouterr()
+    for extra, code, key in (({"reward.name": "python", "reward.python.function": "nope"}, 2, "reward.python.function"),
+                             ({"reward.name": "python", "reward.python.function": f"{user}:missing"}, 2, "missing"),
+                             ({"reward.name": "weighted", "reward.weights": {"pickscore": 1.0}}, 2, "reward.weights"),
+                             ({"reward.name": "python", "reward.python.function": f"{user}:wrong_shape"}, 1, "shape")):
+        assert main(["grpo", "train", *cli_args(_overrides(tiny_dir, tmp_path / key, **extra))]) == code
+        err = capsys.readouterr().err.strip().splitlines()
+        assert key in err[-1] and not any("Traceback" in e for e in err), err

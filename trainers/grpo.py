@@ -58,6 +58,12 @@ class OracleRewardConfig:
 
 
 @dataclass
+class PythonRewardConfig:
+    function: str | None = param(None, help="module:function or path/file.py:function, called as fn(images, prompts) "
+                                            "with images [B, 3, H, W] in [0, 1]; returns B rewards (NaN: not scored)")
+
+
+@dataclass
 class SpatialScoreRewardConfig:
     model: str | None = param(None, help="SpatialScore folder (`spatialcore reward train` writes one)")
     quantize: Literal["none", "int8", "float8"] = "none"
@@ -75,14 +81,30 @@ class SpatialScoreRewardConfig:
 class RewardFnConfig:
     """The reward GRPO optimises: ``name`` picks the function, its own keys sit under its name."""
 
-    name: Literal["oracle", "spatialscore"] = "oracle"
+    name: Literal["oracle", "spatialscore", "python", "weighted"] = "oracle"
     batch: int = param(32, min=1, help="images per reward call")
     oracle: OracleRewardConfig = field(default_factory=OracleRewardConfig)
     spatialscore: SpatialScoreRewardConfig = field(default_factory=SpatialScoreRewardConfig)
+    python: PythonRewardConfig = field(default_factory=PythonRewardConfig)
+    # name: weighted -> the sum of weight x reward over these (each logged on its own), e.g.
+    # {spatialscore: 1.0, python: 0.5}; each part's own keys stay in its section
+    weights: dict[str, float] = field(default_factory=dict)
+
+    def parts(self) -> list[str]:
+        return list(self.weights) if self.name == "weighted" else [self.name]
 
     def check(self) -> None:
-        if self.name == "spatialscore" and not self.spatialscore.model:
+        if self.name == "weighted":
+            bad = [k for k in self.weights if k not in ("oracle", "spatialscore", "python")]
+            if bad or not self.weights:
+                raise ConfigError("reward.weights", f"unknown parts {bad} (oracle, spatialscore, python)" if bad
+                                  else "reward.name=weighted needs weights, e.g. {spatialscore: 1.0, python: 0.5}")
+        elif self.weights:
+            raise ConfigError("reward.weights", f"weights are for reward.name=weighted (got {self.name})")
+        if "spatialscore" in self.parts() and not self.spatialscore.model:
             raise ConfigError("spatialscore.model", "reward.name=spatialscore needs a SpatialScore folder")
+        if "python" in self.parts() and not self.python.function:
+            raise ConfigError("reward.python.function", "give the reward as module:function or path/file.py:function")
         s = self.spatialscore
         if self.name != "spatialscore" and (s.form != "mu" or s.topk_by != "reward"):
             raise ConfigError("spatialscore.form" if s.form != "mu" else "spatialscore.topk_by",
@@ -346,9 +368,18 @@ class GRPOTrainer:
             pipe.transformer.enable_gradient_checkpointing()
         self.sampler = FluxSampler(pipe, cfg.sampler)
         r, s = cfg.reward, cfg.reward.spatialscore
-        self.reward_fn = make_reward(r.name, model=s.model, device=self.device, quantize=s.quantize, tau=r.oracle.tau,
-                                     form=r.oracle.form, batch_size=r.batch, liger=s.liger, compile=s.compile,
-                                     score_form=s.form, sigma_weight=s.sigma_weight)
+
+        def part(name: str):
+            return make_reward(name, model=s.model, device=self.device, quantize=s.quantize, tau=r.oracle.tau,
+                               form=r.oracle.form, batch_size=r.batch, liger=s.liger, compile=s.compile,
+                               score_form=s.form, sigma_weight=s.sigma_weight, function=r.python.function)
+
+        if r.name == "weighted":
+            from ..rl.reward_fns import WeightedReward
+
+            self.reward_fn = WeightedReward({k: (w, part(k)) for k, w in r.weights.items()})
+        else:
+            self.reward_fn = part(r.name)
         self.params = self.policy.params
         self.opt = make_optimizer(cfg.optim.name, [{"params": list(self.params.values()), "lr": cfg.optim.lr}],
                                   weight_decay=cfg.optim.weight_decay)
@@ -421,6 +452,8 @@ class GRPOTrainer:
             else:
                 local = self.reward_fn(traj.images, prompts).float().cpu()
         rewards = gather_by_index(local, self.n_total, self.rank, self.world).view(shape)
+        parts = {f"reward_{k}_mean": float(gather_by_index(v.float().cpu(), self.n_total, self.rank, self.world).nanmean())
+                 for k, v in getattr(self.reward_fn, "last", {}).items()}
         n_bad = self._check_rewards(rewards)
         t2 = time.perf_counter()
 
@@ -432,7 +465,7 @@ class GRPOTrainer:
         t3 = time.perf_counter()
         self.it += 1
         self.elapsed += t3 - t0
-        return {"step": self.it, **_reward_record(rewards, res, n_kept, n_bad), "group_prompts":
+        return {"step": self.it, **_reward_record(rewards, res, n_kept, n_bad), **parts, "group_prompts":
                 [pool[g] for g in groups], **stats, "t_sample": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
                 "samples_per_s": self.n_total / (t3 - t0), "elapsed_s": self.elapsed, "lr": lr_at(cfg, self.it - 1)}
 

@@ -127,9 +127,69 @@ class SpatialScoreReward:
         return self.reward(*self.scores(images, prompts))
 
 
+def load_function(spec: str):
+    """The callable named ``module:function`` (importable) or ``path/file.py:function``."""
+    import importlib
+    import importlib.util
+    from pathlib import Path
+
+    from ..config import ConfigError
+
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise ConfigError("reward.python.function", f"{spec!r} is not module:function or path/file.py:function")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise ConfigError("reward.python.function", f"{path} is not a file")
+            loaded = importlib.util.spec_from_file_location(f"spatialcore_user_reward_{path.stem}", path)
+            module = importlib.util.module_from_spec(loaded)
+            loaded.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+    except ImportError as err:
+        raise ConfigError("reward.python.function", f"cannot import {target} ({err})") from None
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ConfigError("reward.python.function", f"{target} has no callable {attr!r}")
+    return fn
+
+
+class PythonReward:
+    """A user's reward ``fn(images, prompts)``; its output is checked (B finite-or-NaN numbers) and returned
+    as float32 on the images' device."""
+
+    def __init__(self, spec: str):
+        self.spec, self.fn = spec, load_function(spec)
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        from ..errors import RunError
+
+        out = torch.as_tensor(self.fn(images, prompts), dtype=torch.float32)
+        if out.shape != (len(prompts),):
+            raise RunError(f"reward {self.spec} returned shape {tuple(out.shape)} for {len(prompts)} images "
+                           f"(expected [{len(prompts)}])")
+        return out.to(images.device)
+
+
+class WeightedReward:
+    """sum_k w_k r_k over named rewards; ``last`` holds each part's rewards of the latest call (for the logs).
+    A sample any part could not score (NaN) is not scored."""
+
+    def __init__(self, parts: dict[str, tuple[float, object]]):
+        self.parts, self.last = parts, {}
+
+    def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        self.last = {k: fn(images, prompts).float() for k, (_, fn) in self.parts.items()}
+        return sum(w * self.last[k] for k, (w, _) in self.parts.items())
+
+
 def make_reward(name: str, *, model: str | None = None, device="cpu", quantize: str = "none", tau: float = 60.0,
                 form: str = "moment", batch_size: int = 32, liger: bool = False, compile: bool = False,
-                score_form: str = "mu", sigma_weight: float = 1.0):
+                score_form: str = "mu", sigma_weight: float = 1.0, function: str | None = None):
+    if name == "python":
+        return PythonReward(function)
     if name == "oracle":
         return lambda images, prompts: oracle_reward(images, prompts, tau=tau, form=form)
     if name == "spatialscore":
@@ -137,4 +197,4 @@ def make_reward(name: str, *, model: str | None = None, device="cpu", quantize: 
             raise ValueError("reward 'spatialscore' needs a model path")
         return SpatialScoreReward(model, device=device, quantize=quantize, batch_size=batch_size, liger=liger,
                                   compile=compile, form=score_form, sigma_weight=sigma_weight)
-    raise ValueError(f"unknown reward {name!r} (known: oracle, spatialscore)")
+    raise ValueError(f"unknown reward {name!r} (known: oracle, spatialscore, python)")
