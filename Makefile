@@ -36,7 +36,7 @@ generator: $(STAMP)
 	$(VENV)/bin/spatialcore eval --model runs/sft_tiny/pipeline --prompts synthetic:easy_grid --n-prompts 64 -n 12 --out $(GEN_EVAL)
 	rm -rf assets/tiny_generator && mkdir -p assets && cp -r runs/sft_tiny/pipeline assets/tiny_generator
 	cp $(GEN_EVAL)/eval.json assets/tiny_generator/
-	$(PY) -c "import json,sys; keep=('prompt_index','seed_index','all_found','correct'); rows=[json.loads(l) for l in open('$(GEN_EVAL)/samples.jsonl')]; open('assets/tiny_generator/verdicts.jsonl','w').writelines(json.dumps({k: r[k] for k in keep})+'\n' for r in rows)"
+	$(PY) -c "import json,sys; keep=('prompt_index','seed_index','prompt','all_found','correct'); rows=[json.loads(l) for l in open('$(GEN_EVAL)/samples.jsonl')]; open('assets/tiny_generator/verdicts.jsonl','w').writelines(json.dumps({k: r[k] for k in keep})+'\n' for r in rows)"
 
 cuda: $(STAMP)
 	$(VENV)/bin/cmake -S . -B build -G Ninja -DCMAKE_MAKE_PROGRAM=$(abspath $(VENV))/bin/ninja -DPython3_EXECUTABLE=$(abspath $(PY)) && $(VENV)/bin/cmake --build build

@@ -317,7 +317,7 @@ def test_config_errors_name_the_key(tiny_dir, tmp_path, capsys, monkeypatch):
         _cfg(tiny_dir, tmp_path, reward_model="x")
     with pytest.raises(ConfigError, match=r"'lr'.*was replaced by 'optim\.lr'"):
         _cfg(tiny_dir, tmp_path, lr=0.1)
-    with pytest.raises(ConfigError, match=r"'reward'.*is a section \(name, batch, oracle, spatialscore\)"):
+    with pytest.raises(ConfigError, match=r"'reward'.*is a section \(name, batch, oracle, spatialscore, python, weights\)"):
         _cfg(tiny_dir, tmp_path, reward="oracle")
     assert main(["grpo", "train", f"model={tiny_dir / 'flux'}", "prompts=[\"x\"]", "group_size=4", "top_k=3"]) == 2
     assert "top_k" in capsys.readouterr().err

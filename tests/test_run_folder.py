@@ -3,7 +3,6 @@ differing key; the same config (or one that only extends the run) resumes; --fre
 and starts over; --resume needs a run to resume."""
 
 from runs import cli_args, records
-
 from spatialcore.cli import main
 from spatialcore.run_folder import first_difference
 

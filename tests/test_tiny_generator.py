@@ -41,18 +41,25 @@ def test_stock_pipeline_and_the_prompt_moves_the_objects():
 
 
 def test_remeasured_objects_found_as_at_creation(tmp_path):
-    """The first 4 noise seeds of every prompt of the creation-time evaluation, sampled again: objects found
-    >= 0.8, and per sample the same verdict as then (float rounding may flip a borderline pixel or two)."""
+    """The first 4 noise seeds of every prompt of the creation-time evaluation, sampled again on the prompts
+    stored with its verdicts (held-out ones): objects found >= 0.8, and per sample the same verdict as then
+    (float rounding may flip a borderline pixel or two)."""
+    from spatialcore.config import from_dict
+    from spatialcore.data.synth import DIFFICULTIES, SynthConfig, split_of
     from spatialcore.eval.report import EvalSettings, run_eval
 
     then = _created()["settings"]
-    settings = EvalSettings(**{**then, "per_prompt": 4})
-    summary = run_eval(str(ASSET), tmp_path, settings)
-    rows = [json.loads(x) for x in (tmp_path / "samples.jsonl").read_text().splitlines()]
-    old = {(r["prompt_index"], r["seed_index"]): r for r in
-           map(json.loads, (ASSET / "verdicts.jsonl").read_text().splitlines())}
+    old = [json.loads(x) for x in (ASSET / "verdicts.jsonl").read_text().splitlines()]
+    prompts = dict(sorted((r["prompt_index"], r["prompt"]) for r in old))
+    assert list(prompts) == list(range(len(prompts))) and len(prompts) == _created()["prompts"]
+    held_out = from_dict(SynthConfig, DIFFICULTIES[then["prompts"].split(":")[1]], "stream")
+    assert all(split_of(p, held_out) == "test" for p in prompts.values())
+    (tmp_path / "prompts.txt").write_text("".join(p + "\n" for p in prompts.values()))
+    settings = EvalSettings(**{**then, "prompts": str(tmp_path / "prompts.txt"), "per_prompt": 4})
+    summary = run_eval(str(ASSET), tmp_path / "eval", settings)
+    rows = [json.loads(x) for x in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    old = {(r["prompt_index"], r["seed_index"]): r for r in old}
     same = [old[(r["prompt_index"], r["seed_index"])]["all_found"] == r["all_found"] for r in rows]
     assert summary["samples"] == len(rows) >= 64
     assert summary["objects_found"] >= 0.8
     assert sum(same) / len(same) >= 0.95, f"{sum(same)} of {len(same)} verdicts as at creation"
-
