@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..gpu import default_dtype
+from ..gpu import default_dtype, sdpa_for_training
 from ..paths import git_commit
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -268,6 +268,7 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
     from .shapes import build_flux_pipeline, build_qwen, qwen_processor, random_text
 
     dtype = default_dtype(device)
+    attention = sdpa_for_training(device)
     pipe = build_flux_pipeline(tiny_dir, "flux-dev" if shape == "full" else "tiny", device, dtype)
     policy = Policy(pipe.transformer, lora_rank=lora_rank)
     if checkpointing:
@@ -288,7 +289,8 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
             "samples_per_rank": local_samples, "top_k": top_k, "train_timesteps": train_timesteps,
             "micro_batch": micro_batch, "lora_rank": lora_rank, "gradient_checkpointing": checkpointing,
             "policy_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
-            "trainable": policy.n_trainable, "reward_parameters": sum(p.numel() for p in qwen.parameters())}
+            "trainable": policy.n_trainable, "reward_parameters": sum(p.numel() for p in qwen.parameters()),
+            "sdpa_backends": attention}
     splits: dict[str, list[float]] = {k: [] for k in ("sample", "score", "advantages", "train", "step")}
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)

@@ -9,6 +9,7 @@
 #   kernel_bench  kernel microbenchmarks (CUDA events over CUDA-graph replays) + the target table
 #   logprob       stored sampling log-probs vs the training recomputation in bf16 (micro-batches 1, 3, G)
 #   score         `spatialcore bench score`: Qwen2.5-VL-7B-shaped SpatialScore vs the stock path
+#   grpo_tiny     `spatialcore bench grpo` at tiny shapes on the GPU (seconds: the project's code path on CUDA)
 #   grpo          `spatialcore bench grpo`: one Spatial-RL step, FLUX.1-dev + Qwen2.5-VL-7B shapes
 #   native        build the native extension spatialcore._C (CMake + nvcc, sm_90a) and test/time it
 #   sample        `spatialcore bench sample`: FLUX.1-dev sampling eager vs compiled / float8 (rows are
@@ -21,6 +22,9 @@
 #   REHEARSAL=1 bash profiling/gpu_check.sh              the same commands on a CPU with tiny shapes
 #                                                        (caps and budget x SCALE, 4 by default: CPUs are slow)
 #   STEPS="env shim logprob" bash profiling/gpu_check.sh only these steps
+#   CAPS="kernel_tests=120 grpo=90"                      other caps for some steps (the wanted steps' caps
+#                                                        must still add up to at most BUDGET)
+#   BLOCKING_STEPS="grpo"                                run those bench steps with CUDA_LAUNCH_BLOCKING=1
 #
 # The project is not installed: `shim` links spatialcore/, kernels/, trainers/ and profiling/ into one
 # import root and PYTHONSAFEPATH=1 keeps the checkout (the current directory) off sys.path, where its
@@ -47,11 +51,16 @@ else
   BENCH_SELECT="not synth and not collate"
 fi
 
-# caps in priority order (seconds)
+# caps in priority order (seconds); CAPS="step=seconds ..." overrides some
 declare -A CAP=([env]=10 [wheels]=20 [shim]=10 [kernel_tests]=60 [kernel_bench]=110 [logprob]=25 [score]=45
-                [grpo]=60 [native]=50 [sample]=60)
-ORDER=(env wheels shim kernel_tests kernel_bench logprob score grpo native sample)
-total=0; for s in "${ORDER[@]}"; do total=$(( total + CAP[$s] )); done
+                [grpo]=60 [grpo_tiny]=20 [native]=50 [sample]=60)
+ORDER=(env wheels shim kernel_tests kernel_bench logprob score grpo_tiny grpo native sample)
+for kv in ${CAPS:-}; do
+  [[ -n "${CAP[${kv%%=*}]:-}" ]] || { echo "gpu_check: CAPS names an unknown step '${kv%%=*}'"; exit 2; }
+  CAP[${kv%%=*}]=${kv#*=}
+done
+want() { [[ " $STEPS " == *" $1 "* ]]; }
+total=0; for s in "${ORDER[@]}"; do want "$s" && total=$(( total + CAP[$s] )); done
 if (( total > BUDGET )); then echo "gpu_check: the step caps add up to ${total}s, over BUDGET=${BUDGET}s"; exit 2; fi
 for s in "${ORDER[@]}"; do CAP[$s]=$(( CAP[$s] * SCALE )); done
 BUDGET=$(( BUDGET * SCALE )); total=$(( total * SCALE ))
@@ -60,7 +69,6 @@ t0=$(date +%s)
 stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
 # left STEP: seconds STEP may take: its cap, or what is left of the budget if less.
 left() { local rest=$(( BUDGET - ($(date +%s) - t0) )); (( rest < 5 )) && rest=5; (( rest < CAP[$1] )) && echo $rest || echo "${CAP[$1]}"; }
-want() { [[ " $STEPS " == *" $1 "* ]]; }
 stamp "plan: ${STEPS} (caps ${total}s of a ${BUDGET}s budget, x${SCALE}; rehearsal=${REHEARSAL}; results in $RES)"
 
 if want env; then
@@ -96,9 +104,15 @@ SC="$PY -m spatialcore.cli"
 
 if want kernel_tests; then
   stamp "kernel_tests ($([ "$REHEARSAL" = 1 ] && echo 'Triton interpreter, a subset' || echo 'compiled Triton'))"
-  timeout "$(left kernel_tests)" $PY -m pytest -q -p no:cacheprovider -ra tests/test_kernels_cuda.py tests/test_advantages.py \
-    tests/test_sde_step.py tests/test_grpo_loss.py tests/test_reward_head.py "${KERNEL_SELECT[@]}" > "$RES/kernel_tests.log" 2>&1
-  echo "kernel tests exit $?"; tail -3 "$RES/kernel_tests.log"
+  # compiling Triton kernels for every parametrisation is CPU work: spread it over pytest-xdist workers where present
+  XDIST=(); [ "$REHEARSAL" != 1 ] && $PY -c "import xdist" 2>/dev/null && XDIST=(-n "${KERNEL_TEST_WORKERS:-8}")
+  # -v: one line per finished test; SPATIALCORE_FAILURE_LOG (tests/conftest.py): each failure's traceback the
+  # moment it fails, so a run stopped by its cap still says which tests failed and why
+  SPATIALCORE_FAILURE_LOG=$RES/kernel_failures.log timeout "$(left kernel_tests)" $PY -m pytest -v -p no:cacheprovider \
+    -ra "${XDIST[@]}" tests/test_kernels_cuda.py tests/test_advantages.py tests/test_sde_step.py tests/test_grpo_loss.py \
+    tests/test_reward_head.py "${KERNEL_SELECT[@]}" > "$RES/kernel_tests.log" 2>&1
+  echo "kernel tests exit $?: $(grep -c 'PASSED' "$RES/kernel_tests.log") passed, $(cat "$RES/kernel_failures.log" 2>/dev/null | grep -c '^=== ') failed"
+  grep '^=== ' "$RES/kernel_failures.log" 2>/dev/null | head -20
 fi
 
 if want kernel_bench; then
@@ -110,15 +124,20 @@ if want kernel_bench; then
   if [ -f "$RES/kernels.json" ]; then $PY -m spatialcore.profiling.kernel_report "$RES/kernels.json" > "$RES/kernels.md"; fi
 fi
 
-suite() {  # suite NAME ARGS...: `spatialcore bench NAME` into $RES (NAME.json, NAME.md, NAME.log)
-  local name=$1; shift
-  stamp "$name"
-  timeout "$(left "$name")" $SC bench "$name" --shape "$SHAPE" "${DEVICE[@]}" --out "$RES" "$@" > "$RES/$name.log" 2>&1
-  echo "$name exit $?"; tail -2 "$RES/$name.log"
+suite() {  # suite STEP NAME ARGS...: `spatialcore bench NAME` into $RES (STEP.json, STEP.md, STEP.log)
+  local step=$1 name=$2; shift 2
+  stamp "$step"
+  # BLOCKING_STEPS="grpo ...": those steps run with CUDA_LAUNCH_BLOCKING=1, so a device fault names its kernel
+  local blocking=0; [[ " ${BLOCKING_STEPS:-} " == *" $step "* ]] && blocking=1
+  CUDA_LAUNCH_BLOCKING=$blocking timeout "$(left "$step")" $SC bench "$name" "$@" --out "$RES/$step" > "$RES/$step.log" 2>&1
+  echo "$step exit $?"; tail -2 "$RES/$step.log"
+  for f in "$RES/$step"/*; do [ -f "$f" ] && mv "$f" "$RES/$step.${f##*.}"; done; rmdir "$RES/$step" 2>/dev/null
 }
-want logprob && suite logprob --reps 1
-want score && suite score --reps 5 --warmup 2
-want grpo && suite grpo --reps 2
+want logprob && suite logprob logprob --shape "$SHAPE" "${DEVICE[@]}" --reps 1
+want score && suite score score --shape "$SHAPE" "${DEVICE[@]}" --reps 5 --warmup 2
+# the Spatial-RL step at tiny shapes on the GPU: seconds, and a fault there is a fault of the project's code path
+want grpo_tiny && suite grpo_tiny grpo --shape tiny --device "$([ "$REHEARSAL" = 1 ] && echo cpu || echo cuda)" --reps 2
+want grpo && suite grpo grpo --shape "$SHAPE" "${DEVICE[@]}" --reps 2
 
 if want native; then
   stamp "native (cmake + nvcc, sm_90a)"
@@ -146,10 +165,10 @@ fi
 
 if want sample; then
   if [ "$SHAPE" = full ]; then
-    suite sample --reps 2 --warmup 0 --set 'sizes=[1024]' \
+    suite sample sample --shape "$SHAPE" --reps 2 --warmup 0 --set 'sizes=[1024]' \
       --set 'variants=["eager","compile-regional","rl-eager","rl-compile","compile-fp8-graphs","compile-full","compile-fp8"]'
   else
-    suite sample --reps 1 --warmup 0
+    suite sample sample --shape "$SHAPE" "${DEVICE[@]}" --reps 1 --warmup 0
   fi
 fi
 
@@ -157,9 +176,14 @@ stamp "summary"
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) (rehearsal=$REHEARSAL, shape=$SHAPE, steps: $STEPS)"
   echo
-  for log in kernel_tests; do [ -f "$RES/$log.log" ] && { echo "kernel tests: $(grep -E 'passed|failed|error' "$RES/$log.log" | tail -1)"; echo; }; done
+  if [ -f "$RES/kernel_tests.log" ]; then
+    echo "kernel tests: $(grep -E '(passed|failed|error).* in [0-9.]+s' "$RES/kernel_tests.log" | tail -1 ||
+      echo "stopped by the cap after $(grep -c 'PASSED' "$RES/kernel_tests.log") passed")"
+    if [ -s "$RES/kernel_failures.log" ]; then echo; echo "failed:"; grep '^=== ' "$RES/kernel_failures.log" | head -40; fi
+    echo
+  fi
   [ -f "$RES/kernels.md" ] && { cat "$RES/kernels.md"; echo; }
-  for s in logprob score grpo sample; do
+  for s in logprob score grpo_tiny grpo sample; do
     if [ -f "$RES/$s.md" ]; then cat "$RES/$s.md"; elif want "$s"; then echo "(no $s.md: see $s.log)"; fi
   done
 } > "$RES/summary.md"

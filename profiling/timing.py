@@ -32,12 +32,18 @@ def capture_graph(fn: Callable[[], object], inner: int) -> torch.cuda.CUDAGraph 
         for _ in range(3):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
+    generator = torch.cuda.default_generators[torch.cuda.current_device()]
+    before = generator.clone_state()
     graph = torch.cuda.CUDAGraph()
     try:
         with torch.cuda.graph(graph):
             for _ in range(inner):
                 fn()
     except RuntimeError:
+        # A capture that fails (fn syncs with the host) never reaches the generator's capture epilogue:
+        # the default generator stays in capture mode and every later random op on the device fails
+        # ("Offset increment outside graph capture", seen on an H200 with torch 2.11). Give it a state again.
+        generator.graphsafe_set_state(before)
         return None
     return graph
 

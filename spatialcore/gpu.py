@@ -78,6 +78,26 @@ def attention_backends() -> dict[str, bool]:
     }
 
 
+SDPA_BACKENDS = ("flash", "mem_efficient", "cudnn", "math")
+
+
+def sdpa_for_training(device: Any) -> str:
+    """Take PyTorch SDPA's cuDNN backend out of training on CUDA (FlashAttention-2 and the memory-efficient
+    kernel remain): its backward failed on an H200 with torch 2.11 at FLUX.1-dev shapes (cuDNN
+    ``mha_graph.execute(...).is_good()`` false with CUDA_LAUNCH_BLOCKING=1, an illegal memory access in the
+    next kernel without it; docs/PERF.md). The switch is process-wide, so the backward of a gradient-
+    checkpointed block, which recomputes its forward outside any context manager, picks the same kernels.
+    Returns the SDPA backends left enabled, for the run's log; on the CPU nothing changes."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    enabled = {"flash": torch.backends.cuda.flash_sdp_enabled(),
+               "mem_efficient": torch.backends.cuda.mem_efficient_sdp_enabled(),
+               "cudnn": torch.backends.cuda.cudnn_sdp_enabled(), "math": torch.backends.cuda.math_sdp_enabled()}
+    return ", ".join(name for name in SDPA_BACKENDS if enabled[name])
+
+
 def environment_report() -> dict[str, Any]:
     """Versions, device and kernels: what `spatialcore info` prints and benchmarks record."""
     import platform

@@ -37,3 +37,12 @@ def easy_pairs(tmp_path_factory):
     synth_pair_set(out, 80, 0, from_dict(SynthConfig, {**DIFFICULTIES["easy"], "test_fraction": 0.2}),
                    progress=False, workers=1)
     return out
+
+
+def pytest_runtest_logreport(report):
+    """With SPATIALCORE_FAILURE_LOG set (profiling/gpu_check.sh does), each failure's report is appended to
+    that file the moment it happens: a run stopped at its time limit keeps what failed and why."""
+    path = os.environ.get("SPATIALCORE_FAILURE_LOG")
+    if path and report.failed:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")

@@ -84,3 +84,15 @@ def test_losses_and_head_cuda():
     lt = flow_grpo_loss(new, old, adv, keep, 1e-3, backend="triton")
     lr = flow_grpo_loss(new, old, adv, keep, 1e-3, backend="torch")
     torch.testing.assert_close(lt.loss, lr.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_failed_graph_capture_leaves_the_generator_usable():
+    """A candidate that syncs with the host cannot be captured: the benchmark times it without a graph, and
+    random numbers on the device still work afterwards (a failed capture left the default generator in
+    capture mode before: 'Offset increment outside graph capture encountered unexpectedly')."""
+    from spatialcore.profiling.timing import capture_graph
+
+    x = torch.randn(16, device="cuda")
+    assert capture_graph(lambda: float(x.sum()), 3) is None
+    assert torch.randn(4, device="cuda").isfinite().all()
+    assert capture_graph(lambda: x.mul(2), 3) is not None

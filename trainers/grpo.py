@@ -43,6 +43,7 @@ import torch
 
 from ..config import ConfigError, param
 from ..dist import is_main
+from ..gpu import sdpa_for_training
 from ..logs import info, progress, step_line
 from ..phases import phase
 from ..rl.sampler import SamplerConfig, Trajectory
@@ -362,6 +363,8 @@ class GRPOTrainer:
         cfg = self.cfg
         dtype = getattr(torch, cfg.dtype)
         pipe = load_pipeline(cfg.model, dtype=dtype, device=self.device)
+        if self.device.type == "cuda":
+            info(f"attention: SDPA with {sdpa_for_training(self.device)}", who="grpo")
         self.policy = Policy(pipe.transformer, lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha,
                              need_reference=cfg.kl_beta > 0)
         if cfg.policy.gradient_checkpointing:

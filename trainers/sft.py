@@ -42,6 +42,7 @@ import torch
 
 from ..config import ConfigError, param
 from ..dist import is_main
+from ..gpu import sdpa_for_training
 from ..logs import info, progress, step_line
 from ..phases import phase
 from .run import OptimConfig, PolicyConfig, all_reduce_grads
@@ -249,6 +250,8 @@ class SFTTrainer:
 
         cfg = self.cfg
         self.pipe = load_pipeline(cfg.model, dtype=getattr(torch, cfg.dtype), device=self.device)
+        if self.device.type == "cuda":
+            info(f"attention: SDPA with {sdpa_for_training(self.device)}", who="sft")
         self.sampler = FluxSampler(self.pipe, SamplerConfig(
             steps=cfg.sample_steps, image_size=cfg.image_size, guidance=cfg.guidance, noise_level=0.0,
             max_sequence_length=cfg.max_sequence_length))

@@ -1,0 +1,18 @@
+"""The process-wide attention choice for training on CUDA: PyTorch SDPA without its cuDNN backend (whose
+backward failed on an H200, docs/PERF.md). The switch is a global flag, settable without a GPU."""
+
+import torch
+
+from spatialcore.gpu import sdpa_for_training
+
+
+def test_training_on_cuda_takes_cudnn_out_of_sdpa():
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        assert "cudnn" in sdpa_for_training("cpu")  # the CPU changes nothing
+        assert torch.backends.cuda.cudnn_sdp_enabled()
+        assert sdpa_for_training(torch.device("cuda", 0)) == "flash, mem_efficient, math"
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
