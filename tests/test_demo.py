@@ -48,3 +48,15 @@ def test_demo_runs_every_stage_and_reports(tmp_path):
 def test_demo_refuses_a_missing_generator(tmp_path):
     with pytest.raises(ConfigError, match="generator"):
         run_demo(load_config(DemoConfig, None, SMALL + [f"generator={tmp_path}"]), tmp_path / "x")
+
+
+def test_the_report_claims_only_what_its_numbers_show():
+    from spatialcore.demo import _what_it_shows
+
+    base = {"relation_accuracy": 0.42, "objects_found": 0.94}
+    assert "by the target margin" in _what_it_shows(base, {"relation_accuracy": 0.60, "objects_found": 0.92})
+    assert "short of the +15-point target" in _what_it_shows(base, {"relation_accuracy": 0.47, "objects_found": 0.94})
+    flat = _what_it_shows(base, {"relation_accuracy": 0.40, "objects_found": 0.97})
+    assert "did not make the generator obey" in flat and "-2.0 points" in flat
+    lost = _what_it_shows(base, {"relation_accuracy": 0.70, "objects_found": 0.80})  # layouts by losing objects
+    assert "did not make the generator obey" in lost
