@@ -613,3 +613,29 @@ def test_user_and_weighted_rewards(tiny_dir, tmp_path, capsys):
         assert main(["grpo", "train", *cli_args(_overrides(tiny_dir, tmp_path / key, **extra))]) == code
         err = capsys.readouterr().err.strip().splitlines()
         assert key in err[-1] and not any("Traceback" in e for e in err), err
+
+
+def test_judge_reward_is_the_evaluations_verdict():
+    """form='judge' on rendered easy_grid pairs against the perfect prompt: the perfect image 1, a flipped
+    relation 0, a dropped object -1 (the values of spatialcore eval's judge, which is tested by value)."""
+    import numpy as np
+
+    from spatialcore.config import from_dict
+    from spatialcore.data.synth import DIFFICULTIES, SynthConfig, make_pair
+
+    cfg = from_dict(SynthConfig, DIFFICULTIES["easy_grid"], "stream")
+    by_type = {}
+    for i in range(60):
+        pair = make_pair(cfg, "judge-test", i)
+        by_type.setdefault(pair.record["perturbations"][0], pair)
+    assert {"flip", "drop"} <= set(by_type)
+
+    def t(im):
+        return torch.from_numpy(np.asarray(im.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+    flip, drop = by_type["flip"], by_type["drop"]
+    images = torch.stack([t(flip.chosen), t(flip.rejected), t(drop.rejected)])
+    prompts = [flip.record["prompt"], flip.record["prompt"], drop.record["prompt"]]
+    assert oracle_reward(images, prompts, form="judge").tolist() == [1.0, 0.0, -1.0]
+    with pytest.raises(ValueError, match="synthetic-grammar"):
+        oracle_reward(images[:1], ["a photo of a cat"], form="judge")

@@ -55,7 +55,8 @@ TIME_KEYS = ("t_sample", "t_score", "t_train", "samples_per_s", "elapsed_s", "gp
 @dataclass
 class OracleRewardConfig:
     tau: float = param(60.0, min=1.0, help="soft colour assignment temperature")
-    form: Literal["moment", "centroid"] = "moment"  # colour-mass moments or centroids for the directions
+    # colour-mass moments or centroids for the directions, or the evaluation judge's verdict (1 / 0 / -1)
+    form: Literal["moment", "centroid", "judge"] = "moment"
 
 
 @dataclass

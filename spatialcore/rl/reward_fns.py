@@ -11,7 +11,9 @@ returning float32 ``[B]`` on the images' device. NaN marks a sample that could n
   four directions the first moments M_c = mean_p w_c(p) (pos_p - 1/2) (so "red left of blue" is
   4 (M_blue - M_red) along x: more red mass on the left and more blue on the right); ``"centroid"``
   uses the mass-normalised centroids everywhere, as ``pixel_score`` does. Unlike the hard colour
-  masks both vary smoothly on the grey-ish images a random generator starts from.
+  masks both vary smoothly on the grey-ish images a random generator starts from. ``"judge"`` is the
+  evaluation's own verdict (:func:`judge_reward`: 1 correct, 0 relation wrong, -1 object missing): the
+  upper bound of what a reward can tell the generator about the judged metric.
 * ``oracle_hard`` (evaluation): ``oracle.pixel_score`` on the PIL images (-1 when a named colour is
   absent) and :func:`oracle_accuracy`, the fraction of relations the hard pixel oracle calls true.
 """
@@ -61,8 +63,10 @@ def oracle_reward(images: torch.Tensor, prompts: list[str], *, tau: float = 60.0
     """Dense pixel-oracle reward in [-1, 1] (see module docstring); ``[B]`` float32."""
     if images.shape[0] != len(prompts):
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
-    if form not in ("moment", "centroid"):
-        raise ValueError(f"form must be 'moment' or 'centroid', got {form!r}")
+    if form not in ("moment", "centroid", "judge"):
+        raise ValueError(f"form must be 'moment', 'centroid' or 'judge', got {form!r}")
+    if form == "judge":
+        return judge_reward(images, prompts)
     _, cent, mom = colour_centroids(images, tau)
     cent, mom = cent.cpu().numpy(), 2 * mom.cpu().numpy()  # 2 s = 4 (M_b - M_a) after the clip's 2x
     out = []
@@ -74,6 +78,19 @@ def oracle_reward(images: torch.Tensor, prompts: list[str], *, tau: float = 60.0
             vals.append(float(np.clip(2 * relation_value(rel.type, pts), -1.0, 1.0)))
         out.append(float(np.mean(vals)))
     return torch.tensor(out, dtype=torch.float32, device=images.device)
+
+
+def judge_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The evaluation's verdict as a reward (``spatialcore eval``'s pixel-oracle detector and GenEval's
+    position rule): 1 when every named object is found and every relation holds, 0 when the objects are
+    found but a relation fails, -1 when a named object is missing. ``[B]`` float32 on the images' device."""
+    from ..eval.judge import judge_synthetic
+    from .sampler import to_pil
+
+    for p in prompts:
+        _relations(p)  # the same one-line refusal as the other forms for a prompt of another grammar
+    found, correct = judge_synthetic(to_pil(images), prompts)
+    return (correct - (1.0 - found)).to(device=images.device, dtype=torch.float32)
 
 
 def oracle_hard(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
