@@ -48,13 +48,14 @@ def _same_runs(a, b, weights: str) -> None:
     assert steady(records(a)) == steady(records(b))
 
 
-def _kill_and_resume(verb, cfg_cls, train, overrides, tmp_path, capfd, metric, final, steps):
-    """A straight run, and a run of the CLI killed with SIGKILL at a random step and resumed in-process;
-    checks the resume, returns both run folders."""
+def _kill_and_resume(verb, cfg_cls, train, overrides, tmp_path, capfd, metric, final, steps, kill=(3, 6)):
+    """A straight run, and a run of the CLI killed with SIGKILL at a random step in ``kill`` and resumed
+    in-process; checks the resume, returns both run folders. From step 3 on a checkpoint (every 2) exists, so
+    the resumed run always restores state rather than starting over."""
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     train(load_config(cfg_cls, None, cli_args({**overrides, "out": str(straight)})))
     args = cli_args({**overrides, "out": str(killed)})
-    _, t_kill = kill_at_random_step([sys.executable, "-m", "spatialcore.cli", *verb, *args], killed, metric, 1, 6)
+    _, t_kill = kill_at_random_step([sys.executable, "-m", "spatialcore.cli", *verb, *args], killed, metric, *kill)
     assert not (killed / final).exists(), "the run finished before it was killed"
     k = latest_step(killed)
     capfd.readouterr()
@@ -188,8 +189,11 @@ def test_sft_sigkill_at_a_random_step_resumes_exactly(tiny_dir, tmp_path, capfd)
                  "vae.calibration_images": 8, "steps": 6, "batch_size": 4, "micro_batch": 2, "save_every": 2,
                  "eval_every": 3, "eval_prompts": 1, "eval_seeds": 2, "sample_steps": 2, "policy.lora_rank": 4,
                  "policy.ema_decay": 0.9, "optim.lr": 1e-2, "log_every": 1, "threads": 1}
+    # killed at step 5-7: the resume starts from a checkpoint inside the transformer stage (step 4 or 6), where
+    # the optimizer's moments, the EMA and the VAE's measured factors all have to come back (a kill before step 4
+    # would resume at the stage boundary, where a fresh optimizer is right anyway)
     straight, killed = _kill_and_resume(["sft", "train"], SFTTrainConfig, sft_train, overrides, tmp_path, capfd,
-                                        "loss", "pipeline", 8)
+                                        "loss", "pipeline", 8, kill=(5, 7))
     assert step_records(records(killed), "eval_found") == [5, 8]
     for weights in ("pipeline/transformer/diffusion_pytorch_model.safetensors",
                     "pipeline/vae/diffusion_pytorch_model.safetensors", "lora/pytorch_lora_weights.safetensors"):
