@@ -66,8 +66,14 @@ def require_policy(value: str | None, key: str) -> None:
 
 
 def git_commit() -> str | None:
-    """The checkout's short commit hash (None outside a git checkout)."""
+    """The checkout's short commit hash (None outside a git checkout); ``SPATIALCORE_COMMIT`` overrides it
+    (a copy of a working tree whose .git is not the one it came from, as on the GPU machine, names its commit
+    that way)."""
+    import os
     import subprocess
+
+    if os.environ.get("SPATIALCORE_COMMIT"):
+        return os.environ["SPATIALCORE_COMMIT"]
 
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,

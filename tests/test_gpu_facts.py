@@ -16,3 +16,13 @@ def test_training_on_cuda_takes_cudnn_out_of_sdpa():
         assert not torch.backends.cuda.cudnn_sdp_enabled()
     finally:
         torch.backends.cuda.enable_cudnn_sdp(before)
+
+
+def test_the_recorded_commit_can_be_named(monkeypatch):
+    """A copy of the tree whose .git is another (the GPU machine's) names its commit through the environment."""
+    from spatialcore.paths import git_commit
+
+    monkeypatch.setenv("SPATIALCORE_COMMIT", "abc1234")
+    assert git_commit() == "abc1234"
+    monkeypatch.delenv("SPATIALCORE_COMMIT")
+    assert git_commit() != "abc1234"
