@@ -1,5 +1,6 @@
-"""The process-wide attention choice for training on CUDA: PyTorch SDPA without its cuDNN backend (whose
-backward failed on an H200, docs/PERF.md). The switch is a global flag, settable without a GPU."""
+"""What GPU runs depend on and can be checked without a GPU: the process-wide attention choice for training
+on CUDA (PyTorch SDPA without its cuDNN backend, whose backward failed on an H200, docs/PERF.md; a global flag,
+settable without a GPU) and the commit a run records."""
 
 import torch
 
