@@ -328,3 +328,37 @@ def test_per_perturbation_type_breakdown_by_value(tiny_dir, tmp_path, monkeypatc
     assert "| perturbation type | pairs with it | accuracy | pairs with it alone | accuracy (alone) |" in printed
     assert "| binding | 2 | 0.750 | 1 | 0.500 |" in printed
     assert [r["type"] for r in json.loads(out.read_text())["by_type"]] == ["flip", "swap", "relation", "binding"]
+
+
+def test_a_hand_labelled_pair_set_without_synthetic_fields_trains_and_evaluates(tiny_dir, tmp_path, capsys):
+    """Only id, prompt, chosen, rejected, split (as a human-labelled set has them, JPEG and PNG mixed): it
+    loads without problems, trains, and its evaluation counts every test pair overall and none in the 1 vs 2-3
+    columns (their count is unknown)."""
+    folder = tmp_path / "human"
+    (folder / "img").mkdir(parents=True)
+    rng = np.random.RandomState(1)
+    lines = []
+    for i in range(6):
+        for side in ("good", "bad"):
+            im = Image.fromarray(rng.randint(0, 255, (40 + 8 * i, 48, 3)).astype(np.uint8))
+            im.save(folder / "img" / f"{i}_{side}.{'jpg' if i % 2 else 'png'}")
+        ext = "jpg" if i % 2 else "png"
+        lines.append(json.dumps({"id": f"h{i}", "prompt": f"a mug to the left of a laptop, photo {i}",
+                                 "chosen": f"img/{i}_good.{ext}", "rejected": f"img/{i}_bad.{ext}",
+                                 "split": "test" if i < 2 else "train"}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    pairs = PairSet(folder, strict=True)
+    assert len(pairs) == 6 and not pairs.problems and pairs[0]["n_perturbations"] == 0
+    cfg = load_config(RewardTrainConfig, None, [f"model={tiny_dir / 'reward'}", f"data={folder}",
+                                                f"out={tmp_path / 'run'}", "batch_size=2", "max_steps=2",
+                                                "eval_every=2", "save_every=2", "warmup_steps=0", "threads=1"])
+    train(cfg)
+    out = tmp_path / "eval.json"
+    assert main(["reward", "eval", "--model", str(tmp_path / "run" / "model"), "--data", str(folder),
+                 "--json", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["pairs"] == 2 and m["pairs_1"] == 0 and m["pairs_2_3"] == 0 and 0 <= m["accuracy"] <= 1
+    bad = dict(json.loads(lines[0]), id="h9", n_perturbations=0)
+    (folder / "pairs.jsonl").write_text("\n".join([*lines, json.dumps(bad)]) + "\n")
+    with pytest.raises(ValueError, match="line 7: field 'n_perturbations' must be >= 1"):
+        PairSet(folder, strict=True)

@@ -25,9 +25,11 @@ from PIL import Image, UnidentifiedImageError
 from .synth import SPLITS
 
 FIELDS: dict[str, type | tuple[type, ...]] = {
-    "id": str, "prompt": str, "chosen": str, "rejected": str, "n_perturbations": int, "perturbations": list,
-    "split": str,
+    "id": str, "prompt": str, "chosen": str, "rejected": str, "split": str,
 }
+# What the synthetic generator writes and a human-labelled set may lack: without them a pair counts in the
+# overall accuracy only (n_perturbations 0 = unknown: neither the 1 nor the 2-3 column).
+OPTIONAL_FIELDS: dict[str, type] = {"n_perturbations": int, "perturbations": list, "meta": dict}
 MIN_SIDE = 16
 MAX_ASPECT = 200  # the Qwen2.5-VL processor refuses more extreme aspect ratios
 RGB_MODES = {"RGB"}
@@ -59,7 +61,7 @@ class PairRecord:
     prompt: str
     chosen: Path
     rejected: Path
-    n_perturbations: int
+    n_perturbations: int  # 0: not given (a human-labelled pair)
     perturbations: list[str]
     split: str
     meta: dict = field(default_factory=dict)
@@ -119,24 +121,23 @@ def _check_fields(obj: object) -> str | None:
     missing = [k for k in FIELDS if k not in obj]
     if missing:
         return f"missing field(s): {', '.join(missing)}"
-    for key, typ in FIELDS.items():
+    for key, typ in [*FIELDS.items(), *((k, t) for k, t in OPTIONAL_FIELDS.items() if k in obj)]:
         value = obj[key]
         if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
             return f"field '{key}' must be an integer, got {value!r}"
         if not isinstance(value, typ):
-            return f"field '{key}' must be {typ.__name__}, got {type(value).__name__}"
+            what = "an object" if typ is dict else typ.__name__
+            return f"field '{key}' must be {what}, got {type(value).__name__}"
     if not obj["id"].strip():
         return "field 'id' is empty"
     if not obj["prompt"].strip():
         return "field 'prompt' is empty"
-    if obj["n_perturbations"] < 1:
+    if "n_perturbations" in obj and obj["n_perturbations"] < 1:
         return f"field 'n_perturbations' must be >= 1, got {obj['n_perturbations']}"
-    if not all(isinstance(p, str) for p in obj["perturbations"]):
+    if not all(isinstance(p, str) for p in obj.get("perturbations", [])):
         return "field 'perturbations' must be a list of strings"
     if obj["split"] not in SPLITS:
         return f"field 'split' must be one of {', '.join(SPLITS)}, got {obj['split']!r}"
-    if "meta" in obj and not isinstance(obj["meta"], dict):
-        return "field 'meta' must be an object"
     for key in ("chosen", "rejected"):
         p = Path(obj[key])
         if p.is_absolute() or ".." in p.parts:
@@ -184,8 +185,8 @@ def scan_pair_set(folder: str | Path, *, check_images: bool = True) -> tuple[lis
                     bad = bad or bool(errors)
             if not bad:
                 records.append(PairRecord(n, obj["id"], obj["prompt"], folder / obj["chosen"], folder / obj["rejected"],
-                                          obj["n_perturbations"], list(obj["perturbations"]), obj["split"],
-                                          obj.get("meta") or {}))
+                                          obj.get("n_perturbations", 0), list(obj.get("perturbations", [])),
+                                          obj["split"], obj.get("meta") or {}))
     return records, problems
 
 
@@ -193,7 +194,8 @@ class PairSet(torch.utils.data.Dataset):
     """The valid records of a pair folder (optionally one split).
 
     Items are dicts: ``id``, ``prompt``, ``chosen``/``rejected`` (RGB PIL images),
-    ``n_perturbations``, ``perturbations``, ``split``. Bad records are skipped with one counted
+    ``n_perturbations`` (0 when the record does not say), ``perturbations``, ``split``. Bad records are skipped
+    with one counted
     warning, or the set is refused with ``strict=True``.
     """
 
