@@ -370,20 +370,61 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _samples_to_score(source: str) -> tuple[list[str], list[str]]:
+    """(images, prompts) from a JSON Lines file with an image path and its prompt per line (``image`` or
+    ``file_name``; ``prompt`` or ``text``): the ``samples.jsonl`` that ``sample`` and ``eval`` write, or a
+    Hugging Face image folder's ``metadata.jsonl``; a folder means the one of those it holds. Image paths are
+    taken as written, else relative to the file's folder."""
+    path = Path(source)
+    if path.is_dir():
+        found = [path / n for n in ("samples.jsonl", "metadata.jsonl") if (path / n).is_file()]
+        if not found:
+            raise ConfigError("--samples", f"{source} holds neither samples.jsonl nor metadata.jsonl")
+        path = found[0]
+    if not path.is_file():
+        raise ConfigError("--samples", f"{source}: not found")
+    images, prompts = [], []
+    for n, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            image, prompt = rec.get("image", rec.get("file_name")), rec.get("prompt", rec.get("text"))
+        except (json.JSONDecodeError, AttributeError):
+            raise ConfigError("--samples", f"{path} line {n}: not a JSON object") from None
+        if not isinstance(image, str) or not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError("--samples", f"{path} line {n}: needs 'image' (or 'file_name') and 'prompt' (or 'text')")
+        file = Path(image) if Path(image).is_file() else path.parent / image
+        if not file.is_file():
+            raise ConfigError("--samples", f"{path} line {n}: image {image} not found")
+        images.append(str(file))
+        prompts.append(prompt)
+    if not images:
+        raise ConfigError("--samples", f"{path} lists no images")
+    return images, prompts
+
+
 def _cmd_reward_score(args: argparse.Namespace) -> int:
-
-
-    missing = [p for p in args.images if not Path(p).is_file()]
-    if missing:
-        raise ConfigError("IMAGE", f"not found: {', '.join(missing)}")
+    if args.samples and (args.images or args.prompt):
+        raise ConfigError("--samples", "give either --samples or --prompt with images, not both")
+    if args.samples:
+        images, prompts = _samples_to_score(args.samples)
+    else:
+        if not args.images or args.prompt is None:
+            raise ConfigError("--prompt", "give --prompt and images, or --samples FILE|FOLDER (one prompt per image)")
+        missing = [p for p in args.images if not Path(p).is_file()]
+        if missing:
+            raise ConfigError("IMAGE", f"not found: {', '.join(missing)}")
+        images, prompts = list(args.images), [args.prompt] * len(args.images)
     model = _load_spatialscore(args.model)
-    mu, sigma = model.score([args.prompt] * len(args.images), args.images)
-    rows = [{"image": p, "mu": float(m), "sigma": float(s)} for p, m, s in zip(args.images, mu, sigma, strict=True)]
+    mu, sigma = model.score(prompts, images)
+    rows = [{"image": p, "prompt": t, "mu": float(m), "sigma": float(s)}
+            for p, t, m, s in zip(images, prompts, mu, sigma, strict=True)]
     if args.json:
         print(json.dumps(rows, indent=2))
     else:
         for r in rows:
-            print(f"{r['mu']:+.4f} ± {r['sigma']:.4f}  {r['image']}")
+            print(f"{r['mu']:+.4f} ± {r['sigma']:.4f}  {r['image']}" + ("" if not args.samples else f"  {r['prompt']}"))
     return 0
 
 
@@ -517,11 +558,14 @@ def _add_reward(sub) -> None:
                         "prompt drops to about 0.5)")
     r.add_argument("--json", metavar="OUT", help="also write the metrics (with calibration bins) as JSON")
     r.set_defaults(func=_cmd_reward_eval)
-    r = rsub.add_parser("score", help="score images against a prompt",
-                        description="Print mu and sigma of SpatialScore for each image against the prompt.")
+    r = rsub.add_parser("score", help="score images against a prompt, or each against its own",
+                        description="Print mu and sigma of SpatialScore for each image: against --prompt, or "
+                                    "against its own prompt from --samples (the samples.jsonl that `sample` and "
+                                    "`eval` write, an image folder's metadata.jsonl, or a folder holding one).")
     r.add_argument("--model", required=True, metavar="DIR")
-    r.add_argument("--prompt", required=True)
-    r.add_argument("images", nargs="+", metavar="IMAGE")
+    r.add_argument("--prompt", help="one prompt for every IMAGE")
+    r.add_argument("--samples", metavar="FILE|FOLDER", help="JSON Lines of {image, prompt} (or file_name, text)")
+    r.add_argument("images", nargs="*", metavar="IMAGE")
     r.add_argument("--json", action="store_true")
     r.set_defaults(func=_cmd_reward_score)
 

@@ -362,3 +362,35 @@ def test_a_hand_labelled_pair_set_without_synthetic_fields_trains_and_evaluates(
     (folder / "pairs.jsonl").write_text("\n".join([*lines, json.dumps(bad)]) + "\n")
     with pytest.raises(ValueError, match="line 7: field 'n_perturbations' must be >= 1"):
         PairSet(folder, strict=True)
+
+
+def test_reward_score_reads_each_images_own_prompt(tiny_dir, tmp_path, capsys):
+    """`reward score --samples`: the samples.jsonl of `sample`/`eval` (paths relative to it) or an image
+    folder's metadata.jsonl; each image is scored against its own prompt, exactly as one --prompt call would."""
+    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model.save_pretrained(tmp_path / "m")
+    run = tmp_path / "eval_out"
+    (run / "images").mkdir(parents=True)
+    prompts = [PROMPT, "the blue square is above the red circle."]
+    for i, im in enumerate(_images()):
+        im.save(run / "images" / f"{i}.png")
+    (run / "samples.jsonl").write_text("".join(json.dumps({"prompt": p, "image": f"images/{i}.png", "seed": i}) + "\n"
+                                               for i, p in enumerate(prompts)))
+    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--samples", str(run), "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["prompt"] for r in rows] == prompts
+    for i, r in enumerate(rows):  # the same number as scoring that image alone against that prompt
+        assert main(["reward", "score", "--model", str(tmp_path / "m"), "--prompt", prompts[i],
+                     str(run / "images" / f"{i}.png"), "--json"]) == 0
+        assert abs(json.loads(capsys.readouterr().out)[0]["mu"] - r["mu"]) < 1e-4
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    _images()[1].save(hf / "b.png")
+    (hf / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": prompts[1]}) + "\n")
+    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--samples", str(hf), "--json"]) == 0
+    assert abs(json.loads(capsys.readouterr().out)[0]["mu"] - rows[1]["mu"]) < 1e-4
+    (hf / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": prompts[1]}) + "\n{\"image\": 3}\n")
+    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--samples", str(hf)]) == 2
+    assert "line 2: needs 'image'" in capsys.readouterr().err
+    assert main(["reward", "score", "--model", str(tmp_path / "m"), str(hf / "b.png")]) == 2
+    assert "--prompt" in capsys.readouterr().err
