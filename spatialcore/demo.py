@@ -224,13 +224,18 @@ def _table(real: dict, control: dict) -> str:
     return "\n".join(table + [control_row, "", *notes, "", format_by_type(real)])
 
 
+def _judge_moves(base: dict, rl: dict) -> tuple[float, float]:
+    """Points of relation accuracy and of objects found the independent judge saw the policy gain."""
+    return (100 * (rl["relation_accuracy"] - base["relation_accuracy"]),
+            100 * (rl["objects_found"] - base["objects_found"]))
+
+
 def _gauge(base: dict, rl: dict) -> list[str]:
     """The reward-hacking gauge: the learned reward's move (in the base's spread of mu over samples) set
     against the independent judge's move (points of relation accuracy and of objects found)."""
     b, a = base["spatialscore"], rl["spatialscore"]
     reward_gain = (a["mu_mean"] - b["mu_mean"]) / max(b["mu_std"], 1e-9)
-    rel = 100 * (rl["relation_accuracy"] - base["relation_accuracy"])
-    found = 100 * (rl["objects_found"] - base["objects_found"])
+    rel, found = _judge_moves(base, rl)
     if reward_gain > 0.1 and rel <= 0:
         verdict = "**reward hacking**: the learned reward rose while the judge's relation accuracy did not"
     elif reward_gain > 0.1 and found < -5:
@@ -246,14 +251,13 @@ def _gauge(base: dict, rl: dict) -> list[str]:
 
 def _what_it_shows(base: dict, rl: dict) -> str:
     """The run's claim in one paragraph, read off its own numbers (never a fixed sentence)."""
-    rel = 100 * (rl["relation_accuracy"] - base["relation_accuracy"])
-    found = 100 * (rl["objects_found"] - base["objects_found"])
+    rel, found = _judge_moves(base, rl)
     if rel >= 15 and found >= -5:
         shown = ("SpatialScore-driven GRPO with Top-k moved the generator's layouts towards the prompt by the "
                  "target margin (+15 points of relation accuracy, objects found within 5 points)")
     elif rel > 0 and found >= -5:
         shown = ("layouts moved towards the prompt, short of the +15-point target (with one run, a few points are "
-                 "within the noise of 276 samples)")
+                 "within the evaluation's sampling noise)")
     else:
         shown = "Spatial-RL did not make the generator obey the relations better in this run"
     return (f"What this run shows: relation accuracy moved {rel:+.1f} points and objects found {found:+.1f} points "

@@ -195,8 +195,7 @@ class PairSet(torch.utils.data.Dataset):
 
     Items are dicts: ``id``, ``prompt``, ``chosen``/``rejected`` (RGB PIL images),
     ``n_perturbations`` (0 when the record does not say), ``perturbations``, ``split``. Bad records are skipped
-    with one counted
-    warning, or the set is refused with ``strict=True``.
+    with one counted warning, or the set is refused with ``strict=True``.
     """
 
     def __init__(self, folder: str | Path, split: str | None = None, *, strict: bool = False,
