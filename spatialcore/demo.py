@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import ConfigError, from_dict, load_config, param, to_dict
+from .dist import available_cores
 from .errors import RunError
 from .logs import info
 from .tiny import TinyConfig
@@ -46,8 +47,9 @@ REWARD_FILE, REWARD_CHANGES = "reward/tiny_cpu_grid.yaml", [
     # table issue), the four-direction stage began at 1,300 and was at 0.83 at 1,500; 2,500 gives it time
     "max_steps=2500"]
 GRPO_FILE, GRPO_CHANGES = "grpo/tiny_cpu_grid.yaml", [
-    # model and reward.spatialscore.model become the demo's; threads=0: the demo's own setting; no time
-    # limit: the result must not depend on the machine's speed
+    # model and reward.spatialscore.model become the demo's; threads=0: the demo's own setting (every core;
+    # the file's 2 would leave a bigger machine idle); no time limit: the result must not depend on the
+    # machine's speed
     "threads=0", "max_minutes=0"]
 
 
@@ -81,7 +83,8 @@ class DemoEvalConfig:
 @dataclass
 class DemoConfig:
     seed: int = param(0, min=0)
-    threads: int = param(0, min=0, help="torch CPU threads (0: leave torch's default)")
+    threads: int = param(0, min=0, help="torch CPU threads of every stage whose own config sets none "
+                                        "(0: every core this process may use)")
     tiny: TinyConfig = field(default_factory=TinyConfig)
     generator: str = param(str(GENERATOR), help="the base generator (a Flux pipeline folder)")
     pairs: int = param(400, min=20, help="synthetic evaluation pairs (easy_grid preset)")
@@ -97,10 +100,17 @@ class DemoConfig:
 
 
 class _Stages:
-    def __init__(self) -> None:
+    """Runs the stages in order, each starting at ``threads`` CPU threads (a trainer sets its own from
+    its config and would otherwise leave it for the next stage), and records time and summary."""
+
+    def __init__(self, threads: int) -> None:
         self.rows: list[tuple[str, float, str]] = []
+        self.threads = threads
 
     def run(self, name: str, fn, *args, **kwargs):
+        import torch
+
+        torch.set_num_threads(self.threads)
         info(f"{name} ...", who="demo")
         t0 = time.perf_counter()
         result, summary = fn(*args, **kwargs)
@@ -291,20 +301,19 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     cfg.check()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = cfg.threads or available_cores()
     torch.manual_seed(cfg.seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    stages = _Stages()
+    stages = _Stages(threads)
     tiny_dir = stages.run("tiny checkpoints", _tiny_stage, cfg, out)
     pairs = stages.run("synthetic pairs", _data_stage, cfg, out)
 
     # the stage configs: the demo's sections with this run's paths, validated again
     rcfg = from_dict(RewardTrainConfig, {**to_dict(cfg.reward), "model": str(tiny_dir / "reward"),
                                          "out": str(out / "reward"), "init_from": None,
-                                         "threads": cfg.reward.threads or cfg.threads}, "reward")
+                                         "threads": cfg.reward.threads or threads}, "reward")
     model_dir, reward_reused = stages.run("SpatialScore training", _reward_train_stage, cfg, rcfg)
     real, control, n_test = stages.run("SpatialScore evaluation", _reward_eval_stage, model_dir, pairs)
     base = stages.run("base generator evaluation", _generator_eval_stage, cfg, model_dir, out / "eval_base", None,
@@ -313,7 +322,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
     g = to_dict(cfg.grpo)
     g["reward"]["spatialscore"]["model"] = str(model_dir)
     gcfg = from_dict(GRPOTrainConfig, {**g, "model": cfg.generator, "out": str(out / "grpo"),
-                                       "threads": cfg.grpo.threads or cfg.threads, "seed": cfg.seed}, "grpo")
+                                       "threads": cfg.grpo.threads or threads, "seed": cfg.seed}, "grpo")
     recs, its, grpo_reused = stages.run("Spatial-RL (GRPO + Top-k)", _grpo_stage, gcfg)
     rl = stages.run("RL policy evaluation", _generator_eval_stage, cfg, model_dir, out / "eval_rl",
                     out / "grpo" / "policy", not (reward_reused and grpo_reused))
@@ -323,7 +332,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
     if its < gcfg.iterations:
         lines += [f"**PARTIAL RESULT: Spatial-RL stopped at iteration {its} of {gcfg.iterations} (time limit "
                   f"grpo.max_minutes={gcfg.max_minutes}); the numbers below are not the configured run's.**", ""]
-    lines += [f"Total time: {total / 60:.1f} min on CPU ({torch.get_num_threads()} threads).", "",
+    lines += [f"Total time: {total / 60:.1f} min on CPU ({threads} threads; SpatialScore training "
+              f"{rcfg.threads}, Spatial-RL {gcfg.threads}).", "",
               "| stage | time (s) | result |", "|---|---:|---|"]
     lines += [f"| {name} | {dt:.1f} | {summary} |" for name, dt, summary in stages.rows]
     lines += ["", "## SpatialScore (tiny Qwen2.5-VL) on the synthetic test split", "",

@@ -33,6 +33,14 @@ def served_devices(backend: str) -> set[str]:
     return {part.split(":", 1)[0].strip() for part in backend.split(",")}
 
 
+def available_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 def init() -> tuple[int, int, torch.device]:
     """(rank, world_size, device); initialises the process group under torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))

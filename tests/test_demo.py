@@ -8,19 +8,31 @@ import pytest
 from spatialcore.config import ConfigError, load_config
 from spatialcore.demo import DemoConfig, run_demo
 
-SMALL = ["pairs=24", "threads=2", "reward.max_steps=6", "reward.warmup_steps=1", "reward.eval_every=3",
+SMALL = ["pairs=24", "reward.max_steps=6", "reward.warmup_steps=1", "reward.eval_every=3",
          "reward.eval_pairs=8", "reward.save_every=6", "reward.log_every=3", "grpo.iterations=2",
          "grpo.eval_every=2", "grpo.group_size=4", "grpo.top_k=1", "grpo.sampler.steps=3",
          "grpo.sampler.window_size=2", "grpo.train_timesteps=2", "grpo.n_stream_prompts=4", "grpo.eval_seeds=2",
          "grpo.save_every=2", "eval.n_prompts=2", "eval.per_prompt=2", "eval.steps=2"]
 
 
-def test_demo_runs_every_stage_and_reports(tmp_path):
-    cfg = load_config(DemoConfig, None, SMALL)
+def test_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
+    import torch
+    import yaml
+
+    import spatialcore.demo as demo
+
+    # threads=0: every stage whose own config sets none runs on every core, even after a stage that set fewer
+    monkeypatch.setattr(demo, "available_cores", lambda: 2)
+    torch.set_num_threads(1)
+    cfg = load_config(DemoConfig, None, SMALL + ["reward.threads=1"])
     assert cfg.reward.curriculum and cfg.grpo.reward.name == "spatialscore"  # demo defaults survive overrides
     assert cfg.grpo.max_minutes == 0  # fixed iteration counts: the result does not depend on the machine's speed
     assert run_demo(cfg, tmp_path) == 0
+    assert yaml.safe_load((tmp_path / "reward" / "config.yaml").read_text())["threads"] == 1
+    assert yaml.safe_load((tmp_path / "grpo" / "config.yaml").read_text())["threads"] == 2
+    assert torch.get_num_threads() == 2  # the last stage (evaluation) ran on the demo's threads
     report = (tmp_path / "REPORT.md").read_text()
+    assert "(2 threads; SpatialScore training 1, Spatial-RL 2)" in report
     for stage in ("tiny checkpoints", "synthetic pairs", "SpatialScore training", "SpatialScore evaluation",
                   "base generator evaluation", "Spatial-RL (GRPO + Top-k)", "RL policy evaluation"):
         assert f"| {stage} |" in report, stage
@@ -36,11 +48,11 @@ def test_demo_runs_every_stage_and_reports(tmp_path):
     for png in ("pair_stats.png", "reward/accuracy.png", "grpo/reward.png", "eval_base/grid.png", "eval_rl/grid.png"):
         assert (tmp_path / png).stat().st_size > 0, png
     # A second run reuses the checkpoints, the reward model, the policy and both evaluations.
-    assert run_demo(load_config(DemoConfig, None, SMALL), tmp_path) == 0
+    assert run_demo(load_config(DemoConfig, None, SMALL + ["reward.threads=1"]), tmp_path) == 0
     report = (tmp_path / "REPORT.md").read_text()
     assert report.count("reused") >= 5
     # a time limit that ends Spatial-RL early is said loudly
-    partial = SMALL + ["grpo.iterations=3", "grpo.max_minutes=1e-6"]
+    partial = SMALL + ["reward.threads=1", "grpo.iterations=3", "grpo.max_minutes=1e-6"]
     assert run_demo(load_config(DemoConfig, None, partial), tmp_path / "partial") == 0
     assert "**PARTIAL RESULT" in (tmp_path / "partial" / "REPORT.md").read_text()
 
