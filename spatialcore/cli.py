@@ -1,9 +1,16 @@
 """The ``spatialcore`` command.
 
 Each subcommand parses its own arguments and imports heavy libraries only when it runs, so
-``spatialcore --help`` answers at once. Commands that take a run config accept
-``--config FILE`` plus ``key=value`` overrides (dotted keys for nested fields); config errors
-are printed as one line naming the key and exit with status 2.
+``spatialcore --help`` answers at once. One grammar for all of them:
+
+- ``--config FILE`` plus ``key=value`` overrides (dotted keys for nested fields) wherever there is a
+  config (trainers, demo, tiny, data synth, config show; bench/profile take their suite parameters the same way);
+- ``--out DIR`` is where a command writes (for a trainer, the same as ``out=DIR``);
+- ``--json FILE`` writes the command's result as JSON to FILE; ``--json -`` prints it on stdout instead of the
+  text output;
+- each command's ``--help`` ends with examples that run as printed from a checkout (a test runs them all).
+
+Config errors are printed as one line naming the key and exit with status 2.
 """
 
 from __future__ import annotations
@@ -19,10 +26,41 @@ from .config import ConfigError, load_config, to_dict
 EXIT_CONFIG = 2
 
 
-def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", metavar="FILE", help="YAML run config (defaults apply to missing keys)")
+def _command(sub, name: str, *, help: str, description: str, examples: list[str]) -> argparse.ArgumentParser:
+    """A subcommand whose help ends with ``examples`` (each one line, run from a checkout)."""
+    epilog = "examples:\n" + "\n".join(f"  {e}" for e in examples)
+    return sub.add_parser(name, help=help, description=description, epilog=epilog,
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def _add_config_args(p: argparse.ArgumentParser, example: str) -> None:
+    p.add_argument("--config", metavar="FILE", help="YAML config (defaults apply to missing keys; `extends: "
+                                                    "OTHER.yaml` lays it over another file)")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="override config keys, e.g. reward.text_layers=3 seed=1")
+                   help=f"override config keys (dotted for nested ones), e.g. {example}; "
+                        "`spatialcore config show` lists them")
+
+
+def _add_json(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument("--json", metavar="FILE", help=f"write {what} as JSON to FILE ('-': print it instead of the text)")
+
+
+def _emit_json(dest: str | None, obj) -> bool:
+    """Write ``obj`` to ``--json`` FILE (or stdout for ``-``); True when stdout got it (skip the text)."""
+    if not dest:
+        return False
+    text = json.dumps(obj, indent=2)
+    if dest == "-":
+        print(text)
+        return True
+    path = Path(dest)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text + "\n")
+    return False
+
+
+def _add_out(p: argparse.ArgumentParser, what: str = "run folder (the config's out key)", **kw) -> None:
+    p.add_argument("--out", metavar="DIR", help=what, **kw)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -35,7 +73,9 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_overrides(args: argparse.Namespace) -> list[str]:
-    return list(args.overrides) + ([f"run={args.run_mode}"] if args.run_mode else [])
+    """The trainer's overrides with --out (out=) and --resume/--fresh (run=) folded in."""
+    return (list(args.overrides) + ([f"out={args.out}"] if args.out else [])
+            + ([f"run={args.run_mode}"] if args.run_mode else []))
 
 
 def _cmd_tiny(args: argparse.Namespace) -> int:
@@ -56,8 +96,7 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     info(f"reward: Qwen2.5-VL, {r['parameters']:,} parameters, vocab {r['vocab']} -> {r['path']}", who="tiny")
     info("flux: " + ", ".join(f"{k} {v:,}" for k, v in f["parameters"].items()) + f" parameters -> {f['path']}",
          who="tiny")
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    _emit_json(args.json, summary)
     return 0
 
 
@@ -65,8 +104,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     from .gpu import environment_report
 
     report = environment_report()
-    if args.json:
-        print(json.dumps(report, indent=2))
+    if _emit_json(args.json, report):
         return 0
     width = max(len(k) for k in report)
     for key, value in report.items():
@@ -131,9 +169,7 @@ def _cmd_data_stats(args: argparse.Namespace) -> int:
         return 1
     png = Path(args.png) if args.png else Path(args.dir) / "stats.png"
     plot_stats(stats, png)
-    if args.json:
-        print(json.dumps({k: v for k, v in stats.items() if not k.startswith("_")}, indent=2))
-    else:
+    if not _emit_json(args.json, {k: v for k, v in stats.items() if not k.startswith("_")}):
         print(format_stats(stats))
         print(f"figure: {png}")
     return 0
@@ -151,8 +187,8 @@ def _cmd_reward_train(args: argparse.Namespace) -> int:
     else:
         require(cfg.model, "model", "qwen", hub=True)
     metrics = train(cfg)
-    if args.json and metrics:
-        print(json.dumps({k: v for k, v in metrics.items() if k != "calibration"}, indent=2))
+    if metrics:
+        _emit_json(args.json, {k: v for k, v in metrics.items() if k != "calibration"})
     return 0
 
 
@@ -165,8 +201,8 @@ def _cmd_grpo_train(args: argparse.Namespace) -> int:
     if "spatialscore" in cfg.reward.parts():
         require(cfg.reward.spatialscore.model, "reward.spatialscore.model", "spatialscore")
     final = train(cfg)
-    if args.json and final:
-        print(json.dumps({k: v for k, v in final.items() if not isinstance(v, list)}, indent=2))
+    if final:
+        _emit_json(args.json, {k: v for k, v in final.items() if not isinstance(v, list)})
     return 0
 
 
@@ -177,8 +213,8 @@ def _cmd_sft_train(args: argparse.Namespace) -> int:
     cfg = load_config(SFTTrainConfig, args.config, _train_overrides(args))
     require(cfg.model, "model", "flux", hub=True)
     final = train(cfg)
-    if args.json and final:
-        print(json.dumps(final, indent=2))
+    if final:
+        _emit_json(args.json, final)
     return 0
 
 
@@ -209,8 +245,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     summary = run_eval(args.model, args.out, settings, lora=args.lora, reward_model=args.reward_model, device=device,
                        dtype=args.dtype)
-    if args.json:
-        print(json.dumps(summary, indent=2))
+    _emit_json(args.json, summary)
     return 0
 
 
@@ -287,7 +322,7 @@ def _suite_run(args: argparse.Namespace, emit=None):
     from .profiling.suites import suite_runner
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    return suite_runner(args.suite, args.shape, device, tiny=args.tiny, overrides=args.set or [], reps=args.reps,
+    return suite_runner(args.suite, args.shape, device, tiny=args.tiny, overrides=args.overrides, reps=args.reps,
                         warmup=args.warmup, out=Path(args.out), emit=emit), device
 
 
@@ -362,11 +397,10 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
     metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
                                         shuffle_prompts=args.shuffle_prompts),
                            types=perturbation_types(data, args.limit))
-    print(format_table(metrics, name=Path(args.model).name))
-    if metrics.get("by_type"):
-        print("\n" + format_by_type(metrics))
-    if args.json:
-        Path(args.json).write_text(json.dumps(metrics, indent=2))
+    if not _emit_json(args.json, metrics):
+        print(format_table(metrics, name=Path(args.model).name))
+        if metrics.get("by_type"):
+            print("\n" + format_by_type(metrics))
     return 0
 
 
@@ -420,20 +454,20 @@ def _cmd_reward_score(args: argparse.Namespace) -> int:
     mu, sigma = model.score(prompts, images)
     rows = [{"image": p, "prompt": t, "mu": float(m), "sigma": float(s)}
             for p, t, m, s in zip(images, prompts, mu, sigma, strict=True)]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    else:
+    if not _emit_json(args.json, rows):
         for r in rows:
             print(f"{r['mu']:+.4f} ± {r['sigma']:.4f}  {r['image']}" + ("" if not args.samples else f"  {r['prompt']}"))
     return 0
 
 
 def _cmd_config_show(args: argparse.Namespace) -> int:
-    import yaml
+
+    from .config import to_commented_yaml
 
     kinds = _config_kinds()
     cfg = load_config(kinds[args.kind](), args.config, args.overrides)
-    print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+    if not _emit_json(args.json, to_dict(cfg)):
+        print(to_commented_yaml(cfg), end="")
     return 0
 
 
@@ -473,22 +507,29 @@ def _config_kinds() -> dict[str, Callable[[], type]]:
 
 def _add_tiny(sub) -> None:
     """``spatialcore tiny``."""
-    p = sub.add_parser("tiny", help="build tiny random Qwen2.5-VL and Flux checkpoints offline",
-                       description="Build tiny, randomly initialised Qwen2.5-VL (reward/) and Flux (flux/) "
-                                   "checkpoints with locally trained tokenizers, deterministically from a seed.")
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (gets reward/ and flux/)")
+    p = _command(sub, "tiny", help="build tiny random Qwen2.5-VL and Flux checkpoints offline",
+                 description="Build tiny, randomly initialised Qwen2.5-VL (reward/) and Flux (flux/) checkpoints with "
+                             "locally trained tokenizers, deterministically from a seed.",
+                 examples=["spatialcore tiny --out runs/tiny",
+                           "spatialcore tiny --out runs/tiny-deep --json runs/tiny-deep.json flux.single_layers=2 seed=1"])
+    _add_out(p, "output folder (gets reward/ and flux/)", required=True)
     p.add_argument("--force", action="store_true", help="replace an existing non-empty folder")
-    p.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
-    _add_config_args(p)
+    _add_json(p, "a summary (parameters, paths)")
+    _add_config_args(p, "flux.single_layers=2 seed=1")
     p.set_defaults(func=_cmd_tiny)
 
 
 def _add_demo(sub) -> None:
     """``spatialcore demo``."""
-    p = sub.add_parser("demo", help="end-to-end CPU demo on tiny models",
-                       description="Run the main job end to end on tiny CPU models and write REPORT.md.")
-    p.add_argument("--out", default="runs/demo", metavar="DIR", help="run folder (default runs/demo)")
-    _add_config_args(p)
+    p = _command(sub, "demo", help="the paper in miniature, end to end on tiny CPU models",
+                 description="Pretrained tiny generator -> synthetic pairs -> SpatialScore -> Spatial-RL (GRPO + "
+                             "Top-k) rewarded by it -> `spatialcore eval` of base and policy on held-out prompts; "
+                             "writes REPORT.md. With the defaults (`make demo`) it takes about 15 min on 2 cores; "
+                             "configs/demo/smoke.yaml runs every stage in about a minute (its numbers mean nothing).",
+                 examples=["spatialcore demo --config configs/demo/smoke.yaml --out runs/demo-smoke",
+                           "spatialcore config show demo"])
+    _add_out(p, "run folder (default runs/demo)", default="runs/demo")
+    _add_config_args(p, "grpo.iterations=100 seed=1")
     p.set_defaults(func=_cmd_demo)
 
 
@@ -498,10 +539,13 @@ def _add_data(sub) -> None:
                        description="Synthetic SpatialReward pairs and pair-set tools.")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     dsub.required = True
-    d = dsub.add_parser("synth", help="render a synthetic pair set",
-                        description="Render N (perfect, perturbed) image pairs with prompts into DIR "
-                                    "(pairs.jsonl + images/), deterministically from --seed.")
-    d.add_argument("--out", required=True, metavar="DIR")
+    d = _command(dsub, "synth", help="render a synthetic pair set",
+                 description="Render N (perfect, perturbed) image pairs with prompts into DIR (pairs.jsonl + "
+                             "images/), deterministically from --seed.",
+                 examples=["spatialcore data synth --difficulty easy_grid --pairs 40 --out runs/pairs-grid",
+                           "spatialcore data synth --difficulty hard --pairs 20 --size 96 --out runs/pairs-hard "
+                           "max_violations=2 p_single=0.5"])
+    _add_out(d, "pair-set folder", required=True)
     d.add_argument("--pairs", type=int, required=True, metavar="N")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--size", type=int, default=None, metavar="PX", help="image side (overrides the preset)")
@@ -511,20 +555,23 @@ def _add_data(sub) -> None:
                         "generator's world: easy at 32 px on white, centres on a 4 x 4 grid)")
     d.add_argument("--workers", type=int, default=None, help="render processes (default: CPU count)")
     d.add_argument("--force", action="store_true", help="replace a non-empty DIR")
-    _add_config_args(d)
+    _add_config_args(d, "max_violations=2 p_sizes=0")
     d.set_defaults(func=_cmd_data_synth)
-    d = dsub.add_parser("validate", help="check every record of a pair set",
-                        description="Check pairs.jsonl and its images; print 'line N: reason' per problem "
-                                    "and a summary. Exit 0 when clean (warnings allowed), 1 otherwise.")
+    d = _command(dsub, "validate", help="check every record of a pair set",
+                 description="Check pairs.jsonl and its images; print 'line N: reason' per problem and a summary. "
+                             "Exit 0 when clean (warnings allowed), 1 otherwise.",
+                 examples=["spatialcore data validate runs/pairs-grid"])
     d.add_argument("dir", metavar="DIR")
     d.add_argument("--no-images", action="store_true", help="skip decoding the images")
     d.set_defaults(func=_cmd_data_validate)
-    d = dsub.add_parser("stats", help="summarise a pair set (printed and as a PNG)",
-                        description="Counts per split, relations per prompt, perturbation types and counts, "
-                                    "prompt length; printed and drawn as a PNG.")
+    d = _command(dsub, "stats", help="summarise a pair set (printed and as a PNG)",
+                 description="Counts per split, relations per prompt, perturbation types and counts, prompt length; "
+                             "printed and drawn as a PNG.",
+                 examples=["spatialcore data stats runs/pairs-grid",
+                           "spatialcore data stats runs/pairs-grid --png runs/grid-stats.png --json runs/grid-stats.json"])
     d.add_argument("dir", metavar="DIR")
     d.add_argument("--png", metavar="FILE", help="figure path (default DIR/stats.png)")
-    d.add_argument("--json", action="store_true", help="print JSON instead of text")
+    _add_json(d, "the statistics")
     d.set_defaults(func=_cmd_data_stats)
 
 
@@ -534,16 +581,25 @@ def _add_reward(sub) -> None:
                        description="SpatialScore: a Qwen2.5-VL reward model with a Gaussian head.")
     rsub = p.add_subparsers(dest="reward_command", metavar="ACTION")
     rsub.required = True
-    r = rsub.add_parser("train", help="train on a pair set (torchrun for several processes)",
-                        description="Train SpatialScore on a pair folder; resumes from the run folder's latest "
-                                    "checkpoint. Launch with torchrun for DDP.")
-    r.add_argument("--json", action="store_true", help="print the final evaluation as JSON")
-    _add_config_args(r)
+    r = _command(rsub, "train", help="train on a pair set (torchrun for several processes)",
+                 description="Train SpatialScore on a pair folder or a synthetic stream; resumes from the run "
+                             "folder's latest checkpoint. Launch with torchrun for DDP / FSDP2.",
+                 examples=["spatialcore reward train --config configs/reward/tiny_cpu_grid.yaml max_steps=20 warmup_steps=5 "
+                           "eval_every=10 eval_pairs=16 --out runs/reward-quick",
+                           "spatialcore reward train --config configs/reward/tiny_cpu.yaml data=runs/pairs-grid "
+                           "max_steps=10 warmup_steps=2 eval_every=5 eval_pairs=8 curriculum=[] --out runs/reward-pairs --json "
+                           "runs/reward-pairs/final.json"])
+    _add_out(r)
+    _add_json(r, "the final evaluation")
+    _add_config_args(r, "lr=1e-4 max_steps=500")
     _add_run_args(r)
     r.set_defaults(func=_cmd_reward_train)
-    r = rsub.add_parser("eval", help="pairwise accuracy table (overall / 1 / 2-3 perturbations)",
-                        description="Evaluate a SpatialScore model on a pair set: accuracy overall, with 1 and "
-                                    "with 2-3 perturbations, mean margin and calibration.")
+    r = _command(rsub, "eval", help="pairwise accuracy table (overall / 1 / 2-3 perturbations)",
+                 description="Evaluate a SpatialScore model on a pair set: accuracy overall, with 1 and with 2-3 "
+                             "perturbations, per perturbation type, mean margin and calibration.",
+                 examples=["spatialcore reward eval --model runs/reward-quick/model --data runs/pairs-grid",
+                           "spatialcore reward eval --model runs/reward-quick/model --data runs/pairs-grid "
+                           "--shuffle-prompts --json runs/reward-quick/control.json"])
     r.add_argument("--model", required=True, metavar="DIR")
     r.add_argument("--data", required=True, metavar="DIR")
     r.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -556,17 +612,21 @@ def _add_reward(sub) -> None:
     r.add_argument("--shuffle-prompts", action="store_true",
                    help="control: judge each pair against another pair's prompt (a model that reads the "
                         "prompt drops to about 0.5)")
-    r.add_argument("--json", metavar="OUT", help="also write the metrics (with calibration bins) as JSON")
+    _add_json(r, "the metrics (with calibration bins and the per-type table)")
     r.set_defaults(func=_cmd_reward_eval)
-    r = rsub.add_parser("score", help="score images against a prompt, or each against its own",
-                        description="Print mu and sigma of SpatialScore for each image: against --prompt, or "
-                                    "against its own prompt from --samples (the samples.jsonl that `sample` and "
-                                    "`eval` write, an image folder's metadata.jsonl, or a folder holding one).")
+    r = _command(rsub, "score", help="score images against a prompt, or each against its own",
+                 description="Print mu and sigma of SpatialScore for each image: against --prompt, or against its "
+                             "own prompt from --samples (the samples.jsonl that `sample` and `eval` write, an image "
+                             "folder's metadata.jsonl, or a folder holding one).",
+                 examples=["spatialcore reward score --model runs/reward-quick/model --samples runs/sample-quick",
+                           "spatialcore reward score --model runs/reward-quick/model --prompt \"the red circle is "
+                           "left of the blue square\" runs/sample-quick/0000_00.png runs/sample-quick/0000_01.png "
+                           "--json runs/scores.json"])
     r.add_argument("--model", required=True, metavar="DIR")
     r.add_argument("--prompt", help="one prompt for every IMAGE")
     r.add_argument("--samples", metavar="FILE|FOLDER", help="JSON Lines of {image, prompt} (or file_name, text)")
     r.add_argument("images", nargs="*", metavar="IMAGE")
-    r.add_argument("--json", action="store_true")
+    _add_json(r, "a list of {image, prompt, mu, sigma}")
     r.set_defaults(func=_cmd_reward_score)
 
 
@@ -576,18 +636,32 @@ def _add_grpo(sub) -> None:
                        description="Spatial-RL: online GRPO with Top-k filtering on a Flux generator.")
     gsub = p.add_subparsers(dest="grpo_command", metavar="ACTION")
     gsub.required = True
-    g = gsub.add_parser("train", help="train a LoRA (or full) policy (torchrun for several processes)",
-                        description="GRPO on Flux with SDE sampling, group advantages with Top-k filtering and "
-                                    "the Flow-GRPO clipped loss; resumes from the run folder's latest checkpoint.")
-    g.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    _add_config_args(g)
+    g = _command(gsub, "train", help="train a LoRA (or full) policy (torchrun for several processes)",
+                 description="GRPO on Flux with SDE sampling, group advantages with Top-k filtering and the "
+                             "Flow-GRPO clipped loss; resumes from the run folder's latest checkpoint.",
+                 examples=["spatialcore grpo train --config configs/grpo/tiny_cpu_grid_oracle.yaml iterations=2 "
+                           "group_size=4 top_k=1 eval_seeds=2 eval_every=2 --out runs/grpo-quick",
+                           "spatialcore grpo train --config configs/grpo/tiny_cpu_grid_oracle.yaml iterations=2 "
+                           "group_size=4 top_k=0 eval_seeds=2 eval_every=2 --out runs/grpo-quick-all "
+                           "--json runs/grpo-quick-all/final.json",
+                           "spatialcore grpo train --config configs/grpo/tiny_cpu_grid.yaml "
+                           "reward.spatialscore.model=runs/reward-quick/model iterations=1 group_size=4 top_k=1 eval_seeds=1 "
+                           "eval_every=1 "
+                           "--out runs/grpo-quick-ss"])
+    _add_out(g)
+    _add_json(g, "the final metrics")
+    _add_config_args(g, "optim.lr=1e-4 top_k=0")
     _add_run_args(g)
     g.set_defaults(func=_cmd_grpo_train)
-    g = gsub.add_parser("compare", help="plot held-out reward of several runs per iteration and per second",
-                        description="One PNG comparing runs (e.g. Top-k vs its ablation) against iterations and "
-                                    "training wall-clock seconds.")
+    g = _command(gsub, "compare", help="plot held-out reward of several runs per iteration and per second",
+                 description="One PNG comparing runs (e.g. Top-k vs its ablation) against iterations and training "
+                             "wall-clock seconds.",
+                 examples=["spatialcore grpo compare top-k=runs/grpo-quick all=runs/grpo-quick-all "
+                           "--out runs/compare.png",
+                           "spatialcore grpo compare runs/grpo-quick runs/grpo-quick-all --key eval_relation_acc "
+                           "--out runs/compare-relation.png"])
     g.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR")
-    g.add_argument("--out", required=True, metavar="PNG")
+    _add_out(g, "the PNG to write", required=True)
     g.add_argument("--key", default="eval_reward", help="metric to plot (default eval_reward)")
     g.set_defaults(func=_cmd_grpo_compare)
 
@@ -598,23 +672,35 @@ def _add_sft(sub) -> None:
                        description="Fine-tune a Flux generator on (prompt, image) pairs with the rectified-flow loss.")
     ssub = p.add_subparsers(dest="sft_command", metavar="ACTION")
     ssub.required = True
-    s = ssub.add_parser("train", help="train the transformer (LoRA or full; optionally the VAE first)",
-                        description="Flow-matching fine-tuning on the synthetic renderer, a pair set's chosen images "
-                                    "or an image folder with metadata.jsonl; resumes from the run folder's latest "
-                                    "checkpoint; writes out/pipeline (FluxPipeline.from_pretrained loads it).")
-    s.add_argument("--json", action="store_true", help="print the final metrics as JSON")
-    _add_config_args(s)
+    s = _command(ssub, "train", help="train the transformer (LoRA or full; optionally the VAE first)",
+                 description="Flow-matching fine-tuning on the synthetic renderer, a pair set's chosen images or an "
+                             "image folder with metadata.jsonl; resumes from the run folder's latest checkpoint; "
+                             "writes out/pipeline (FluxPipeline.from_pretrained loads it).",
+                 examples=["spatialcore sft train --config configs/sft/tiny_cpu_grid_perfect.yaml steps=4 "
+                           "max_minutes=0 batch_size=8 eval_every=4 eval_prompts=2 --out runs/sft-quick",
+                           "spatialcore sft train --config configs/sft/tiny_cpu_grid_perfect.yaml steps=2 "
+                           "max_minutes=0 batch_size=8 eval_every=2 data.source=pairs data.path=runs/pairs-grid "
+                           "'grid_prompts=[the red circle is left of the blue square]' policy.lora_rank=4 "
+                           "--out runs/sft-quick-lora"])
+    _add_out(s)
+    _add_json(s, "the final metrics")
+    _add_config_args(s, "steps=500 policy.lora_rank=8")
     _add_run_args(s)
     s.set_defaults(func=_cmd_sft_train)
 
 
 def _add_eval(sub) -> None:
     """``spatialcore eval``."""
-    p = sub.add_parser("eval", help="spatial evaluation of a generator (detector + GenEval's position rule)",
-                       description="Sample N images per prompt with fixed seeds from a Flux checkpoint (+ policy), "
-                                   "judge each with a detector and GenEval's position rule, and report objects found, "
-                                   "relation accuracy, a per-relation table and (with --reward-model) SpatialScore: "
-                                   "eval.json, eval.md, grid.png, samples.jsonl in --out.")
+    p = _command(sub, "eval", help="spatial evaluation of a generator (detector + GenEval's position rule)",
+                 description="Sample N images per prompt with fixed seeds from a Flux checkpoint (+ policy), judge "
+                             "each with a detector and GenEval's position rule, and report objects found, relation "
+                             "accuracy, a per-relation table and (with --reward-model) SpatialScore: eval.json, "
+                             "eval.md, grid.png, samples.jsonl in --out.",
+                 examples=["spatialcore eval --model assets/tiny_generator --prompts synthetic:easy_grid --n-prompts 4 "
+                           "-n 2 --out runs/eval-base",
+                           "spatialcore eval --model assets/tiny_generator --lora runs/grpo-quick/policy --prompts "
+                           "synthetic:easy_grid --n-prompts 4 -n 2 --reward-model runs/reward-quick/model "
+                           "--out runs/eval-policy --json runs/eval-policy.json"])
     p.add_argument("--model", required=True, metavar="DIR|HUB_ID", help="Flux pipeline (e.g. runs/sft_tiny/pipeline)")
     p.add_argument("--lora", metavar="DIR", help="policy folder written by grpo train (out/policy)")
     p.add_argument("--prompts", default=None, metavar="SOURCE",
@@ -635,8 +721,8 @@ def _add_eval(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.1, help="zero-shot detector score threshold")
     p.add_argument("--reward-model", metavar="DIR", help="SpatialScore folder: also report mean mu and sigma")
     p.add_argument("--batch", type=int, default=16, help="images per sampler call")
-    p.add_argument("--out", required=True, metavar="DIR")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    _add_out(p, "where eval.json, eval.md, grid.png, images/ and samples.jsonl go", required=True)
+    _add_json(p, "the summary")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     p.add_argument("--device", default=None, help="default: cuda when available")
     p.set_defaults(func=_cmd_eval)
@@ -644,13 +730,15 @@ def _add_eval(sub) -> None:
 
 def _add_export(sub) -> None:
     """``spatialcore export``."""
-    p = sub.add_parser("export", help="a diffusers-loadable generator from any checkpoint of a grpo or sft run",
-                       description="Write the policy of a grpo run (LoRA file, or transformer/) or the pipeline of an "
-                                   "sft run from CHECKPOINT: a run folder (its newest complete checkpoint) or one "
-                                   "of its checkpoints/step_N folders. Example: spatialcore export "
-                                   "runs/grpo-tiny-grid/checkpoints/step_00000050 --out runs/policy-50")
+    p = _command(sub, "export", help="a diffusers-loadable generator from any checkpoint of a grpo or sft run",
+                 description="Write the policy of a grpo run (LoRA file, or transformer/) or the pipeline of an sft "
+                             "run from CHECKPOINT: a run folder (its newest complete checkpoint) or one of its "
+                             "checkpoints/step_N folders.",
+                 examples=["spatialcore export runs/grpo-quick --out runs/grpo-quick-export",
+                           "spatialcore export runs/sft-quick-lora/checkpoints/step_00000002 --merged "
+                           "--out runs/sft-quick-lora-2"])
     p.add_argument("checkpoint", metavar="CHECKPOINT")
-    p.add_argument("--out", required=True, metavar="DIR")
+    _add_out(p, "the exported policy or pipeline folder", required=True)
     p.add_argument("--merged", action="store_true", help="LoRA: also write transformer/ with the adapter folded in")
     p.add_argument("--no-ema", action="store_true", help="the raw weights even when the run kept an EMA")
     p.set_defaults(func=_cmd_export)
@@ -658,14 +746,19 @@ def _add_export(sub) -> None:
 
 def _add_sample(sub) -> None:
     """``spatialcore sample``."""
-    p = sub.add_parser("sample", help="generate images with a Flux checkpoint (+ a trained policy)",
-                       description="Sample images from prompts with any Flux checkpoint, optionally with a "
-                                   "trained policy (LoRA or full transformer from `grpo train`).")
+    p = _command(sub, "sample", help="generate images with a Flux checkpoint (+ a trained policy)",
+                 description="Sample images from prompts with any Flux checkpoint, optionally with a trained policy "
+                             "(LoRA or full transformer from `grpo train`); writes PNGs and samples.jsonl.",
+                 examples=["spatialcore sample --model assets/tiny_generator --prompt \"the red circle is left of the "
+                           "blue square\" -n 2 --size 32 --steps 12 --out runs/sample-quick",
+                           "spatialcore sample --model assets/tiny_generator --seed 7 "
+                           "--prompts-file configs/prompts/easy_grid_examples.txt -n 1 --size 32 --steps 12 --sde "
+                           "--dtype float32 --out runs/sample-policy"])
     p.add_argument("--model", required=True, metavar="DIR|HUB_ID", help="Flux pipeline")
     p.add_argument("--lora", metavar="DIR", help="policy folder written by grpo train (out/policy)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
     p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line")
-    p.add_argument("--out", required=True, metavar="DIR")
+    _add_out(p, "where the PNGs and samples.jsonl go", required=True)
     p.add_argument("-n", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=28)
     p.add_argument("--size", type=int, default=1024)
@@ -678,32 +771,46 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=_cmd_sample)
 
 
+_SUITES = {
+    "score": "SpatialScore vs the stock path",
+    "sample": "Flux eager vs compiled / float8",
+    "grpo": "one Spatial-RL step",
+    "kernels": "the Triton kernels against their references and baselines",
+    "logprob": "stored vs recomputed SDE log-probs",
+}
+
+
 def _add_bench_profile(sub) -> None:
     """``spatialcore bench|profile SUITE``."""
     for name, helptext in (("bench", "benchmarks with same-run baselines -> JSON + Markdown"),
                            ("profile", "torch.profiler trace, top ops, NVTX phases, NVML timeline")):
-        p = sub.add_parser(name, help=helptext,
-                           description=("Benchmark" if name == "bench" else "Profile") + " a suite: score (SpatialScore "
-                           "vs the stock path), sample (Flux eager vs compiled / float8), grpo (one Spatial-RL step), "
-                           "kernels (microbenchmarks), logprob (stored vs recomputed SDE log-probs). --shape full builds FLUX.1-dev / Qwen2.5-VL-7B shapes with "
-                           "random weights on the GPU; --shape tiny runs the tiny models anywhere.")
-        p.add_argument("suite", choices=["score", "sample", "grpo"] + (["kernels", "logprob"] if name == "bench" else []))
+        suites = list(_SUITES) if name == "bench" else ["score", "sample", "grpo"]
+        p = _command(sub, name, help=helptext,
+                     description=("Benchmark" if name == "bench" else "Profile") + " a suite: "
+                     + ", ".join(f"{s} ({_SUITES[s]})" for s in suites) + ". --shape full builds FLUX.1-dev / "
+                     "Qwen2.5-VL-7B shapes with random weights on the GPU; --shape tiny runs the tiny models anywhere. "
+                     "key=value sets a suite parameter (an unknown key is refused with the list of known ones).",
+                     examples=[f"spatialcore {name} score --tiny runs/tiny --reps 1 --warmup 0 --out runs/{name}-score",
+                               f"spatialcore {name} grpo --tiny runs/tiny --reps 1 --warmup 0 group_size=4 top_k=1 "
+                               f"--out runs/{name}-grpo"])
+        p.add_argument("suite", choices=suites)
+        p.add_argument("overrides", nargs="*", metavar="key=value",
+                       help="suite parameter, e.g. batch=8 or sizes=[512] (the suite's defaults: profiling/suites.py)")
         p.add_argument("--shape", choices=["tiny", "full"], default="tiny")
-        p.add_argument("--out", default=f"runs/{name}", metavar="DIR")
+        _add_out(p, f"where the results go (default runs/{name})", default=f"runs/{name}")
         p.add_argument("--tiny", metavar="DIR", help="tiny checkpoints (default: build them in a temp folder)")
         p.add_argument("--device", default=None, help="default: cuda when available")
         p.add_argument("--reps", type=int, default=5 if name == "bench" else 1)
         p.add_argument("--warmup", type=int, default=2 if name == "bench" else 1)
-        p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                       help="suite parameter, e.g. batch=8 or sizes=[512] (see the suite defaults)")
         p.set_defaults(func=_cmd_bench if name == "bench" else _cmd_profile)
 
 
 def _add_info(sub) -> None:
     """``spatialcore info``."""
-    p = sub.add_parser("info", help="versions, device, attention kernels available",
-                       description="Print the environment: versions, device, GPUs (NVML), attention backends.")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p = _command(sub, "info", help="versions, device, attention kernels available",
+                 description="Print the environment: versions, device, GPUs (NVML), attention backends.",
+                 examples=["spatialcore info", "spatialcore info --json -"])
+    _add_json(p, "the report")
     p.set_defaults(func=_cmd_info)
 
 
@@ -712,10 +819,14 @@ def _add_config_cmd(sub) -> None:
     p = sub.add_parser("config", help="inspect run configs", description="Inspect run configs.")
     csub = p.add_subparsers(dest="config_command", metavar="ACTION")
     csub.required = True
-    c = csub.add_parser("show", help="print a validated config with defaults filled in",
-                        description="Load, validate and print a config (defaults filled in).")
+    c = _command(csub, "show", help="print a validated config with defaults filled in and each key's help",
+                 description="Load, validate and print a config: every key with its value (defaults filled in) and "
+                             "its help as a YAML comment. The output is a valid config file.",
+                 examples=["spatialcore config show grpo --config configs/grpo/tiny_cpu_grid_lcb.yaml",
+                           "spatialcore config show reward lr=3e-4 --json -"])
     c.add_argument("kind", choices=sorted(_config_kinds()), help="which config")
-    _add_config_args(c)
+    _add_json(c, "the resolved config (no comments)")
+    _add_config_args(c, "seed=1")
     c.set_defaults(func=_cmd_config_show)
 
 
@@ -734,7 +845,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # key=value after an option (`--out D seed=1`) is an override too: argparse only takes the first run of them
+    if extra and hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     from .logs import quiet_third_party
 
     quiet_third_party()

@@ -239,36 +239,86 @@ def _deepcopy(data: Any) -> Any:
     return data
 
 
+def _read_config_file(path: Path, chain: tuple[Path, ...]) -> dict:
+    """A YAML config file as a mapping; ``extends: OTHER.yaml`` (relative to the file) loads OTHER first
+    and lays this file's keys over it, sections merged key by key (an ablation names only what it changes)."""
+    key = "--config" if not chain else f"{chain[-1]}: extends"
+    if not path.is_file():
+        raise ConfigError(key, f"file not found: {path}")
+    if path.resolve() in chain:
+        raise ConfigError(key, "files extend each other in a cycle: " + " -> ".join(str(p) for p in (*chain, path)))
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(key, f"{path} is not valid YAML: {err}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(key, f"{path} must hold a mapping at the top level")
+    parent = data.pop("extends", None)
+    if parent is None:
+        return data
+    if not isinstance(parent, str) or not parent:
+        raise ConfigError(f"{path}: extends", f"expected a file name, got {parent!r}")
+    return _deep_merge(_read_config_file(path.parent / parent, (*chain, path.resolve())), data)
+
+
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
                 base: dict | None = None) -> T:
     """Load ``cls`` from ``base`` (a preset), then a YAML file (optional), then dotted overrides;
     raise :class:`ConfigError`."""
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError("--config", f"file not found: {path}")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError("--config", f"{path} is not valid YAML: {err}") from None
-        if not isinstance(data, dict):
-            raise ConfigError("--config", f"{path} must hold a mapping at the top level")
+    data = _read_config_file(Path(path), ()) if path is not None else {}
     data = {**(base or {}), **data}
     return from_dict(cls, apply_overrides(data, overrides))
 
 
 def to_dict(obj: Any) -> dict:
     """The config as plain data (lists for tuples), ready for YAML/JSON."""
+    return json_plain(dataclasses.asdict(obj))
 
-    def plain(v: Any) -> Any:
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [plain(x) for x in v]
-        return v
 
-    return plain(dataclasses.asdict(obj))
+def _yaml_value(value: Any) -> str:
+    text = yaml.safe_dump(value, default_flow_style=True, width=1 << 20, sort_keys=False).strip()
+    return text[: -len("...")].strip() if text.endswith("\n...") else text
+
+
+def _field_comment(f: dataclasses.Field, tp: Any) -> str:
+    parts = [f.metadata.get("help", "")] if f.metadata.get("help") else []
+    args = [a for a in get_args(tp) if a is not type(None)]
+    literal = tp if get_origin(tp) is Literal else next((a for a in args if get_origin(a) is Literal), None)
+    if literal is not None:
+        parts.append("one of " + ", ".join(str(c) for c in get_args(literal)))
+    lo, hi = f.metadata.get("min"), f.metadata.get("max")
+    if lo is not None or hi is not None:
+        parts.append(" and ".join(x for x in (f">= {lo}" if lo is not None else "", f"<= {hi}" if hi is not None
+                                              else "") if x))
+    return "; ".join(parts)
+
+
+def to_commented_yaml(obj: Any, indent: int = 0) -> str:
+    """The config as YAML with each key's help, choices and range as a comment (loads back as
+    :func:`to_dict` gives it)."""
+    hints = typing.get_type_hints(type(obj))
+    lines = []
+    for f in dataclasses.fields(obj):
+        if not f.init:
+            continue
+        value, pad = getattr(obj, f.name), " " * indent
+        comment = _field_comment(f, hints[f.name])
+        tail = f"  # {comment}" if comment else ""
+        if dataclasses.is_dataclass(value):
+            lines.append(f"{pad}{f.name}:{tail}")
+            lines.append(to_commented_yaml(value, indent + 2).rstrip("\n"))
+        else:
+            lines.append(f"{pad}{f.name}: {_yaml_value(json_plain(value))}{tail}")
+    return "\n".join(lines) + "\n"
+
+
+def json_plain(value: Any) -> Any:
+    """Tuples as lists, recursively (what YAML and JSON take)."""
+    if isinstance(value, dict):
+        return {k: json_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_plain(v) for v in value]
+    return value
 
 
 def save_config(obj: Any, path: str | Path) -> None:

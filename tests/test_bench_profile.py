@@ -59,7 +59,7 @@ def test_profile_grpo_writes_trace_phases_and_nvml_note(tiny_dir, tmp_path):
 def test_bench_rejects_full_shapes_without_gpu_and_unknown_parameters(tiny_dir, tmp_path, capsys):
     assert main(["bench", "score", "--shape", "full", "--tiny", str(tiny_dir), "--device", "cpu"]) == 2
     assert "shape" in capsys.readouterr().err
-    assert main(["bench", "score", "--tiny", str(tiny_dir), "--set", "batchsize=3"]) == 2
+    assert main(["bench", "score", "--tiny", str(tiny_dir), "batchsize=3"]) == 2
     assert "batchsize" in capsys.readouterr().err
 
 

@@ -20,7 +20,7 @@ def test_help(cmd, capsys):
 def test_info_json_runs_without_gpu(capsys):
     from spatialcore.cli import main
 
-    assert main(["info", "--json"]) == 0
+    assert main(["info", "--json", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["attention"]["sdpa"] is True
     assert isinstance(report["gpus"], list)
@@ -32,6 +32,49 @@ def test_config_show_fills_defaults(capsys):
     assert main(["config", "show", "tiny", "seed=5"]) == 0
     out = capsys.readouterr().out
     assert "seed: 5" in out and "text_rope_theta: 100.0" in out
+
+
+def test_config_show_comments_each_key_and_loads_back(capsys, tmp_path):
+    import yaml
+
+    from spatialcore.cli import main
+    from spatialcore.config import load_config, to_dict
+    from spatialcore.trainers.grpo import GRPOTrainConfig
+
+    assert main(["config", "show", "grpo", "top_k=2", "policy.lora_rank=8"]) == 0
+    out = capsys.readouterr().out
+    # every key's help as a comment (with choices and range), and the text is a config file again
+    assert "lora_rank: 8  # 0: full fine-tuning; >= 0" in out
+    assert "sde_type: sde  # one of sde, cps" in out
+    cfg = load_config(GRPOTrainConfig, None, ["top_k=2", "policy.lora_rank=8"])
+    assert yaml.safe_load(out) == to_dict(cfg)
+    (tmp_path / "shown.yaml").write_text(out)
+    assert load_config(GRPOTrainConfig, tmp_path / "shown.yaml") == cfg
+    assert main(["config", "show", "grpo", "top_k=2", "--json", "-"]) == 0
+    assert json.loads(capsys.readouterr().out)["top_k"] == 2
+
+
+def test_one_grammar_json_out_and_overrides_after_options(tmp_path, capsys):
+    """--json FILE writes the result and keeps the text; --json - prints only JSON; a trainer's --out is its out=
+    key; key=value may follow options."""
+    from spatialcore.cli import build_parser, main
+
+    assert main(["config", "show", "tiny", "--json", str(tmp_path / "t.json"), "seed=4"]) == 0
+    assert "seed: 4" in capsys.readouterr().out
+    assert json.loads((tmp_path / "t.json").read_text())["seed"] == 4
+    assert main(["info", "--json", "-"]) == 0
+    json.loads(capsys.readouterr().out)  # nothing but JSON on stdout
+    from spatialcore.cli import _train_overrides
+
+    args, extra = build_parser().parse_known_args(["grpo", "train", "seed=1", "--out", "runs/x", "top_k=2", "--fresh"])
+    assert extra == ["top_k=2"]
+    assert main(["grpo", "train", "--out", str(tmp_path / "r"), "model=" + str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err  # the override after --out was taken (and its path checked)
+    args.overrides += extra
+    assert _train_overrides(args) == ["seed=1", "top_k=2", "out=runs/x", "run=fresh"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["info", "stray"])
+    assert exit_.value.code == 2
 
 
 def test_packaging_has_one_import_root(tmp_path):

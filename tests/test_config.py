@@ -80,6 +80,32 @@ def test_file_errors(tmp_path):
         load_config(Outer, top)
 
 
+def test_extends_lays_a_file_over_another(tmp_path):
+    (tmp_path / "base.yaml").write_text("steps: 7\nlabel: base\ninner:\n  rate: 0.5\n  mode: slow\n")
+    (tmp_path / "mid.yaml").write_text("extends: base.yaml\nlabel: mid\ninner:\n  names: [x, y]\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "top.yaml").write_text("extends: ../mid.yaml\ninner:\n  rate: 0.25\n")
+    cfg = load_config(Outer, sub / "top.yaml", ["steps=9"])
+    # each file keeps what the one above it leaves alone, section by section; overrides still win
+    assert (cfg.steps, cfg.label) == (9, "mid")
+    assert (cfg.inner.rate, cfg.inner.names, cfg.inner.mode) == (0.25, ["x", "y"], "slow")
+
+
+def test_extends_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(Outer, tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("extends: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="file not found: .*nowhere.yaml") as err:
+        load_config(Outer, tmp_path / "c.yaml")
+    assert err.value.key.endswith("c.yaml: extends")
+    (tmp_path / "d.yaml").write_text("extends: [a.yaml]\n")
+    with pytest.raises(ConfigError, match="expected a file name"):
+        load_config(Outer, tmp_path / "d.yaml")
+
+
 def test_nested_check_gets_prefixed():
     with pytest.raises(ConfigError) as err:
         load_config(TinyConfig, None, ["reward.text_heads=3"])

@@ -102,7 +102,7 @@ def test_clean_set_validates(tmp_path, capsys):
         warnings.simplefilter("error")
         ds = PairSet(tmp_path / "s", split="train", strict=True)
     assert 0 < len(ds) <= 30 and all(r.split == "train" for r in ds.records)
-    assert main(["data", "stats", str(tmp_path / "s"), "--json"]) == 0
+    assert main(["data", "stats", str(tmp_path / "s"), "--json", "-"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["pairs"] == 30 and sum(data["splits"].values()) == 30
     assert data["relations_per_prompt"] == {"1": 30}

@@ -2,17 +2,19 @@
 by the pixel oracle, the reward-hacking gauge), and a second run reuses what the first one built."""
 
 import json
+from pathlib import Path
 
 import pytest
 
 from spatialcore.config import ConfigError, load_config
 from spatialcore.demo import DemoConfig, run_demo
 
-SMALL = ["pairs=24", "reward.max_steps=6", "reward.warmup_steps=1", "reward.eval_every=3",
-         "reward.eval_pairs=8", "reward.save_every=6", "reward.log_every=3", "grpo.iterations=2",
-         "grpo.eval_every=2", "grpo.group_size=4", "grpo.top_k=1", "grpo.sampler.steps=3",
-         "grpo.sampler.window_size=2", "grpo.train_timesteps=2", "grpo.n_stream_prompts=4", "grpo.eval_seeds=2",
-         "grpo.save_every=2", "eval.n_prompts=2", "eval.per_prompt=2", "eval.steps=2"]
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "demo" / "smoke.yaml"
+
+
+def small(extra=()):
+    """The demo at configs/demo/smoke.yaml's budget (every stage, about a minute)."""
+    return load_config(DemoConfig, SMOKE, list(extra))
 
 
 def test_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
@@ -24,7 +26,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
     # threads=0: every stage whose own config sets none runs on every core, even after a stage that set fewer
     monkeypatch.setattr(demo, "available_cores", lambda: 2)
     torch.set_num_threads(1)
-    cfg = load_config(DemoConfig, None, SMALL + ["reward.threads=1"])
+    cfg = small(["reward.threads=1"])
     assert cfg.reward.curriculum and cfg.grpo.reward.name == "spatialscore"  # demo defaults survive overrides
     assert cfg.grpo.max_minutes == 0  # fixed iteration counts: the result does not depend on the machine's speed
     assert run_demo(cfg, tmp_path) == 0
@@ -48,18 +50,18 @@ def test_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
     for png in ("pair_stats.png", "reward/accuracy.png", "grpo/reward.png", "eval_base/grid.png", "eval_rl/grid.png"):
         assert (tmp_path / png).stat().st_size > 0, png
     # A second run reuses the checkpoints, the reward model, the policy and both evaluations.
-    assert run_demo(load_config(DemoConfig, None, SMALL + ["reward.threads=1"]), tmp_path) == 0
+    assert run_demo(small(["reward.threads=1"]), tmp_path) == 0
     report = (tmp_path / "REPORT.md").read_text()
     assert report.count("reused") >= 5
     # a time limit that ends Spatial-RL early is said loudly
-    partial = SMALL + ["reward.threads=1", "grpo.iterations=3", "grpo.max_minutes=1e-6"]
-    assert run_demo(load_config(DemoConfig, None, partial), tmp_path / "partial") == 0
+    partial = small(["reward.threads=1", "grpo.iterations=3", "grpo.max_minutes=1e-6"])
+    assert run_demo(partial, tmp_path / "partial") == 0
     assert "**PARTIAL RESULT" in (tmp_path / "partial" / "REPORT.md").read_text()
 
 
 def test_demo_refuses_a_missing_generator(tmp_path):
     with pytest.raises(ConfigError, match="generator"):
-        run_demo(load_config(DemoConfig, None, SMALL + [f"generator={tmp_path}"]), tmp_path / "x")
+        run_demo(small([f"generator={tmp_path}"]), tmp_path / "x")
 
 
 def test_the_report_claims_only_what_its_numbers_show():

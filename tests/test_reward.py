@@ -132,7 +132,7 @@ def test_reward_cli_eval_and_score(tiny_dir, easy_pairs, tmp_path, capsys):
     img = tmp_path / "a.png"
     _images()[0].save(img)
     capsys.readouterr()
-    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--prompt", PROMPT, str(img), "--json"]) == 0
+    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--prompt", PROMPT, str(img), "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["image"] == str(img) and rows[0]["sigma"] > 0
 
@@ -376,18 +376,18 @@ def test_reward_score_reads_each_images_own_prompt(tiny_dir, tmp_path, capsys):
         im.save(run / "images" / f"{i}.png")
     (run / "samples.jsonl").write_text("".join(json.dumps({"prompt": p, "image": f"images/{i}.png", "seed": i}) + "\n"
                                                for i, p in enumerate(prompts)))
-    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--samples", str(run), "--json"]) == 0
+    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--samples", str(run), "--json", "-"]) == 0
     rows = json.loads(capsys.readouterr().out)
     assert [r["prompt"] for r in rows] == prompts
     for i, r in enumerate(rows):  # the same number as scoring that image alone against that prompt
         assert main(["reward", "score", "--model", str(tmp_path / "m"), "--prompt", prompts[i],
-                     str(run / "images" / f"{i}.png"), "--json"]) == 0
+                     str(run / "images" / f"{i}.png"), "--json", "-"]) == 0
         assert abs(json.loads(capsys.readouterr().out)[0]["mu"] - r["mu"]) < 1e-4
     hf = tmp_path / "hf"
     hf.mkdir()
     _images()[1].save(hf / "b.png")
     (hf / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": prompts[1]}) + "\n")
-    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--samples", str(hf), "--json"]) == 0
+    assert main(["reward", "score", "--model", str(tmp_path / "m"), "--samples", str(hf), "--json", "-"]) == 0
     assert abs(json.loads(capsys.readouterr().out)[0]["mu"] - rows[1]["mu"]) < 1e-4
     (hf / "metadata.jsonl").write_text(json.dumps({"file_name": "b.png", "text": prompts[1]}) + "\n{\"image\": 3}\n")
     assert main(["reward", "score", "--model", str(tmp_path / "m"), "--samples", str(hf)]) == 2
