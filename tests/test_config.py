@@ -132,3 +132,29 @@ def test_cli_config_error_exits_without_traceback(tmp_path, capsys, override, ke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"'{key}'" in err[0]
     assert not (tmp_path / "x").exists(), "nothing may be built when the config is invalid"
+
+
+def test_config_reference_is_current():
+    """docs/CONFIG.md is what the code generates (`python -m spatialcore.config_reference > docs/CONFIG.md`)."""
+    from pathlib import Path
+
+    from spatialcore.config_reference import render
+
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "CONFIG.md").read_text()
+    assert committed == render(), "docs/CONFIG.md is stale: python -m spatialcore.config_reference > docs/CONFIG.md"
+
+
+def test_every_config_file_is_listed_and_valid():
+    """Each file in configs/ is in the reference's table and loads as its kind (the folder names it)."""
+    from pathlib import Path
+
+    from spatialcore.cli import _config_kinds
+    from spatialcore.config_reference import CONFIG_FILES
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+    assert files == sorted(CONFIG_FILES)
+    kinds = _config_kinds()
+    for name in files:
+        if name.endswith(".yaml"):
+            load_config(kinds[name.split("/")[0]](), root / name)
