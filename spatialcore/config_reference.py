@@ -27,7 +27,8 @@ CONFIG_FILES = {
                                "(the demo's RL run; ~7 min at 2 threads)",
     "grpo/tiny_cpu_grid_oracle.yaml": "ablation: the same rewarded by the evaluation's judge (the upper bound)",
     "grpo/tiny_cpu_grid_all.yaml": "ablation: the same without Top-k (every sample in the loss)",
-    "grpo/tiny_cpu_grid_lcb.yaml": "ablation: the uncertainty-aware reward mu - sigma, Top-k ranked by it",
+    "grpo/tiny_cpu_grid_lcb.yaml": "ablation: the uncertainty-aware reward mu - sigma, Top-k ranked by it (a "
+                                   "Gaussian-head SpatialScore)",
     "grpo/tiny_cpu.yaml": "Top-k GRPO on the random tiny Flux with the dense pixel-oracle reward (CPU, 10 min)",
     "grpo/tiny_cpu_no_topk.yaml": "the same without Top-k",
     "grpo/tiny_cpu_prompt.yaml": "prompt-dependent oracle reward (left/right decides the sign), common noise",

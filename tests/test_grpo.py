@@ -549,6 +549,23 @@ def test_sigma_keys_need_the_spatialscore_reward(tiny_dir, tmp_path):
         _cfg(tiny_dir, tmp_path, **{"reward.spatialscore.topk_by": "lcb"})
 
 
+def test_sigma_aware_reward_refuses_a_model_without_a_variance_head(tiny_dir, tmp_path):
+    """A SpatialScore trained with variance_head: false has sigma = 0: mu - lambda x sigma would silently be mu."""
+    from spatialcore.reward.model import SpatialScore
+
+    SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False).save_pretrained(tmp_path / "bt")
+    SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True).save_pretrained(tmp_path / "gauss")
+    for key in ("reward.spatialscore.form", "reward.spatialscore.topk_by"):
+        cfg = _cfg(tiny_dir, tmp_path / "run", iterations=1, **{"reward.name": "spatialscore", key: "lcb",
+                                                                 "reward.spatialscore.model": str(tmp_path / "bt")})
+        with pytest.raises(ConfigError, match=key.replace(".", r"\.") + ".*variance head"):
+            train(cfg)
+    ok = _cfg(tiny_dir, tmp_path / "run2", iterations=1, eval_every=100, save_grids=False, **{"reward.name": "spatialscore",
+                                                             "reward.spatialscore.form": "lcb",
+                                                             "reward.spatialscore.model": str(tmp_path / "gauss")})
+    train(ok)  # a Gaussian head is accepted
+
+
 def test_prompts_from_a_file(tiny_dir, tmp_path, capsys):
     """prompts_file (one per line, or JSON Lines with "prompt") trains on the file's prompts and, without
     held-out ones, evaluates on them; eval_prompts_file gives the held-out set; a bad file is one line, exit 2."""

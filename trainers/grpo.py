@@ -33,6 +33,7 @@ config resumes from the newest complete one and ends with the same weights and m
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,19 @@ class RewardFnConfig:
         if self.name != "spatialscore" and (s.form != "mu" or s.topk_by != "reward"):
             raise ConfigError("spatialscore.form" if s.form != "mu" else "spatialscore.topk_by",
                               f"sigma-aware rewards need reward.name=spatialscore (got {self.name}: no sigma)")
+
+
+def _check_sigma_aware(r: RewardFnConfig) -> None:
+    """A sigma-aware reward needs a SpatialScore that predicts sigma: one trained with ``variance_head: false`` has
+    sigma = 0, and its lower bound would silently be mu."""
+    s = r.spatialscore
+    if "spatialscore" not in r.parts() or (s.form == "mu" and s.topk_by == "reward"):
+        return
+    meta = Path(s.model) / "spatialscore.json"
+    if meta.is_file() and not json.loads(meta.read_text()).get("variance_head", True):
+        key = "reward.spatialscore.form" if s.form != "mu" else "reward.spatialscore.topk_by"
+        raise ConfigError(key, f"{s.model} was trained without a variance head (variance_head: false): its sigma is "
+                               "0 and mu - lambda x sigma would be mu; train one with variance_head=true")
 
 
 @dataclass
@@ -362,6 +376,7 @@ class GRPOTrainer:
         from .run import make_optimizer
 
         cfg = self.cfg
+        _check_sigma_aware(cfg.reward)
         dtype = getattr(torch, cfg.dtype)
         pipe = load_pipeline(cfg.model, dtype=dtype, device=self.device)
         if self.device.type == "cuda":
