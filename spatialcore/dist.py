@@ -76,7 +76,29 @@ def start_run(cfg) -> tuple[int, int, torch.device]:
     if is_main():
         Path(cfg.out).mkdir(parents=True, exist_ok=True)
         save_config(cfg, Path(cfg.out) / "config.yaml")
+        record_start(Path(cfg.out), world)
     return rank, world, device
+
+
+def record_start(out, world: int) -> None:
+    """Append this start of the run to ``out/run.json`` (``starts``: git commit, command line, time, ranks), so a
+    run folder says which code produced it, and which code each resume continued with."""
+    import json
+    import sys
+    import time
+    from pathlib import Path
+
+    from .atomic import atomic_write_text
+    from .paths import git_commit
+
+    path = out / "run.json"
+    try:
+        starts = json.loads(path.read_text())["starts"] if path.is_file() else []
+    except (json.JSONDecodeError, KeyError, TypeError):
+        starts = []  # an unreadable record is replaced, never a reason to stop a run
+    starts.append({"commit": git_commit(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": world})
+    atomic_write_text(path, json.dumps({"starts": starts}, indent=2) + "\n")
 
 
 def world_size() -> int:

@@ -2,6 +2,8 @@
 differing key; the same config (or one that only extends the run) resumes; --fresh moves the old run aside
 and starts over; --resume needs a run to resume."""
 
+import json
+
 from runs import cli_args, records
 from spatialcore.cli import main
 from spatialcore.run_folder import first_difference
@@ -23,19 +25,27 @@ def test_first_difference_names_the_dotted_key():
     assert first_difference(saved, {**saved, "new_key": 1}) == ("new_key", "<absent>", 1)
 
 
-def test_rerun_refused_resumed_or_started_fresh(tiny_dir, tmp_path, capsys):
+def test_rerun_refused_resumed_or_started_fresh(tiny_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(_grpo(tiny_dir, out)) == 0
     first = records(out)
     capsys.readouterr()
+    # the folder says which code ran it: the checkout's commit and the command, one entry per start
+    from spatialcore.paths import git_commit
+
+    (start,) = json.loads((out / "run.json").read_text())["starts"]
+    assert start["commit"] == git_commit() and start["ranks"] == 1 and "time" in start
     # another learning rate: refused before anything is built, one line naming the key, nothing touched
     assert main(_grpo(tiny_dir, out, "optim.lr=0.5")) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "optim.lr" in err and "--fresh" in err, err
     assert records(out) == first
     # the same config, extended: resumes from the last checkpoint
+    monkeypatch.setenv("SPATIALCORE_COMMIT", "abc1234")  # the resume runs other code: both starts are kept
     assert main(_grpo(tiny_dir, out, "iterations=3", "--resume")) == 0
     assert "resumed from step 2" in capsys.readouterr().err
+    starts = json.loads((out / "run.json").read_text())["starts"]
+    assert [s["commit"] for s in starts] == [start["commit"], "abc1234"]
     assert records(out)[: len(first)] == first and records(out)[-1]["step"] == 3
     # --fresh: the old run moves aside intact, the new one starts at step 0
     assert main(_grpo(tiny_dir, out, "optim.lr=0.5", "--fresh")) == 0
