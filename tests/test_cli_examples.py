@@ -95,3 +95,14 @@ def test_every_example_runs_as_printed(checkout_cwd, capsys):
                  "runs/sft-quick/pipeline/model_index.json", "runs/eval-policy.json", "runs/grpo-quick-export",
                  "runs/demo-smoke/REPORT.md"):
         assert (checkout_cwd / path).exists(), path
+
+
+def test_bench_and_profile_describe_only_the_suites_they_take():
+    from spatialcore.cli import _SUITES
+
+    leaves = dict(leaf_commands(build_parser()))
+    for name in ("bench", "profile"):
+        parser = leaves[name]
+        taken = next(a for a in parser._actions if a.dest == "suite").choices
+        described = [s for s in _SUITES if f"{s} (" in parser.description]
+        assert described == list(taken), (name, described, taken)
