@@ -267,7 +267,10 @@ def _cmd_grpo_compare(args: argparse.Namespace) -> int:
         if not (folder / "metrics.jsonl").is_file():
             raise ConfigError(item, f"{folder} has no metrics.jsonl (expected a grpo run folder)")
         runs[label or folder.name] = folder
-    print(compare_runs(runs, Path(args.out), key=args.key))
+    try:
+        print(compare_runs(runs, Path(args.out), key=args.key))
+    except ValueError as err:  # a run without that metric
+        raise ConfigError("--key", str(err)) from None
     return 0
 
 

@@ -127,3 +127,23 @@ def test_no_deprecation_warnings_from_our_calls(tiny_dir, tmp_path):
     bad = [f"{w.category.__name__}: {w.message} ({w.filename}:{w.lineno})" for w in caught
            if issubclass(w.category, (DeprecationWarning, FutureWarning, PendingDeprecationWarning))]
     assert not bad, bad
+
+
+def test_grpo_compare_plots_and_names_what_is_missing(tmp_path, capsys):
+    from spatialcore.cli import main
+
+    for name, values in (("a", [0.1, 0.3]), ("b", [0.2, 0.2])):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": 10 * i, "elapsed_s": 5.0 * i, "eval_relation_acc": v}) + "\n"
+            for i, v in enumerate(values)))
+    out = tmp_path / "cmp.png"
+    assert main(["grpo", "compare", f"top-k={tmp_path / 'a'}", str(tmp_path / "b"), "--key", "eval_relation_acc",
+                 "--out", str(out)]) == 0
+    assert out.stat().st_size > 0
+    capsys.readouterr()
+    assert main(["grpo", "compare", str(tmp_path / "a"), "--out", str(out)]) == 2  # no eval_reward records
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--key" in err and "eval_reward" in err, err
+    assert main(["grpo", "compare", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
+    assert "metrics.jsonl" in capsys.readouterr().err
