@@ -288,9 +288,9 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     scfg.check()
     prompts = list(args.prompt)
     if args.prompts_file:
-        if not Path(args.prompts_file).is_file():
-            raise ConfigError("--prompts-file", f"{args.prompts_file} does not exist (expected one prompt per line)")
-        prompts += [ln.strip() for ln in Path(args.prompts_file).read_text().splitlines() if ln.strip()]
+        from .data.prompts import read_prompts
+
+        prompts += read_prompts(args.prompts_file, "--prompts-file")
     if not prompts:
         raise ConfigError("prompt", "give --prompt and/or --prompts-file")
     from .paths import require, require_policy
@@ -760,7 +760,8 @@ def _add_sample(sub) -> None:
     p.add_argument("--model", required=True, metavar="DIR|HUB_ID", help="Flux pipeline")
     p.add_argument("--lora", metavar="DIR", help="policy folder written by grpo train (out/policy)")
     p.add_argument("--prompt", action="append", default=[], help="a prompt (repeatable)")
-    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line")
+    p.add_argument("--prompts-file", metavar="FILE", help="one prompt per line, or JSON Lines (.jsonl) with a "
+                                                          "'prompt' field")
     _add_out(p, "where the PNGs and samples.jsonl go", required=True)
     p.add_argument("-n", type=int, default=4, help="images per prompt")
     p.add_argument("--steps", type=int, default=28)

@@ -147,3 +147,21 @@ def test_grpo_compare_plots_and_names_what_is_missing(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--key" in err and "eval_reward" in err, err
     assert main(["grpo", "compare", str(tmp_path / "nowhere"), "--out", str(out)]) == 2
     assert "metrics.jsonl" in capsys.readouterr().err
+
+
+def test_sample_reads_a_jsonl_prompts_file_like_grpo_does(tmp_path, capsys):
+    from pathlib import Path
+
+    from spatialcore.cli import main
+
+    asset = Path(__file__).resolve().parents[1] / "assets" / "tiny_generator"
+    prompts = ["the red circle is left of the blue square", "the blue square is above the red circle"]
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    assert main(["sample", "--model", str(asset), "--prompts-file", str(tmp_path / "p.jsonl"), "-n", "1", "--size",
+                 "32", "--steps", "2", "--dtype", "float32", "--out", str(tmp_path / "s")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in rows] == prompts
+    (tmp_path / "bad.jsonl").write_text('{"text": ""}\n')
+    assert main(["sample", "--model", str(asset), "--prompts-file", str(tmp_path / "bad.jsonl"),
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "--prompts-file" in capsys.readouterr().err
