@@ -179,7 +179,7 @@ if triton is not None:
             n_valid = tl.sum(valid.to(tl.int32), axis=0)
             if HAS_TOPK:
                 rank = tl.zeros((BLOCK_G,), dtype=tl.int32)
-                for j0 in tl.static_range(0, BLOCK_G, CHUNK):
+                for j0 in range(0, BLOCK_G, CHUNK):  # a loop, not unrolled: G=1000 would unroll 256 tiles
                     offs_j = j0 + tl.arange(0, CHUNK)
                     rj = tl.load(R + base + offs_j, mask=offs_j < G, other=float("nan")).to(tl.float32)
                     vj = (offs_j < G) & (tl.abs(rj) < float("inf"))

@@ -276,6 +276,9 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
     for name, other in (("noise", noise), ("prev_sample", prev_sample)):
         if other is not None and other.shape != x.shape:
             raise ValueError(f"{name} must be shaped like x {tuple(x.shape)}, got {tuple(other.shape)}")
+    for name, other in (("v", v), ("noise", noise), ("prev_sample", prev_sample)):
+        if other is not None and other.device != x.device:
+            raise ValueError(f"{name} is on {other.device}, x on {x.device}: move them to one device")
     if not noise_level > 0:
         raise ValueError(f"noise_level must be > 0 for an SDE step (got {noise_level}); use ode_step")
     if logprob not in LOGPROBS:

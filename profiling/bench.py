@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..gpu import default_dtype, sdpa_for_training
+from ..logs import info as log_line
 from ..paths import git_commit
 
 # Dense (no sparsity) bf16 tensor-core peaks, TFLOP/s, from the vendors' data sheets.
@@ -269,6 +270,7 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
 
     dtype = default_dtype(device)
     attention = sdpa_for_training(device)
+    t_build = time.perf_counter()
     pipe = build_flux_pipeline(tiny_dir, "flux-dev" if shape == "full" else "tiny", device, dtype)
     policy = Policy(pipe.transformer, lora_rank=lora_rank)
     if checkpointing:
@@ -292,6 +294,8 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
             "trainable": policy.n_trainable, "reward_parameters": sum(p.numel() for p in qwen.parameters()),
             "sdpa_backends": attention}
     splits: dict[str, list[float]] = {k: [] for k in ("sample", "score", "advantages", "train", "step")}
+    # one line per stage on stderr: a run stopped by a time limit still says how far it got
+    log_line(f"models built in {time.perf_counter() - t_build:.1f} s", who="bench grpo")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     def mark(t: list[float]) -> None:
@@ -323,6 +327,9 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
         with phase("optimizer"):
             opt.step()
         mark(t)
+        log_line(f"step {rep} ({'warm-up' if rep == 0 else 'timed'}): " + ", ".join(
+            f"{k} {b - a:.2f} s" for k, a, b in zip(("sample", "score", "advantages", "train"), t, t[1:], strict=False)),
+            who="bench grpo")
         if rep == 0:
             info["kept_on_rank"] = int(keep.sum())
             continue

@@ -53,7 +53,7 @@ fi
 
 # caps in priority order (seconds); CAPS="step=seconds ..." overrides some
 declare -A CAP=([env]=10 [wheels]=20 [shim]=10 [kernel_tests]=60 [kernel_bench]=110 [logprob]=25 [score]=45
-                [grpo]=60 [grpo_tiny]=20 [native]=50 [sample]=60)
+                [grpo]=60 [grpo_tiny]=40 [native]=50 [sample]=60)
 ORDER=(env wheels shim kernel_tests kernel_bench logprob score grpo_tiny grpo native sample)
 for kv in ${CAPS:-}; do
   [[ -n "${CAP[${kv%%=*}]:-}" ]] || { echo "gpu_check: CAPS names an unknown step '${kv%%=*}'"; exit 2; }
@@ -111,8 +111,9 @@ if want kernel_tests; then
   SPATIALCORE_FAILURE_LOG=$RES/kernel_failures.log timeout "$(left kernel_tests)" $PY -m pytest -v -p no:cacheprovider \
     -ra "${XDIST[@]}" tests/test_kernels_cuda.py tests/test_advantages.py tests/test_sde_step.py tests/test_grpo_loss.py \
     tests/test_reward_head.py "${KERNEL_SELECT[@]}" > "$RES/kernel_tests.log" 2>&1
-  echo "kernel tests exit $?: $(grep -c 'PASSED' "$RES/kernel_tests.log") passed, $(cat "$RES/kernel_failures.log" 2>/dev/null | grep -c '^=== ') failed"
-  grep '^=== ' "$RES/kernel_failures.log" 2>/dev/null | head -20
+  echo "kernel tests exit $?: $(grep -c 'PASSED' "$RES/kernel_tests.log") passed, $(grep '^=== ' "$RES/kernel_failures.log" 2>/dev/null | sort -u | wc -l) failed"
+  # under xdist a failure is logged by its worker and again by the controller: one line each
+  grep '^=== ' "$RES/kernel_failures.log" 2>/dev/null | sort -u | head -20
 fi
 
 if want kernel_bench; then
@@ -137,7 +138,8 @@ want logprob && suite logprob logprob --shape "$SHAPE" "${DEVICE[@]}" --reps 1
 want score && suite score score --shape "$SHAPE" "${DEVICE[@]}" --reps 5 --warmup 2
 # the Spatial-RL step at tiny shapes on the GPU: seconds, and a fault there is a fault of the project's code path
 want grpo_tiny && suite grpo_tiny grpo --shape tiny --device "$([ "$REHEARSAL" = 1 ] && echo cpu || echo cuda)" --reps 2
-want grpo && suite grpo grpo --shape "$SHAPE" "${DEVICE[@]}" --reps 2
+# one timed step after the warm-up one at full shape (each is a 16-step sample and a 4-timestep backward)
+want grpo && suite grpo grpo --shape "$SHAPE" "${DEVICE[@]}" --reps "${GRPO_REPS:-1}"
 
 if want native; then
   stamp "native (cmake + nvcc, sm_90a)"
@@ -179,7 +181,7 @@ stamp "summary"
   if [ -f "$RES/kernel_tests.log" ]; then
     echo "kernel tests: $(grep -E '(passed|failed|error).* in [0-9.]+s' "$RES/kernel_tests.log" | tail -1 ||
       echo "stopped by the cap after $(grep -c 'PASSED' "$RES/kernel_tests.log") passed")"
-    if [ -s "$RES/kernel_failures.log" ]; then echo; echo "failed:"; grep '^=== ' "$RES/kernel_failures.log" | head -40; fi
+    if [ -s "$RES/kernel_failures.log" ]; then echo; echo "failed:"; grep '^=== ' "$RES/kernel_failures.log" | sort -u | head -40; fi
     echo
   fi
   [ -f "$RES/kernels.md" ] && { cat "$RES/kernels.md"; echo; }

@@ -20,6 +20,8 @@ def _move(value, device):
         return tuple(_move(v, device) for v in value)
     if isinstance(value, list):
         return [_move(v, device) for v in value]
+    if isinstance(value, dict):  # keyword arguments: prev_sample=..., noise=...
+        return {k: _move(v, device) for k, v in value.items()}
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         return dataclasses.replace(value, **{f.name: _move(getattr(value, f.name), device)
                                              for f in dataclasses.fields(value)})

@@ -195,3 +195,24 @@ def test_ode_step_and_errors():
         sde_step_logprob(x, v, torch.ones(3) * 0.8, 0.6, 0.7)
     with pytest.raises(ValueError, match="logprob"):
         sde_step_logprob(x, v, 0.8, 0.6, 0.7, logprob="l2")
+
+
+def test_tensors_on_another_device_are_named():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="prev_sample is on meta, x on cpu"):
+        sde_step_logprob(x, torch.randn(2, 8), 0.8, 0.6, 0.7, prev_sample=torch.empty(2, 8, device="meta"),
+                         backend="triton")
+
+
+def test_on_device_moves_keyword_tensors_too(monkeypatch):
+    """The GPU harness: a kernel test's keyword tensors (prev_sample=, noise=) reach the kernel's device."""
+    import kernel_device
+
+    monkeypatch.setattr(kernel_device, "DEVICE", torch.device("meta"))
+    seen = {}
+
+    def op(x, *, prev_sample=None, backend=None):
+        seen.update(x=x.device.type, prev_sample=prev_sample.device.type)
+
+    kernel_device.on_device(op)(torch.ones(2), prev_sample=torch.ones(2), backend="triton")
+    assert seen == {"x": "meta", "prev_sample": "meta"}
