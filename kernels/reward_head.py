@@ -14,6 +14,8 @@ pair_loss:    var = exp(lv_w) + exp(lv_l)   (0 without a variance head)
               loss = mean_i softplus(-z_i) = mean_i -log sigmoid(z_i)
     backward: dl/dz = -sigmoid(-z) / N,  dmu_w = dl/dz / c = -dmu_l,
               dlv_w = dl/dz * (-z (pi / 8) exp(lv_w) / (2 c^2))   (likewise for lv_l)
+    Both paths compute log c^2 = softplus(logaddexp(lv_w, lv_l) + log(pi / 8)) and exp(lv - log c^2), so a
+    large log-variance (exp(89) overflows float32) gives z -> 0 and zero gradients, not NaN.
 
 The pair loss is launch-bound (N pairs), so the Triton path computes the loss and every
 gradient in one single-program launch; backward is one multiply per input.
@@ -49,8 +51,10 @@ def pair_loss_reference(mu_w, log_var_w, mu_l, log_var_l):
     delta = mu_w.to(f) - mu_l.to(f)
     if log_var_w is None:
         return -F.logsigmoid(delta).mean()
-    var = torch.exp(log_var_w.to(f)) + torch.exp(log_var_l.to(f))
-    return -F.logsigmoid(delta / torch.sqrt(1 + PI_OVER_8 * var)).mean()
+    # 1 + pi/8 (s_w^2 + s_l^2) = exp(softplus(logaddexp(lv_w, lv_l) + log(pi/8))): the same number, written so that
+    # neither it nor its gradient overflows when a log-variance is large (exp(89) is inf in float32)
+    log_c2 = F.softplus(torch.logaddexp(log_var_w.to(f), log_var_l.to(f)) + math.log(PI_OVER_8))
+    return -F.logsigmoid(delta * torch.exp(-0.5 * log_c2)).mean()
 
 
 # ----------------------------------------------------------------------------- Triton kernels
@@ -108,22 +112,26 @@ if triton is not None:
             m = i < N
             d = tl.load(MUW + i, mask=m, other=0.0).to(tl.float32) - tl.load(MUL + i, mask=m, other=0.0).to(tl.float32)
             if HAS_VAR:
-                ew = tl.exp(tl.load(LVW + i, mask=m, other=0.0).to(tl.float32))
-                el = tl.exp(tl.load(LVL + i, mask=m, other=0.0).to(tl.float32))
-                c2 = 1.0 + 0.39269908169872414 * (ew + el)
+                # log c2 = log(1 + pi/8 (exp(lw) + exp(ll))) = softplus(logaddexp(lw, ll) + log(pi/8)), in logs so a
+                # large log-variance gives z -> 0 and a zero gradient instead of inf * 0
+                lw = tl.load(LVW + i, mask=m, other=0.0).to(tl.float32)
+                ll = tl.load(LVL + i, mask=m, other=0.0).to(tl.float32)
+                hi = tl.maximum(lw, ll)
+                y = hi + tl.log(1.0 + tl.exp(-tl.abs(lw - ll))) - 0.9347116558304358  # + log(pi/8)
+                log_c2 = tl.maximum(y, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(y)))
             else:
-                c2 = tl.full((BLOCK,), 1.0, tl.float32)
-            c = tl.sqrt(c2)
-            z = d / c
+                log_c2 = tl.zeros((BLOCK,), tl.float32)
+            inv_c = tl.exp(-0.5 * log_c2)
+            z = d * inv_c
             # softplus(-z) = max(-z, 0) + log(1 + exp(-|z|))
             sp = tl.maximum(-z, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(z)))
             total += tl.sum(tl.where(m, sp, 0.0), axis=0)
             dz = -1.0 / (1.0 + tl.exp(z)) / N  # -sigmoid(-z) / N
-            tl.store(G_MUW + i, dz / c, mask=m)
+            tl.store(G_MUW + i, dz * inv_c, mask=m)
             if HAS_VAR:
-                k = dz * (-z) * 0.39269908169872414 / (2.0 * c2)
-                tl.store(G_LVW + i, k * ew, mask=m)
-                tl.store(G_LVW + N + i, k * el, mask=m)
+                k = dz * (-z) * 0.5 * 0.39269908169872414  # times exp(lv) / c2 for each side
+                tl.store(G_LVW + i, k * tl.exp(lw - log_c2), mask=m)
+                tl.store(G_LVW + N + i, k * tl.exp(ll - log_c2), mask=m)
         tl.store(OUT, total / N)
 
 

@@ -296,11 +296,24 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
     splits: dict[str, list[float]] = {k: [] for k in ("sample", "score", "advantages", "train", "step")}
     # one line per stage on stderr: a run stopped by a time limit still says how far it got
     log_line(f"models built in {time.perf_counter() - t_build:.1f} s", who="bench grpo")
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    gib = 2**30
+    if cuda:
+        info["resident_gib"] = torch.cuda.memory_allocated(device) / gib  # weights, LoRA, buffers after the build
         torch.cuda.reset_peak_memory_stats(device)
+    phase_peak: dict[str, float] = {}  # the highest allocation inside each phase (GiB), over all steps
+    overall_peak = 0.0
+
     def mark(t: list[float]) -> None:
+        nonlocal overall_peak
         sync()
         t.append(time.perf_counter())
+        if cuda:
+            name = ("sample", "score", "advantages", "train")[len(t) - 2]
+            peak = torch.cuda.max_memory_allocated(device) / gib
+            phase_peak[name] = max(phase_peak.get(name, 0.0), peak)
+            overall_peak = max(overall_peak, peak)
+            torch.cuda.reset_peak_memory_stats(device)
 
     for rep in range(reps + 1):  # the first step warms up (allocator, kernels) and is not counted
         t = [time.perf_counter()]
@@ -343,7 +356,10 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
     opt.zero_grad(set_to_none=True)
     med = {k: statistics.median(v) for k, v in splits.items()}
     info["train_flops"] = flops
-    info["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    # the FLOP-counting re-run of the training step is not part of the step: its peak is reported apart
+    info["flop_count_peak_gib"] = torch.cuda.max_memory_allocated(device) / gib if cuda else None
+    info["peak_memory_gib"] = overall_peak if cuda else None
+    info.update({f"peak_{k}_gib": v for k, v in phase_peak.items()})
     peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     info["peak_tflops_bf16"] = peak
     info["train_tflops"] = flops / med["train"] / 1e12

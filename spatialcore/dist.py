@@ -140,5 +140,9 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    """Every rank leaves together: rank 0 may still be writing the export while the others are done, and a
+    gloo rank that tore its group down alone was seen to abort at exit ("terminate called without an active
+    exception") under load."""
     if dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()

@@ -102,6 +102,29 @@ def test_pair_loss_gradcheck_and_bt_limit():
         pair_loss(mw, tiny, ml, None)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_pair_loss_stays_finite_at_huge_log_variances(backend):
+    """exp(lv) overflows float32 above ~88.7 (a randomly initialised 3584-wide head gives |lv| ~ 60-200): the
+    loss tends to log 2 and the gradients to 0 as the variance grows, and must not turn into NaN (inf * 0)."""
+    mw = torch.tensor([1.0, -2.0, 1.5, 3.0])
+    ml = torch.tensor([0.0, 1.0, 0.5, -1.0])
+    lw = torch.tensor([120.0, 300.0, -200.0, 0.3])
+    ll = torch.tensor([-5.0, 90.0, -300.0, 0.7])
+    ins = [t.clone().requires_grad_(True) for t in (mw, lw, ml, ll)]
+    loss = pair_loss(*ins, backend=backend)
+    loss.backward()
+    assert all(t.grad.isfinite().all() for t in ins)
+    # the two huge-variance pairs: z = 0 (softplus(0) = log 2) and no gradient to any input of theirs
+    # the pair with log-variances -200/-300: Bradley-Terry; the last: the written formula in float64
+    expected = (2 * math.log(2) + written_pair_loss([1.5], None, [0.5], None)
+                + written_pair_loss([3.0], [0.3], [-1.0], [0.7])) / 4
+    assert abs(float(loss) - expected) < 1e-6
+    for t in ins:
+        assert float(t.grad[:2].abs().max()) < 1e-20
+    assert float(ins[1].grad[2]) == 0.0 and float(ins[3].grad[2]) == 0.0  # no variance, no variance gradient
+    assert float(ins[0].grad[3]) < 0 < float(ins[1].grad[3])  # raising mu_w lowers the loss; so would a smaller s_w
+
+
 def test_pairwise_accuracy_ties_count_half():
     assert pairwise_accuracy(torch.tensor([1.0, 2.0, 3.0, 0.0]), torch.tensor([0.0, 2.0, 4.0, -1.0])) == 0.625
 
