@@ -377,9 +377,20 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
 
     from .data.pairs import PairSet, PairSetError
     from .paths import require
-    from .reward.evaluate import format_by_type, format_table, pair_metrics, pair_scores, perturbation_types
+    from .reward.evaluate import (
+        oracle_pair_scores,
+        pair_metrics,
+        pair_scores,
+        perturbation_types,
+    )
 
-    require(args.model, "--model", "spatialscore")
+    if args.oracle:
+        used = [flag for flag, on in (("--shuffle-prompts", args.shuffle_prompts), ("--quantize", args.quantize),
+                                      ("--liger", args.liger), ("--compile", args.compile)) if on]
+        if used:
+            raise ConfigError(used[0], "applies to a model, not to --oracle")
+    else:
+        require(args.model, "--model", "spatialscore")
     require(args.data, "--data", "pairs")
     try:
         data = PairSet(args.data, split=args.split, strict=args.strict)
@@ -389,6 +400,12 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
     if len(data) == 0:
         print(f"spatialcore reward eval: no '{args.split}' pairs in {args.data}", file=sys.stderr)
         return 1
+    if args.oracle:
+        try:
+            scores = oracle_pair_scores(data, limit=args.limit, progress=True)
+        except ValueError as err:  # a prompt outside the synthetic grammar
+            raise ConfigError("--oracle", str(err)) from None
+        return _print_eval(args, pair_metrics(*scores, types=perturbation_types(data, args.limit)), "pixel oracle")
     model = _load_spatialscore(args.model)
     try:
         if args.quantize:
@@ -400,8 +417,14 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
     metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
                                         shuffle_prompts=args.shuffle_prompts),
                            types=perturbation_types(data, args.limit))
+    return _print_eval(args, metrics, Path(args.model).name)
+
+
+def _print_eval(args: argparse.Namespace, metrics: dict, name: str) -> int:
+    from .reward.evaluate import format_by_type, format_table
+
     if not _emit_json(args.json, metrics):
-        print(format_table(metrics, name=Path(args.model).name))
+        print(format_table(metrics, name=name))
         if metrics.get("by_type"):
             print("\n" + format_by_type(metrics))
     return 0
@@ -602,8 +625,13 @@ def _add_reward(sub) -> None:
                              "perturbations, per perturbation type, mean margin and calibration.",
                  examples=["spatialcore reward eval --model runs/reward-quick/model --data runs/pairs-grid",
                            "spatialcore reward eval --model runs/reward-quick/model --data runs/pairs-grid "
-                           "--shuffle-prompts --json runs/reward-quick/control.json"])
-    r.add_argument("--model", required=True, metavar="DIR")
+                           "--shuffle-prompts --json runs/reward-quick/control.json",
+                           "spatialcore reward eval --oracle --data runs/pairs-grid"])
+    who = r.add_mutually_exclusive_group(required=True)
+    who.add_argument("--model", metavar="DIR")
+    who.add_argument("--oracle", action="store_true",
+                     help="score with the pixel oracle instead of a model (fraction of the prompt's relations it "
+                          "finds true): the upper bound on synthetic pairs")
     r.add_argument("--data", required=True, metavar="DIR")
     r.add_argument("--split", default="test", choices=["train", "val", "test"])
     r.add_argument("--batch-size", type=int, default=16)

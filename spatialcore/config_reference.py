@@ -22,6 +22,8 @@ CONFIG_FILES = {
     "reward/tiny_cpu_grid.yaml": "tiny SpatialScore in the tiny generator's world (`easy_grid`: flips, drops, "
                                  "duplicates; the demo's, with max_steps=2500)",
     "reward/tiny_cpu_unseen.yaml": "tiny SpatialScore judged on object pairs never seen in training (CPU, ~16 min)",
+    "reward/tiny_cpu_hard.yaml": "tiny SpatialScore on the published task's shape (3-6 objects, 2-9 relations, 1 or "
+                                 "2-3 violations, held-out object sets) at 56 px (CPU, ~25 min)",
     "reward/qwen2_5_vl_7b.yaml": "reference: LoRA on Qwen2.5-VL-7B, bf16, 8 GPUs",
     "grpo/tiny_cpu_grid.yaml": "Spatial-RL on `assets/tiny_generator` rewarded by the grid SpatialScore, Top-k "
                                "(the demo's RL run; ~7 min at 2 threads)",

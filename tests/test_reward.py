@@ -1,6 +1,7 @@
 """SpatialScore: no vocabulary logits, save/load, tensor preprocessing, trainer resume and DDP."""
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -206,6 +207,28 @@ def test_curriculum_advances_and_resumes(tiny_dir, tmp_path, capfd):
         load_config(RewardTrainConfig, None, [*stages, "data=runs/pairs"])
 
 
+def test_a_stage_ends_at_its_own_threshold_or_its_step_limit(tiny_dir, tmp_path, capfd):
+    """Stage 1 cannot be cleared (its own advance_at is 1.0, above what a random model scores on 8 pairs) and
+    ends after its max_stage_steps; stage 2 (advance_at 0) ends at its first evaluation."""
+    stages = ("curriculum=[{relation_types: [left of], advance_at: 1.0, max_stage_steps: 4}, "
+              "{relation_types: [left of, right of], advance_at: 0.0}]")
+    base = dict(max_steps=8, eval_every=2, save_every=100, eval_pairs=8, advance_at=1.0, log_every=1, lr=0.0,
+                head_lr=0.0)
+    cfg = load_config(RewardTrainConfig, None, [stages, *(f"{k}={v}" for k, v in base.items()),
+                                                f"model={tiny_dir / 'reward'}", "data=stream:easy", "batch_size=2",
+                                                "warmup_steps=1", "threads=1", f"out={tmp_path / 'a'}"])
+    train(cfg)
+    recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    evals = [(r["step"], r["stage"], r["eval_accuracy"]) for r in recs if "stage" in r]
+    assert [(step, stage) for step, stage, _ in evals] == [(2, 0), (4, 0), (6, 1), (8, 2)]
+    assert all(acc < 1.0 for _, stage, acc in evals if stage == 0)
+    assert "stage 2/3 from step 4 (stage 1 not cleared in its 4 steps)" in capfd.readouterr().err
+    for bad, key in (("{advance_at: 2}", "curriculum[0].advance_at"), ("{max_stage_steps: 0}",
+                                                                       "curriculum[0].max_stage_steps")):
+        with pytest.raises(Exception, match=re.escape(key)):
+            load_config(RewardTrainConfig, None, [f"curriculum=[{bad}]", "data=stream:easy"])
+
+
 def test_int8_weight_only_scoring(tiny_dir):
     torch.manual_seed(0)
     model = SpatialScore.from_backbone(tiny_dir / "reward")
@@ -328,6 +351,55 @@ def test_per_perturbation_type_breakdown_by_value(tiny_dir, tmp_path, monkeypatc
     assert "| perturbation type | pairs with it | accuracy | pairs with it alone | accuracy (alone) |" in printed
     assert "| binding | 2 | 0.750 | 1 | 0.500 |" in printed
     assert [r["type"] for r in json.loads(out.read_text())["by_type"]] == ["flip", "swap", "relation", "binding"]
+
+
+def test_reward_eval_with_the_pixel_oracle_by_value(tmp_path, capsys):
+    """`reward eval --oracle` scores each image by the fraction of its prompt's relations the pixel oracle finds
+    true. Hand-made: a red circle drawn left of a blue square (truth), the same drawn right of it (flipped), the
+    same image on both sides (a tie), a two-relation prompt whose rejected image breaks one of the two."""
+    from PIL import ImageDraw
+
+    def draw(objects, size=56):
+        img = Image.new("RGB", (size, size), (255, 255, 255))
+        d = ImageDraw.Draw(img)
+        for kind, colour, cx, cy in objects:
+            box = [cx - 6, cy - 6, cx + 6, cy + 6]
+            (d.ellipse if kind == "circle" else d.rectangle)(box, fill=colour)
+        return img
+
+    red, blue, green = (220, 30, 30), (30, 60, 220), (40, 170, 60)
+    left = draw([("circle", red, 14, 28), ("square", blue, 42, 28)])
+    right = draw([("circle", red, 42, 28), ("square", blue, 14, 28)])
+    two = "the red circle is to the left of the blue square and the green square is above the blue square."
+    good3 = draw([("circle", red, 14, 40), ("square", blue, 42, 40), ("square", green, 42, 12)])
+    bad3 = draw([("circle", red, 14, 12), ("square", blue, 42, 12), ("square", green, 42, 40)])  # only "left" holds
+    pairs = [(PROMPT, left, right, ["flip"]), (PROMPT, left, left, ["flip"]), (PROMPT, right, left, ["flip"]),
+             (two, good3, bad3, ["relation"])]
+    folder = tmp_path / "pairs"
+    folder.mkdir()
+    lines = []
+    for i, (prompt, chosen, rejected, types) in enumerate(pairs):
+        chosen.save(folder / f"c{i}.png")
+        rejected.save(folder / f"r{i}.png")
+        lines.append(json.dumps({"id": f"p{i}", "prompt": prompt, "chosen": f"c{i}.png", "rejected": f"r{i}.png",
+                                 "n_perturbations": len(types), "perturbations": types, "split": "test"}))
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    from spatialcore.reward.evaluate import oracle_pair_scores
+
+    mu_w, _, mu_l, _, n = oracle_pair_scores(PairSet(folder, split="test"))
+    assert mu_w.tolist() == [1.0, 1.0, 0.0, 1.0] and mu_l.tolist() == [0.0, 1.0, 1.0, 0.5] and n.tolist() == [1] * 4
+    out = tmp_path / "oracle.json"
+    assert main(["reward", "eval", "--oracle", "--data", str(folder), "--json", str(out)]) == 0
+    m = json.loads(out.read_text())
+    assert m["accuracy"] == pytest.approx((1 + 0.5 + 0 + 1) / 4) and m["pairs"] == 4
+    capsys.readouterr()
+    # a prompt outside the synthetic grammar, and a model-only flag: one line each, exit 2
+    lines[0] = lines[0].replace(PROMPT, "a cat on a mat")
+    (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
+    for extra in ([], ["--shuffle-prompts"]):
+        assert main(["reward", "eval", "--oracle", "--data", str(folder), *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and ("a cat on a mat" in err[0] or "--shuffle-prompts" in err[0]), err
 
 
 def test_a_hand_labelled_pair_set_without_synthetic_fields_trains_and_evaluates(tiny_dir, tmp_path, capsys):

@@ -36,7 +36,9 @@ class RewardTrainConfig:
                                          "for fresh synthetic pairs rendered on the fly")
     stream: dict[str, Any] = field(default_factory=dict)  # synth-config overrides for data=stream:<preset>
     # Streaming only: stages of synth overrides trained before the final task (the preset +
-    # `stream`); a stage ends once its held-out accuracy reaches `advance_at`.
+    # `stream`); a stage ends once its held-out accuracy reaches `advance_at`. Two keys of a stage are
+    # not synth keys: `advance_at` (this stage's own threshold) and `max_stage_steps` (the stage also
+    # ends after this many steps, reached or not: a stage the model cannot clear does not hold the run).
     curriculum: list[dict[str, Any]] = field(default_factory=list)
     advance_at: float = param(0.95, min=0.0, max=1.0)
     eval_split: Literal["val", "test"] = "test"
@@ -88,6 +90,14 @@ class RewardTrainConfig:
         check_report_to(self.report_to)
         if self.curriculum and not self.data.startswith("stream:"):
             raise ConfigError("curriculum", "needs data=stream:<preset>")
+        for i, stage in enumerate(self.curriculum):
+            if not isinstance(stage, dict):
+                raise ConfigError(f"curriculum[{i}]", f"must be a mapping of synth keys, got {stage!r}")
+            at, most = stage.get("advance_at", 0.0), stage.get("max_stage_steps", 1)
+            if isinstance(at, bool) or not isinstance(at, (int, float)) or not 0.0 <= at <= 1.0:
+                raise ConfigError(f"curriculum[{i}].advance_at", f"must be a number in [0, 1], got {at!r}")
+            if isinstance(most, bool) or not isinstance(most, int) or most < 1:
+                raise ConfigError(f"curriculum[{i}].max_stage_steps", f"must be an integer >= 1, got {most!r}")
         if self.warmup_steps >= self.max_steps:
             raise ConfigError("warmup_steps", f"{self.warmup_steps} must be < max_steps={self.max_steps}")
 
@@ -152,7 +162,9 @@ class RewardTrainer:
         self.stages = [*cfg.curriculum, {}]
         self._eval_sets: dict[int, list] = {}
         if self.streaming:
-            self.stage_synth = [synth_config(cfg.data, {**cfg.stream, **stage}) for stage in self.stages]
+            self.stage_synth = [synth_config(cfg.data, {**cfg.stream, **{k: v for k, v in stage.items()
+                                                                           if k not in STAGE_KEYS}})
+                                for stage in self.stages]
             self.eval_set = self.stage_eval(len(self.stages) - 1)
         else:
             self.train_set = PairSet(cfg.data, split="train")
@@ -364,9 +376,13 @@ class RewardTrainer:
             info(step_line(self.step, cfg.max_steps, stage=f"{self.stage + 1}/{len(self.stages)}",
                            eval_acc=ev["accuracy"], acc_1=ev["accuracy_1"], acc_2_3=ev["accuracy_2_3"],
                            margin=ev["mean_margin"]), who="reward")
-        if not final and ev["accuracy"] >= cfg.advance_at:
+        rules = self.stages[self.stage]
+        in_stage = self.consumed // cfg.batch_size  # steps since this stage began (kept across a resume)
+        cleared = ev["accuracy"] >= rules.get("advance_at", cfg.advance_at)
+        if not final and (cleared or in_stage >= rules.get("max_stage_steps", float("inf"))):
+            why = "" if cleared else f" (stage {self.stage + 1} not cleared in its {in_stage} steps)"
             self.stage, self.consumed, self._batches = self.stage + 1, 0, None
-            info(f"curriculum: stage {self.stage + 1}/{len(self.stages)} from step {self.step}", who="reward")
+            info(f"curriculum: stage {self.stage + 1}/{len(self.stages)} from step {self.step}{why}", who="reward")
 
     def _finish(self) -> dict:
         from ..dist import shutdown
@@ -442,6 +458,9 @@ def _unsharded_copy(cfg: RewardTrainConfig, tensors: dict[str, torch.Tensor]):
     if len(matched) != len(tensors):
         raise RuntimeError("the gathered FSDP2 weights do not match a fresh model's parameter names")
     return model
+
+
+STAGE_KEYS = ("advance_at", "max_stage_steps")  # keys of a curriculum stage that are not synth keys
 
 
 def synth_config(data: str, overrides: dict | None = None):
