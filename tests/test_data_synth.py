@@ -46,6 +46,22 @@ def test_make_pair_is_deterministic():
         make_pair(HARD, 4, 17).chosen.tobytes() != a.chosen.tobytes()
 
 
+def test_a_scene_that_cannot_be_perturbed_is_redrawn_not_fatal():
+    """Pair 397 of stream 'heldout-0' in the hard preset split by objects draws a 6-relation scene with 3 to
+    violate and no layout for it: the pair used to raise (and stopped a reward run at its start); now the same
+    random stream draws the next scene. The pair before it is unchanged, and the redrawn pair is a real one."""
+    cfg = from_dict(SynthConfig, {"size": 56, "split_by": "objects"})
+    before = make_pair(cfg, "heldout-0", 396)
+    assert before.record["prompt"].startswith("The green cross is next to a blue square and a pink star is placed")
+    pair = make_pair(cfg, "heldout-0", 397)
+    rec, meta = pair.record, pair.record["meta"]
+    chosen, rejected = Scene.from_meta(meta["chosen_scene"]), Scene.from_meta(meta["rejected_scene"])
+    rels = parse_prompt(rec["prompt"])
+    assert rels == chosen.relations and fraction_satisfied(rels, chosen) == 1.0
+    violated = [i for i, r in enumerate(rels) if not satisfied(r, rejected)]
+    assert violated == meta["violated"] and len(violated) == rec["n_perturbations"] >= 1
+
+
 def test_written_sets_identical_for_any_worker_count(tmp_path):
     synth_pair_set(tmp_path / "one", 40, 5, HARD, workers=1, progress=False)
     synth_pair_set(tmp_path / "two", 40, 5, HARD, workers=2, progress=False)
