@@ -273,10 +273,9 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
         raise ValueError(f"x and v must have the same shape, got {tuple(x.shape)} and {tuple(v.shape)}")
     if x.dim() < 2:
         raise ValueError(f"x must be [B, ...] with at least one non-batch dim, got {tuple(x.shape)}")
-    for name, other in (("noise", noise), ("prev_sample", prev_sample)):
+    for name, other in (("v", v), ("noise", noise), ("prev_sample", prev_sample)):
         if other is not None and other.shape != x.shape:
             raise ValueError(f"{name} must be shaped like x {tuple(x.shape)}, got {tuple(other.shape)}")
-    for name, other in (("v", v), ("noise", noise), ("prev_sample", prev_sample)):
         if other is not None and other.device != x.device:
             raise ValueError(f"{name} is on {other.device}, x on {x.device}: move them to one device")
     if not noise_level > 0:

@@ -302,17 +302,13 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
         info["resident_gib"] = torch.cuda.memory_allocated(device) / gib  # weights, LoRA, buffers after the build
         torch.cuda.reset_peak_memory_stats(device)
     phase_peak: dict[str, float] = {}  # the highest allocation inside each phase (GiB), over all steps
-    overall_peak = 0.0
 
     def mark(t: list[float]) -> None:
-        nonlocal overall_peak
         sync()
         t.append(time.perf_counter())
         if cuda:
             name = ("sample", "score", "advantages", "train")[len(t) - 2]
-            peak = torch.cuda.max_memory_allocated(device) / gib
-            phase_peak[name] = max(phase_peak.get(name, 0.0), peak)
-            overall_peak = max(overall_peak, peak)
+            phase_peak[name] = max(phase_peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / gib)
             torch.cuda.reset_peak_memory_stats(device)
 
     for rep in range(reps + 1):  # the first step warms up (allocator, kernels) and is not counted
@@ -358,9 +354,9 @@ def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, 
     info["train_flops"] = flops
     # the FLOP-counting re-run of the training step is not part of the step: its peak is reported apart
     info["flop_count_peak_gib"] = torch.cuda.max_memory_allocated(device) / gib if cuda else None
-    info["peak_memory_gib"] = overall_peak if cuda else None
+    info["peak_memory_gib"] = max(phase_peak.values()) if cuda else None
     info.update({f"peak_{k}_gib": v for k, v in phase_peak.items()})
-    peak = peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
     info["peak_tflops_bf16"] = peak
     info["train_tflops"] = flops / med["train"] / 1e12
     info["mfu"] = info["train_tflops"] / peak if peak else None

@@ -377,12 +377,7 @@ def _cmd_reward_eval(args: argparse.Namespace) -> int:
 
     from .data.pairs import PairSet, PairSetError
     from .paths import require
-    from .reward.evaluate import (
-        oracle_pair_scores,
-        pair_metrics,
-        pair_scores,
-        perturbation_types,
-    )
+    from .reward.evaluate import oracle_pair_scores, pair_metrics, pair_scores, perturbation_types
 
     if args.oracle:
         used = [flag for flag, on in (("--shuffle-prompts", args.shuffle_prompts), ("--quantize", args.quantize),

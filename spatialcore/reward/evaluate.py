@@ -48,27 +48,19 @@ def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = Non
 
 def oracle_pair_scores(dataset, *, limit: int | None = None, progress: bool = False):
     """The pixel oracle in :func:`pair_scores`' place: an image's score is the fraction of its prompt's relations
-    that the hard oracle (``data.oracle.judge_prompt``: detected objects, the generator's geometry rules) calls
-    true, an undecidable relation (an object not found) counting as false; variance 0. On synthetic pairs this is
-    the upper bound for a reward model (it reads the rendered layout). Prompts must be in the synthetic grammar."""
-    from ..data.oracle import judge_prompt
+    that the hard oracle calls true (``rl.reward_fns.relations_true``); variance 0. On synthetic pairs this is the
+    upper bound for a reward model (it reads the rendered layout). Prompts must be in the synthetic grammar."""
     from ..logs import progress as bar
+    from ..rl.reward_fns import relations_true
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:
         raise ValueError("no pairs to evaluate")
-
-    def score(image, prompt: str) -> float:
-        verdicts = judge_prompt(image, prompt)
-        if not verdicts:
-            raise ValueError(f"the pixel oracle needs synthetic-grammar prompts; cannot parse {prompt!r}")
-        return sum(v is True for v in verdicts) / len(verdicts)
-
     mu_w, mu_l, n_pert = [], [], []
     for i in bar(range(n), desc="oracle", unit="pair") if progress else range(n):
         item = dataset[i]
-        mu_w.append(score(item["chosen"], item["prompt"]))
-        mu_l.append(score(item["rejected"], item["prompt"]))
+        mu_w.append(relations_true(item["chosen"], item["prompt"]))
+        mu_l.append(relations_true(item["rejected"], item["prompt"]))
         n_pert.append(int(item["n_perturbations"] or 0))
     zeros = torch.zeros(n)
     return torch.tensor(mu_w), zeros, torch.tensor(mu_l), zeros.clone(), torch.tensor(n_pert)

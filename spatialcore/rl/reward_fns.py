@@ -93,16 +93,20 @@ def judge_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
     return (correct - (1.0 - found)).to(device=images.device, dtype=torch.float32)
 
 
+def relations_true(image, prompt: str) -> float:
+    """The fraction of ``prompt``'s relations the hard pixel oracle judges true in the PIL ``image`` (an
+    undecidable one, an object not found, counts as false); a prompt of another grammar is a ValueError."""
+    verdicts = judge(image, _relations(prompt))
+    return sum(v is True for v in verdicts) / len(verdicts)
+
+
 def oracle_hard(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(``pixel_score`` ``[B]``, fraction of relations judged true ``[B]``) with the hard pixel oracle."""
     from .sampler import to_pil
 
-    scores, acc = [], []
-    for im, prompt in zip(to_pil(images), prompts, strict=True):
-        rels = _relations(prompt)
-        scores.append(pixel_score(im, rels))
-        verdicts = judge(im, rels)
-        acc.append(sum(v is True for v in verdicts) / len(verdicts))
+    pil = to_pil(images)
+    scores = [pixel_score(im, _relations(prompt)) for im, prompt in zip(pil, prompts, strict=True)]
+    acc = [relations_true(im, prompt) for im, prompt in zip(pil, prompts, strict=True)]
     return torch.tensor(scores), torch.tensor(acc)
 
 
