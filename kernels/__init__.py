@@ -5,9 +5,18 @@ reference, the Triton kernels, the autograd wrapper and the public op (``backend
 ``launch`` holds what they share: the optional Triton import, the backend switch, launch settings.
 """
 
-from .advantages import ADVANTAGE_PRESETS, GroupAdvantages, group_advantages, group_advantages_reference
+from .advantages import (
+    ADVANTAGE_PRESETS,
+    TOPK_PRESETS,
+    GroupAdvantages,
+    group_advantages,
+    group_advantages_reference,
+    preset_top_k,
+    topk_keep,
+)
 
-__all__ = ["ADVANTAGE_PRESETS", "GroupAdvantages", "group_advantages", "group_advantages_reference"]
+__all__ = ["ADVANTAGE_PRESETS", "TOPK_PRESETS", "GroupAdvantages", "group_advantages", "group_advantages_reference",
+           "preset_top_k", "topk_keep"]
 from .sde_step import ode_step, sde_step_logprob, sde_step_reference, step_coefficients  # noqa: E402
 
 __all__ += ["ode_step", "sde_step_logprob", "sde_step_reference", "step_coefficients"]

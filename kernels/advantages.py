@@ -12,6 +12,11 @@ Per group (one row of ``rewards [P, G]``):
     A_i = (r_i - m) / scale  for i in S, 0 elsewhere;  A <- clamp(A, -clip, clip)
     drop_zero_std: s <= zero_std_tol  =>  A = 0, keep = False for the whole group
 
+Top-k may rank a group by another score than the reward (``rank_by``, e.g. SpatialScore's lower
+confidence bound mu - lambda sigma): S is then the Top-k of that score's order (its non-finite entries
+invalid), and a sample outside S leaves as a non-finite reward does; statistics and advantages still come
+from the rewards. "Off" is spelled one way: ``top_k=None`` (every valid sample kept).
+
 Statistics are accumulated in float64 (a group of equal rewards gives exactly A = 0 whatever
 the summation order); outputs are float32.
 
@@ -33,7 +38,8 @@ StdMode = Literal["group", "batch", "none"]
 StatsOver = Literal["kept", "group"]
 
 # Keyword bundles reproducing each anchor's convention: group_advantages(r, **ADVANTAGE_PRESETS["trl"]).
-# Filtering (top_k) is not part of a preset: best-of-n and Spatial-RL take it as an argument.
+# Filtering (top_k) is an argument, not part of a bundle; the presets that filter by default are in
+# TOPK_PRESETS (preset_top_k gives their K for a group size).
 ADVANTAGE_PRESETS: dict[str, dict] = {
     # TRL GRPOTrainer: (r - mean) / (std + 1e-4), torch.std (unbiased), no filtering.
     "trl": {"std": "group", "unbiased": True, "eps": 1e-4, "stats_over": "group"},
@@ -53,6 +59,17 @@ ADVANTAGE_PRESETS: dict[str, dict] = {
 }
 
 
+# Best-of-n (DanceGRPO) and Spatial-RL keep the top and the bottom quarter of each group: K = G // 4.
+TOPK_PRESETS = ("spatial_rl", "dancegrpo")
+
+
+def preset_top_k(preset: str, group_size: int) -> int | None:
+    """The preset's own K for groups of ``group_size`` (None: it keeps every sample)."""
+    if preset not in ADVANTAGE_PRESETS:
+        raise ValueError(f"unknown advantage preset {preset!r} ({', '.join(ADVANTAGE_PRESETS)})")
+    return (group_size // 4 or None) if preset in TOPK_PRESETS else None
+
+
 @dataclass
 class GroupAdvantages:
     """``advantages``/``keep`` shaped like the input rewards; ``mean``/``std`` are ``[P]``."""
@@ -70,6 +87,17 @@ class GroupAdvantages:
 # ----------------------------------------------------------------------------- reference
 
 
+def topk_keep(key: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``[P, G]`` bool: the ``top_k`` highest and ``top_k`` lowest finite entries of each row of ``key`` (ties:
+    the lower index ranks higher; every finite entry when ``2 * top_k >= `` their count)."""
+    valid = torch.isfinite(key)
+    # Descending stable sort puts ties in index order; invalid entries (-inf key) go last.
+    order = torch.sort(torch.where(valid, key, float("-inf")), dim=1, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(key.shape[1], device=key.device).expand_as(order))
+    n_valid = valid.sum(1, keepdim=True)
+    return valid & ((rank < top_k) | (rank >= n_valid - top_k))
+
+
 def group_advantages_reference(r: torch.Tensor, *, std: str = "group", unbiased: bool = False, eps: float = 1e-4,
                                clip: float | None = None, top_k: int | None = None, stats_over: str = "kept",
                                drop_zero_std: bool = False, zero_std_tol: float = 0.0):
@@ -77,15 +105,7 @@ def group_advantages_reference(r: torch.Tensor, *, std: str = "group", unbiased:
     P, G = r.shape
     r = r.float()
     valid = torch.isfinite(r)
-    n_valid = valid.sum(1, keepdim=True)
-    if top_k is None:
-        kept = valid
-    else:
-        # Descending stable sort puts ties in index order; invalid entries (-inf key) go last.
-        key = torch.where(valid, r, torch.full_like(r, float("-inf")))
-        order = torch.sort(key, dim=1, descending=True, stable=True).indices
-        rank = torch.empty_like(order).scatter_(1, order, torch.arange(G, device=r.device).expand(P, G))
-        kept = valid & ((rank < top_k) | (rank >= n_valid - top_k))
+    kept = valid if top_k is None else topk_keep(r, top_k)
     T = kept if stats_over == "kept" else valid
 
     def stats(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None):
@@ -239,13 +259,15 @@ def _launch_triton(r: torch.Tensor, *, std: str, unbiased: bool, eps: float, cli
 def group_advantages(rewards: torch.Tensor, group_size: int | None = None, *, std: StdMode = "group",
                      unbiased: bool = False, eps: float = 1e-4, clip: float | None = None,
                      top_k: int | None = None, stats_over: StatsOver = "kept", drop_zero_std: bool = False,
-                     zero_std_tol: float = 0.0, backend: str = "auto") -> GroupAdvantages:
+                     zero_std_tol: float = 0.0, rank_by: torch.Tensor | None = None,
+                     backend: str = "auto") -> GroupAdvantages:
     """Group-relative advantages with optional Top-k filtering (SPEC §3.1).
 
     Args:
         rewards: ``[P, G]`` (P prompts, G samples each) or flat ``[N]`` with ``group_size=G``;
             any float dtype. NaN/inf rewards never enter statistics and get ``keep=False``.
         top_k: keep the top-k and bottom-k valid samples of each group (None keeps all).
+        rank_by: a score shaped like ``rewards`` that Top-k ranks by instead of the reward (module docstring).
         stats_over: ``"kept"`` (Spatial-RL) or ``"group"`` (all valid samples, then filter).
         std: ``"group"`` | ``"batch"`` | ``"none"`` (Dr.GRPO).
         backend: ``"auto"`` (fused kernel on CUDA, reference on CPU), ``"triton"``, ``"torch"``,
@@ -284,14 +306,30 @@ def group_advantages(rewards: torch.Tensor, group_size: int | None = None, *, st
     backend = resolve_backend(backend, r, extra=("cuda",))
     kwargs = dict(std=std, unbiased=unbiased, eps=eps, clip=clip, top_k=top_k, stats_over=stats_over,
                   drop_zero_std=drop_zero_std, zero_std_tol=zero_std_tol)
-    if backend == "torch":
-        adv, keep, mean, sd = group_advantages_reference(r, **kwargs)
-    elif backend == "triton":
-        adv, keep, mean, sd = _launch_triton(r.contiguous(), **kwargs)
-    else:  # "cuda"
-        from . import native
-
-        adv, keep, mean, sd = native.group_advantages(r.contiguous(), **kwargs)
+    if rank_by is not None:
+        if top_k is None:
+            raise ValueError("rank_by orders the Top-k filter: it needs top_k")
+        if rank_by.numel() != r.numel():
+            raise ValueError(f"rank_by has {rank_by.numel()} entries for {r.numel()} rewards")
+        keep = topk_keep(rank_by.reshape(r.shape).float(), top_k).to(r.device) & torch.isfinite(r)
+        if stats_over == "kept":  # outside the key's Top-k a sample leaves as a non-finite reward does
+            adv, keep, mean, sd = _dispatch(torch.where(keep, r, float("nan")), backend, {**kwargs, "top_k": None})
+        else:  # statistics over the whole group, then the filter
+            adv, kept, mean, sd = _dispatch(r, backend, {**kwargs, "top_k": None})
+            keep = kept & keep
+            adv = torch.where(keep, adv, torch.zeros_like(adv))
+    else:
+        adv, keep, mean, sd = _dispatch(r, backend, kwargs)
     if flat:
         adv, keep = adv.reshape(-1), keep.reshape(-1)
     return GroupAdvantages(adv, keep, mean, sd)
+
+
+def _dispatch(r: torch.Tensor, backend: str, kwargs: dict):
+    if backend == "torch":
+        return group_advantages_reference(r, **kwargs)
+    if backend == "triton":
+        return _launch_triton(r.contiguous(), **kwargs)
+    from . import native  # "cuda"
+
+    return native.group_advantages(r.contiguous(), **kwargs)

@@ -128,8 +128,8 @@ def bench_score(tiny_dir: Path, device: torch.device, *, shape: str, batch: int,
                 prompt_tokens: int, reps: int, warmup: int, fp8: bool = True) -> tuple[list[Row], dict]:
     from PIL import Image
 
-    from ..data.pairs import chat_text
     from ..reward.model import SpatialScore
+    from ..reward.preprocess import chat_text
     from .shapes import build_qwen, qwen_processor
 
     dtype = default_dtype(device)

@@ -144,3 +144,33 @@ def load_checkpoint(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     except Exception as err:
         raise CheckpointError(f"{path / STATE} cannot be read ({err})") from None
     return tensors, state
+
+
+def find_checkpoint(run_dir: str | Path, *, who: str) -> Path | None:
+    """The newest complete checkpoint of a run folder (None for a fresh run), looked up before any model is
+    built so that a torn run folder fails fast; passed-over torn checkpoints are logged."""
+    from .logs import info
+
+    return resume_checkpoint(run_dir, log=lambda msg: info(msg, who=who))
+
+
+def restore(path: Path, rank: int, *, who: str) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, state) of checkpoint ``path``, with the RNG state of ``rank`` restored."""
+    from .logs import info
+
+    tensors, state = load_checkpoint(path)
+    set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+    info(f"resumed from step {state['step']} ({path})", who=who)
+    return tensors, state
+
+
+def write_checkpoint(run_dir: str | Path, step: int, tensors: dict[str, torch.Tensor] | None,
+                     state: dict | None) -> None:
+    """An atomic checkpoint written by rank 0 (``tensors``/``state`` may be None on the other ranks) with every
+    rank's RNG state; a collective: all ranks call it."""
+    from .dist import barrier, is_main
+
+    states = all_rng_states()
+    if is_main():
+        save_checkpoint(run_dir, step, tensors, {**state, "rng": states, "step": step})
+    barrier()

@@ -7,7 +7,21 @@ A test compares the committed file with this output, so the reference cannot dri
 
 from __future__ import annotations
 
+import importlib
+
 from .config import load_config, to_commented_yaml
+
+# Every kind of config a command loads: name (`spatialcore config show NAME`) -> "module:class", imported only
+# when asked for (the CLI lists the names without importing the trainers).
+CONFIG_KINDS = {"grpo": "trainers.grpo:GRPOTrainConfig", "reward": "trainers.reward:RewardTrainConfig",
+                "sft": "trainers.sft:SFTTrainConfig", "demo": "demo:DemoConfig", "tiny": "tiny:TinyConfig",
+                "synth": "data.synth:SynthConfig"}
+
+
+def config_class(kind: str) -> type:
+    """The config dataclass of ``kind`` (a key of ``CONFIG_KINDS``)."""
+    module, _, name = CONFIG_KINDS[kind].partition(":")
+    return getattr(importlib.import_module(f"spatialcore.{module}"), name)
 
 # configs/ file -> what it runs (a test checks that every file there is listed and every listed file exists)
 CONFIG_FILES = {
@@ -67,15 +81,6 @@ a comment (the output is itself a valid config file); `--json -` prints it as JS
 """
 
 
-def _kinds() -> dict[str, type]:
-    from .cli import _config_kinds
-
-    order = ["grpo", "reward", "sft", "demo", "tiny", "synth"]
-    kinds = _config_kinds()
-    assert sorted(order) == sorted(kinds), "a config kind without a section here"
-    return {k: kinds[k]() for k in order}
-
-
 TITLES = {"grpo": "Spatial-RL: `spatialcore grpo train`", "reward": "SpatialScore: `spatialcore reward train`",
           "sft": "flow-matching fine-tuning: `spatialcore sft train`",
           "demo": "the demo: `spatialcore demo` (its `reward` and `grpo` sections are the two trainers' configs, "
@@ -90,8 +95,8 @@ def render() -> str:
     checkout = str(Path(__file__).resolve().parents[1]) + "/"  # the demo's defaults are paths in the checkout
     parts = [HEAD]
     parts += [f"| `configs/{name}` | {what} |\n" for name, what in CONFIG_FILES.items()]
-    for kind, cls in _kinds().items():
-        text = to_commented_yaml(load_config(cls)).replace(checkout, "")
+    for kind in CONFIG_KINDS:
+        text = to_commented_yaml(load_config(config_class(kind))).replace(checkout, "")
         parts.append(f"\n## {TITLES[kind]}\n\n```yaml\n{text}```\n")
     return "".join(parts)
 

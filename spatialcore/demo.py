@@ -296,6 +296,10 @@ def _generator_table(base: dict, rl: dict) -> list[str]:
     return lines
 
 
+def _topk_words(k: int | None) -> str:
+    return f"Top-k keeps the best {k} and worst {k} of each group" if k else "every sample of a group is kept"
+
+
 def run_demo(cfg: DemoConfig, out: Path) -> int:
     import torch
 
@@ -344,8 +348,8 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
               "", "![reward model accuracy](reward/accuracy.png)", "",
               "## Spatial-RL on the pretrained tiny Flux, rewarded by SpatialScore", "",
               f"Base: `{cfg.generator}`. G = {gcfg.group_size} images per prompt, {gcfg.prompts_per_iter} prompts "
-              f"per iteration, Top-k keeps the best {gcfg.resolved_top_k()} and worst {gcfg.resolved_top_k()} of "
-              f"each group; {'LoRA r' + str(gcfg.policy.lora_rank) if gcfg.policy.lora_rank else 'full fine-tuning'}"
+              f"per iteration, {_topk_words(gcfg.resolved_top_k())}; "
+              f"{'LoRA r' + str(gcfg.policy.lora_rank) if gcfg.policy.lora_rank else 'full fine-tuning'}"
               f", {its} iterations. Judged by `spatialcore eval`: {base['samples']} samples ({base['prompts']} "
               f"held-out prompts x {cfg.eval.per_prompt} fixed noise seeds, the same for base and policy), "
               "deterministic ODE, the pixel oracle as detector and GenEval's position rule.", ""]

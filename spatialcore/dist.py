@@ -1,4 +1,5 @@
-"""torchrun helpers: process group set-up from the environment, rank facts, collectives on any device.
+"""torchrun helpers: process group set-up from the environment, rank facts, collectives on any device, and
+how a global batch and its samples are split over ranks.
 
 The trainers exchange two kinds of tensors: model-sized ones on the device (gradients, handled by
 DDP/FSDP2 or :func:`all_reduce_`) and small host-side ones (rewards, metrics, RNG states). NCCL
@@ -10,6 +11,7 @@ call goes to the backend that serves its tensor's device. Multi-node launches ne
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -54,51 +56,6 @@ def init() -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend_for(device.type))
     return rank, world, device
-
-
-def start_run(cfg) -> tuple[int, int, torch.device]:
-    """A trainer's first lines: process group, CPU threads (``cfg.threads``), seed (``cfg.seed``),
-    and on rank 0 the run folder ``cfg.out`` with the resolved ``config.yaml``."""
-    from pathlib import Path
-
-    from .config import save_config
-    from .logs import info
-    from .run_folder import prepare
-
-    rank, world, device = init()
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    aside = prepare(cfg, main=is_main())
-    barrier()
-    if aside and is_main():
-        info(f"run=fresh: the previous run in {cfg.out} moved to {aside}")
-    if is_main():
-        Path(cfg.out).mkdir(parents=True, exist_ok=True)
-        save_config(cfg, Path(cfg.out) / "config.yaml")
-        record_start(Path(cfg.out), world)
-    return rank, world, device
-
-
-def record_start(out, world: int) -> None:
-    """Append this start of the run to ``out/run.json`` (``starts``: git commit, command line, time, ranks), so a
-    run folder says which code produced it, and which code each resume continued with."""
-    import json
-    import sys
-    import time
-    from pathlib import Path
-
-    from .atomic import atomic_write_text
-    from .paths import git_commit
-
-    path = out / "run.json"
-    try:
-        starts = json.loads(path.read_text())["starts"] if path.is_file() else []
-    except (json.JSONDecodeError, KeyError, TypeError):
-        starts = []  # an unreadable record is replaced, never a reason to stop a run
-    starts.append({"commit": git_commit(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": world})
-    atomic_write_text(path, json.dumps({"starts": starts}, indent=2) + "\n")
 
 
 def world_size() -> int:
@@ -146,3 +103,48 @@ def shutdown() -> None:
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def all_reduce_grads(params: dict[str, torch.Tensor], world: int) -> None:
+    """Sum gradients over ranks (each rank already weighted its share of the global mean); a parameter
+    without a gradient counts as zeros, so every rank reduces the same flat buffer."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params.values()]
+    if world > 1:
+        flat = all_reduce_(torch.cat([g.reshape(-1) for g in grads]))
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset: offset + g.numel()].view_as(g))
+            offset += g.numel()
+    for p, g in zip(params.values(), grads, strict=True):
+        p.grad = g
+
+
+def gather_by_index(values: torch.Tensor, n_total: int, rank: int, world: int) -> torch.Tensor:
+    """All-gather per-rank values of samples ``rank, rank + world, ...`` into the full ``[n_total]``
+    (CPU float32: a host-side collective, served by gloo also in a CUDA run)."""
+    if world == 1:
+        return values.float().cpu()
+    per = math.ceil(n_total / world)
+    buf = torch.full((per,), float("nan"), dtype=torch.float32)
+    buf[: values.numel()] = values.float().cpu()
+    full = torch.empty(n_total)
+    for r, part in enumerate(all_gather(buf)):
+        idx = torch.arange(r, n_total, world)
+        full[idx] = part[: idx.numel()]
+    return full
+
+
+def split_batch(global_batch: int, micro_batch: int, world: int, *,
+                keys: tuple[str, str] = ("batch_size", "micro_batch")) -> tuple[int, int]:
+    """(micro-batch per rank, accumulation steps) for a global batch over ``world`` ranks; raises a
+    ConfigError naming the keys when the global batch does not divide (before any model is built)."""
+    from .config import ConfigError
+
+    if global_batch % world:
+        raise ConfigError(keys[0], f"{keys[0]}={global_batch} cannot be split evenly over {world} ranks")
+    per_rank = global_batch // world
+    micro = micro_batch or per_rank
+    if per_rank % micro:
+        raise ConfigError(keys[1], f"{keys[1]}={micro} does not divide the {per_rank} items per rank "
+                                   f"({keys[0]}={global_batch} over {world} ranks)")
+    return micro, per_rank // micro

@@ -9,6 +9,8 @@ run's ``config.yaml`` says which trainer wrote it:
 * ``sft train``: a complete pipeline (``FluxPipeline.from_pretrained``), with the VAE and its latent factors
   when the run trained them.
 
+Weights are written in the run's ``policy.export_dtype`` (by default the dtype the base model is stored in).
+
 The EMA weights are exported when the run kept them (``--no-ema``: the raw weights).
 """
 
@@ -58,21 +60,22 @@ def _weights(names, tensors: dict[str, torch.Tensor], prefix: str, ema: bool) ->
 
 
 def _export_grpo(run: Path, tensors: dict, out: Path, *, merged: bool, ema: bool) -> str:
-    from .rl.policy import Policy
+    from .rl.policy import Policy, resolve_export_dtype
     from .rl.sampler import load_pipeline
     from .trainers.grpo import GRPOTrainConfig
 
     cfg = load_config(GRPOTrainConfig, run / "config.yaml", [])
     pipe = load_pipeline(cfg.model, dtype=torch.float32, device="cpu")
     policy = Policy(pipe.transformer, lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha)
-    policy.save(out, _weights(policy.params, tensors, "", ema), merged=merged)
+    policy.save(out, _weights(policy.params, tensors, "", ema), merged=merged,
+                dtype=resolve_export_dtype(cfg.policy.export_dtype, cfg.model, cfg.dtype))
     return f"{'LoRA' if cfg.policy.lora_rank else 'transformer'} policy -> {out}"
 
 
 def _export_sft(run: Path, tensors: dict, state: dict, out: Path, *, ema: bool) -> str:
-    from .rl.policy import Policy
+    from .rl.policy import Policy, resolve_export_dtype, save_pipeline
     from .rl.sampler import load_pipeline
-    from .trainers.sft import TRANSFORMER_PREFIX, VAE_PREFIX, SFTTrainConfig, export_pipeline
+    from .trainers.sft import TRANSFORMER_PREFIX, VAE_PREFIX, SFTTrainConfig
 
     cfg = load_config(SFTTrainConfig, run / "config.yaml", [])
     pipe = load_pipeline(cfg.model, dtype=torch.float32, device="cpu")
@@ -82,5 +85,5 @@ def _export_sft(run: Path, tensors: dict, state: dict, out: Path, *, ema: bool) 
         shift, scale = state["vae_factors"]
         pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
     weights = _weights(policy.params, tensors, TRANSFORMER_PREFIX, ema)
-    export_pipeline(pipe, policy, weights, out, cfg.export_dtype)
+    save_pipeline(pipe, policy, weights, out, resolve_export_dtype(cfg.policy.export_dtype, cfg.model, cfg.dtype))
     return f"pipeline -> {out}"

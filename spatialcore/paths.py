@@ -8,6 +8,9 @@ from pathlib import Path
 
 from .config import ConfigError
 
+# The file a LoRA policy folder holds (diffusers' name, what FluxPipeline.load_lora_weights reads).
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
 # What each kind of folder must hold, and how to make one.
 KINDS = {
     "flux": ("model_index.json", "a Flux pipeline folder (model_index.json; `spatialcore tiny --out DIR` writes "
@@ -51,8 +54,6 @@ def require(value: str | None, key: str, kind: str, *, hub: bool = False) -> Non
 
 def require_policy(value: str | None, key: str) -> None:
     """A policy folder written by ``grpo train`` (LoRA file and/or ``transformer/``)."""
-    from .rl.policy import LORA_FILE
-
     if value is None:
         return
     path = Path(value)

@@ -1,4 +1,4 @@
-"""PNG figures: image grids and metric curves (matplotlib, headless)."""
+"""PNG figures: image grids, metric curves and the comparison of runs (matplotlib, headless)."""
 
 from __future__ import annotations
 
@@ -49,6 +49,36 @@ def curves(series: dict[str, Sequence[tuple[float, float]]], path: str | Path, *
         ax.legend()
     ax.grid(alpha=0.3)
     fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def compare_runs(runs: dict[str, Path], path: Path, *, key: str = "eval_reward") -> Path:
+    """One PNG with the held-out reward of several runs against iterations and training seconds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .logs import read_metrics
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110, sharey=True)
+    for label, folder in runs.items():
+        recs = [r for r in read_metrics(Path(folder) / "metrics.jsonl") if key in r]
+        if not recs:
+            raise ValueError(f"{folder} has no '{key}' records")
+        axes[0].plot([r["step"] for r in recs], [r[key] for r in recs], label=label)
+        axes[1].plot([r["elapsed_s"] for r in recs], [r[key] for r in recs], label=label)
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("training seconds")
+    axes[0].set_ylabel(key.replace("_", " "))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)

@@ -1,6 +1,9 @@
-"""A run folder belongs to one run: a rerun into it resumes only with the config it was started with.
+"""A run folder: ``config.yaml`` (the resolved config), ``run.json`` (which code ran it, each start),
+``metrics.jsonl`` (every step once) and ``checkpoints/``. It belongs to one run: a rerun into it resumes only
+with the config it was started with.
 
-``prepare(cfg)`` runs before anything is built, on every rank (each raises the same error):
+``open_run(cfg, world)`` is a trainer's first step after the process group; ``prepare(cfg)`` runs in it
+before anything is built, on every rank (each raises the same error):
 
 * ``run: auto`` (default): a folder holding a run (checkpoints or metrics) with a different config stops with
   one line naming the first differing key; the same config (up to the keys in ``MAY_CHANGE``, which extend or
@@ -16,7 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .config import ConfigError, to_dict
+from .config import ConfigError, save_config, to_dict
+from .logs import Reporter
 
 # Keys a resumed run may change: threads, logging and saving cadence, the test hook, a time limit, and the
 # length of the run (to extend it; schedules that depend on it then continue along the new length).
@@ -74,3 +78,56 @@ def prepare(cfg, *, main: bool) -> Path | None:
                                    f"out, run=resume with the old config, or run=fresh (--fresh) to start over "
                                    f"(the old run is kept beside it)")
     return None
+
+
+def open_run(cfg, world: int) -> None:
+    """Check (``prepare``) the run folder on every rank, then on rank 0 write ``config.yaml`` and add this start
+    to ``run.json``; a collective."""
+    from .dist import barrier, is_main
+    from .logs import info
+
+    aside = prepare(cfg, main=is_main())
+    barrier()
+    if is_main():
+        if aside:
+            info(f"run=fresh: the previous run in {cfg.out} moved to {aside}")
+        out = Path(cfg.out)
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        record_start(out, world)
+
+
+def record_start(out: Path, world: int) -> None:
+    """Append this start of the run to ``out/run.json`` (``starts``: git commit, command line, time, ranks), so a
+    run folder says which code produced it, and which code each resume continued with."""
+    import json
+    import sys
+
+    from .atomic import atomic_write_text
+    from .paths import git_commit
+
+    path = out / "run.json"
+    try:
+        starts = json.loads(path.read_text())["starts"] if path.is_file() else []
+    except (json.JSONDecodeError, KeyError, TypeError):
+        starts = []  # an unreadable record is replaced, never a reason to stop a run
+    starts.append({"commit": git_commit(), "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
+                   "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "ranks": world})
+    atomic_write_text(path, json.dumps({"starts": starts}, indent=2) + "\n")
+
+
+def open_metrics(out: Path, step: int, cfg) -> Reporter | None:
+    """Rank 0's reporter: ``metrics.jsonl`` holding only the records of steps ``<= step`` (none for a fresh
+    run: the records a killed process wrote after its last checkpoint are dropped, so the resumed run writes
+    each step exactly once), plus the integrations ``cfg.report_to`` names."""
+    from .dist import is_main
+    from .logs import MetricsFile, read_metrics
+
+    if not is_main():
+        return None
+    path = out / "metrics.jsonl"
+    keep = [r for r in read_metrics(path) if r.get("step", 0) <= step] if step and path.is_file() else []
+    with MetricsFile(path, append=False) as m:
+        for r in keep:
+            m.write(r)
+    return Reporter(path, report_to=cfg.report_to, step=step, config=to_dict(cfg))

@@ -64,14 +64,14 @@ def test_one_grammar_json_out_and_overrides_after_options(tmp_path, capsys):
     assert json.loads((tmp_path / "t.json").read_text())["seed"] == 4
     assert main(["info", "--json", "-"]) == 0
     json.loads(capsys.readouterr().out)  # nothing but JSON on stdout
-    from spatialcore.cli import _train_overrides
+    from spatialcore.cli.common import train_overrides
 
     args, extra = build_parser().parse_known_args(["grpo", "train", "seed=1", "--out", "runs/x", "top_k=2", "--fresh"])
     assert extra == ["top_k=2"]
     assert main(["grpo", "train", "--out", str(tmp_path / "r"), "model=" + str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err  # the override after --out was taken (and its path checked)
     args.overrides += extra
-    assert _train_overrides(args) == ["seed=1", "top_k=2", "out=runs/x", "run=fresh"]
+    assert train_overrides(args) == ["seed=1", "top_k=2", "out=runs/x", "run=fresh"]
     with pytest.raises(SystemExit) as exit_:
         main(["info", "stray"])
     assert exit_.value.code == 2
@@ -116,7 +116,7 @@ def test_no_deprecation_warnings_from_our_calls(tiny_dir, tmp_path):
 
     pipe = load_pipeline(tiny_dir / "flux")
     pipe.transformer.save_pretrained(tmp_path / "policy" / "transformer")  # a "fully fine-tuned" policy
-    SpatialScore.from_backbone(tiny_dir / "reward").save_pretrained(tmp_path / "m")
+    SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True).save_pretrained(tmp_path / "m")
     image = torch.rand(1, 3, 32, 32)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

@@ -48,8 +48,8 @@ def test_every_command_has_examples_and_a_place_in_the_walk():
 
 def test_override_help_names_keys_of_its_own_command():
     """Each `key=value` help line shows keys of that command's config (no `reward.text_layers=3` everywhere)."""
-    from spatialcore.cli import _config_kinds
     from spatialcore.config import ConfigError, load_config
+    from spatialcore.config_reference import config_class
 
     kinds = {"tiny": "tiny", "demo": "demo", "data synth": "synth", "reward train": "reward", "grpo train": "grpo",
              "sft train": "sft", "config show": None}
@@ -58,7 +58,7 @@ def test_override_help_names_keys_of_its_own_command():
             continue
         action = next(a for a in parser._actions if a.dest == "overrides")
         shown = action.help.split("e.g. ", 1)[1].split(";", 1)[0].split()
-        cls = _config_kinds()[kinds[name]]()
+        cls = config_class(kinds[name])
         try:
             load_config(cls, None, shown)
         except ConfigError as err:  # pragma: no cover - the message names the key
@@ -98,11 +98,11 @@ def test_every_example_runs_as_printed(checkout_cwd, capsys):
 
 
 def test_bench_and_profile_describe_only_the_suites_they_take():
-    from spatialcore.cli import _SUITES
+    from spatialcore.cli.bench import SUITES
 
     leaves = dict(leaf_commands(build_parser()))
     for name in ("bench", "profile"):
         parser = leaves[name]
         taken = next(a for a in parser._actions if a.dest == "suite").choices
-        described = [s for s in _SUITES if f"{s} (" in parser.description]
+        described = [s for s in SUITES if f"{s} (" in parser.description]
         assert described == list(taken), (name, described, taken)

@@ -148,13 +148,11 @@ def test_every_config_file_is_listed_and_valid():
     """Each file in configs/ is in the reference's table and loads as its kind (the folder names it)."""
     from pathlib import Path
 
-    from spatialcore.cli import _config_kinds
-    from spatialcore.config_reference import CONFIG_FILES
+    from spatialcore.config_reference import CONFIG_FILES, config_class
 
     root = Path(__file__).resolve().parents[1] / "configs"
     files = sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
     assert files == sorted(CONFIG_FILES)
-    kinds = _config_kinds()
     for name in files:
         if name.endswith(".yaml"):
-            load_config(kinds[name.split("/")[0]](), root / name)
+            load_config(config_class(name.split("/")[0]), root / name)

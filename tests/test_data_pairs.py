@@ -10,8 +10,9 @@ from PIL import Image
 
 from spatialcore.cli import main
 from spatialcore.config import from_dict
-from spatialcore.data.pairs import PairCollator, PairSampler, PairSet, PairSetError, load_image, scan_pair_set
+from spatialcore.data.pairs import PairSampler, PairSet, PairSetError, load_image, scan_pair_set
 from spatialcore.data.synth import DIFFICULTIES, SynthConfig, synth_pair_set
+from spatialcore.reward.preprocess import PairCollator
 
 
 def _rec(i, chosen, rejected, **kw):

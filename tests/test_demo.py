@@ -27,7 +27,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "available_cores", lambda: 2)
     torch.set_num_threads(1)
     cfg = small(["reward.threads=1"])
-    assert cfg.reward.curriculum and cfg.grpo.reward.name == "spatialscore"  # demo defaults survive overrides
+    assert cfg.reward.data.curriculum and cfg.grpo.reward.name == "spatialscore"  # demo defaults survive overrides
     assert cfg.grpo.max_minutes == 0  # fixed iteration counts: the result does not depend on the machine's speed
     assert run_demo(cfg, tmp_path) == 0
     assert yaml.safe_load((tmp_path / "reward" / "config.yaml").read_text())["threads"] == 1

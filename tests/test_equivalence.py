@@ -80,8 +80,9 @@ def test_grpo_same_gradient_on_one_rank_two_nodes_and_with_accumulation(tiny_dir
 # ----------------------------------------------------------------------------- SpatialScore
 
 
-REWARD = {"batch_size": 4, "max_steps": 2, "warmup_steps": 0, "eval_every": 2, "eval_pairs": 4, "save_every": 1,
-          "log_every": 1, "optimizer": "sgd", "lr": 1.0, "head_lr": 1.0, "grad_clip": 0, "threads": 1}
+REWARD = {"batch_size": 4, "max_steps": 2, "optim.warmup_steps": 0, "eval_every": 2, "data.eval_pairs": 4,
+          "save_every": 1, "log_every": 1, "optim.name": "sgd", "optim.lr": 1.0, "optim.head_lr": 1.0,
+          "optim.grad_clip": 0, "threads": 1}
 
 
 @pytest.fixture(scope="module")
@@ -91,8 +92,8 @@ def reward_baseline(tiny_dir, easy_pairs, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("reward") / "one"
     reward_mod.train(load_config(RewardTrainConfig, None, cli_args(
-        {**REWARD, "model": str(tiny_dir / "reward"), "data": str(easy_pairs), "out": str(out)})))
-    start = {n: p.detach().clone() for n, p in SpatialScore.from_backbone(tiny_dir / "reward").named_parameters()
+        {**REWARD, "model": str(tiny_dir / "reward"), "data.source": str(easy_pairs), "out": str(out)})))
+    start = {n: p.detach().clone() for n, p in SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True).named_parameters()
              if n.startswith("backbone.")}
     return out, start
 
@@ -136,26 +137,25 @@ def test_reward_two_ranks(baseline_args, reward_baseline, tmp_path, parallel):
 @pytest.fixture()
 def baseline_args(tiny_dir, easy_pairs):
     def args(out, **extra):
-        return cli_args({**REWARD, "model": str(tiny_dir / "reward"), "data": str(easy_pairs), "out": str(out),
+        return cli_args({**REWARD, "model": str(tiny_dir / "reward"), "data.source": str(easy_pairs), "out": str(out),
                          **extra})
 
     return args
 
 
 def test_a_global_batch_that_does_not_divide_fails_before_any_model(tiny_dir, easy_pairs, tmp_path, monkeypatch):
-    from spatialcore.trainers.run import split_batch
-
     import spatialcore.dist
+    from spatialcore.dist import split_batch
 
     assert split_batch(128, 4, 8) == (4, 4) and split_batch(128, 0, 8) == (16, 1) and split_batch(16, 2, 1) == (2, 8)
     with pytest.raises(ConfigError, match="batch_size"):
         split_batch(16, 0, 3)
     with pytest.raises(ConfigError, match="micro_batch"):
         split_batch(16, 3, 2)
-    monkeypatch.setattr(spatialcore.dist, "start_run", lambda cfg: (0, 3, torch.device("cpu")))
+    monkeypatch.setattr(spatialcore.dist, "init", lambda: (0, 3, torch.device("cpu")))
     monkeypatch.setattr(reward_mod, "_build_model", None)  # building a model would fail loudly
     cfg = load_config(RewardTrainConfig, None, cli_args({**REWARD, "model": str(tiny_dir / "reward"),
-                                                         "data": str(easy_pairs), "out": str(tmp_path / "x")}))
+                                                         "data.source": str(easy_pairs), "out": str(tmp_path / "x")}))
     with pytest.raises(ConfigError, match="batch_size=4 cannot be split evenly over 3 ranks"):
         reward_mod.RewardTrainer(cfg)
     with pytest.raises(ConfigError, match="grad_accum.*replaced by 'micro_batch"):

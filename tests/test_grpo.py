@@ -252,7 +252,7 @@ def test_training_forwards_only_kept_samples(tiny_dir, tmp_path, monkeypatch):
 
 
 def test_common_noise_pairs_groups_of_different_prompts(tiny_dir, tmp_path):
-    cfg = _cfg(tiny_dir, tmp_path, group_size=3, prompts_per_iter=3, top_k=0)
+    cfg = _cfg(tiny_dir, tmp_path, group_size=3, prompts_per_iter=3, top_k=None)
     groups = np.array([0, 1, 0])
     plain = grpo_mod.iteration_seeds(cfg, 5, groups, list(range(9)))
     assert len(set(plain)) == 9
@@ -325,17 +325,22 @@ def test_config_errors_name_the_key(tiny_dir, tmp_path, capsys, monkeypatch):
     import spatialcore.dist
     import spatialcore.rl.sampler
 
-    monkeypatch.setattr(spatialcore.dist, "start_run", lambda cfg: (0, 3, torch.device("cpu")))
+    monkeypatch.setattr(spatialcore.dist, "init", lambda: (0, 3, torch.device("cpu")))
     monkeypatch.setattr(spatialcore.rl.sampler, "load_pipeline", None)  # building a model would fail loudly
     with pytest.raises(ConfigError, match="prompts_per_iter"):
         grpo_mod.GRPOTrainer(_cfg(tiny_dir, tmp_path / "three"))
 
 
 def test_top_k_follows_the_preset_unless_given(tiny_dir, tmp_path):
-    assert _cfg(tiny_dir, tmp_path, top_k=None, advantage="flow_grpo").resolved_top_k() == 0
-    assert _cfg(tiny_dir, tmp_path, top_k=None, advantage="spatial_rl", group_size=24).resolved_top_k() == 6
-    assert _cfg(tiny_dir, tmp_path, top_k=0, advantage="spatial_rl").resolved_top_k() == 0
+    """top_k: preset (the default) is the advantage preset's K; null is off, the one spelling the kernel has
+    too; 0 is refused naming the key."""
+    assert _cfg(tiny_dir, tmp_path, top_k="preset", advantage="flow_grpo").resolved_top_k() is None
+    assert _cfg(tiny_dir, tmp_path, top_k="preset", advantage="spatial_rl", group_size=24).resolved_top_k() == 6
+    assert GRPOTrainConfig().top_k == "preset"
+    assert _cfg(tiny_dir, tmp_path, top_k=None, advantage="spatial_rl").resolved_top_k() is None
     assert _cfg(tiny_dir, tmp_path, top_k=2, advantage="trl", group_size=8).resolved_top_k() == 2
+    with pytest.raises(ConfigError, match=r"'top_k'.*top_k: null to keep every sample"):
+        _cfg(tiny_dir, tmp_path, top_k=0)
     assert GRPOTrainConfig().drop_zero_std and GRPOTrainConfig().kl_convention == "flow_grpo"
 
 
@@ -344,8 +349,6 @@ def test_nonfinite_rewards_train_on_the_rest_and_a_bad_streak_stops(tiny_dir, tm
     the three finite samples of group 0 train (flow_grpo preset: no Top-k, which would keep two;
     zero-std groups dropped), metrics stay finite and count the bad rewards. Iterations 2-3: no finite reward at all -> stop after max_bad_iterations
     with the iteration-1 checkpoint intact and no checkpoint written during the streak."""
-    import spatialcore.rl.reward_fns
-
     calls = []
 
     def reward(images, prompts):
@@ -356,7 +359,7 @@ def test_nonfinite_rewards_train_on_the_rest_and_a_bad_streak_stops(tiny_dir, tm
             return torch.tensor([float("nan"), 0.3, 0.1, -0.2, float("inf"), 0.5, 0.5, 0.5])
         return torch.full((8,), float("nan"))
 
-    monkeypatch.setattr(spatialcore.rl.reward_fns, "make_reward", lambda *a, **k: reward)
+    monkeypatch.setattr(grpo_mod, "make_reward", lambda *a, **k: reward)
     run = tmp_path / "run"
     cfg = _cfg(tiny_dir, run, iterations=5, advantage="flow_grpo", top_k=None, save_every=1, eval_every=100,
                eval_seeds=1, max_bad_iterations=2, save_grids=False)
@@ -422,13 +425,22 @@ def test_sample_cli_with_trained_policy(tiny_dir, tmp_path, lora_rank):
     assert np.abs(outs["base"].astype(int) - outs["policy"].astype(int)).max() > 0
 
 
-def test_cosine_learning_rate_is_a_function_of_the_iteration(tiny_dir, tmp_path):
+def test_the_learning_rate_schedule_is_a_function_of_the_step(tiny_dir, tmp_path):
+    """The one schedule of every trainer, against its formula: a linear warm-up (step + 1) / w, then a cosine from
+    lr to min_lr_ratio x lr over the T - w steps after it (or constant)."""
+    import math
+
+    from spatialcore.trainers.optim import lr_factor
+
     cfg = _cfg(tiny_dir, tmp_path, iterations=11, **{"optim.lr": 1e-3, "optim.schedule": "cosine",
-                                                     "optim.min_lr_ratio": 0.1})
-    lrs = [grpo_mod.lr_at(cfg, i) for i in range(11)]
-    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(1e-4) and lrs[5] == pytest.approx(5.5e-4)
-    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
-    assert grpo_mod.lr_at(_cfg(tiny_dir, tmp_path, **{"optim.lr": 1e-3}), 7) == 1e-3
+                                                     "optim.min_lr_ratio": 0.1, "optim.warmup_steps": 3})
+    lrs = [cfg.optim.lr * lr_factor(cfg.optim, i, 11) for i in range(11)]
+    want = [1e-3 * (i + 1) / 3 for i in range(3)] + [1e-4 + 0.9e-3 * 0.5 * (1 + math.cos(math.pi * (i - 3) / 8))
+                                                     for i in range(3, 11)]
+    assert lrs == pytest.approx(want, rel=1e-12)
+    assert all(a >= b for a, b in zip(lrs[2:], lrs[3:], strict=False))
+    constant = _cfg(tiny_dir, tmp_path, **{"optim.lr": 1e-3}).optim
+    assert [lr_factor(constant, i, 11) for i in (0, 7, 10)] == [1.0, 1.0, 1.0]
 
 
 def test_config_files_load():
@@ -438,7 +450,7 @@ def test_config_files_load():
     assert len(files) >= 5
     for f in files:
         cfg = load_config(GRPOTrainConfig, f)
-        assert cfg.group_size >= 2 * cfg.resolved_top_k()
+        assert cfg.group_size >= 2 * (cfg.resolved_top_k() or 0)
 
 
 # ----------------------------------------------------------------------------- uncertainty-aware rewards
@@ -466,21 +478,20 @@ def _lcb_topk_reference(mu, sigma, lam, k, *, stats_over, unbiased, eps, clip):
 def test_sigma_aware_top_k_ranks_by_the_lower_bound(preset):
     """Top-k ranked by mu - lambda*sigma keeps other samples than Top-k by mu (the example is built so),
     and the kept samples' advantages come from mu: checked against a loop written from the definition."""
-    from spatialcore.kernels import ADVANTAGE_PRESETS
-    from spatialcore.trainers.grpo import ranked_advantages
+    from spatialcore.kernels import ADVANTAGE_PRESETS, group_advantages
 
     g = torch.Generator().manual_seed(3)
     mu = torch.randn(3, 7, generator=g)
     sigma = torch.rand(3, 7, generator=g) * 2.0
     sigma[0, mu[0].argmax()] = 10.0  # the best mu is the least certain: its bound ranks it last
     lam, k, kw = 0.7, 2, ADVANTAGE_PRESETS[preset]
-    res = ranked_advantages(mu, mu - lam * sigma, k, drop_zero_std=True, **kw)
+    res = group_advantages(mu, top_k=k, rank_by=mu - lam * sigma, drop_zero_std=True, **kw)
     adv, keep = _lcb_topk_reference(mu.double().numpy(), sigma.double().numpy(), lam, k,
                                     stats_over=kw["stats_over"], unbiased=kw["unbiased"], eps=kw["eps"],
                                     clip=kw.get("clip", np.inf))
     assert torch.equal(res.keep, torch.from_numpy(keep))
     np.testing.assert_allclose(res.advantages.numpy(), adv, rtol=1e-5, atol=1e-6)
-    plain = ranked_advantages(mu, None, k, drop_zero_std=True, **kw)
+    plain = group_advantages(mu, top_k=k, drop_zero_std=True, **kw)
     assert not torch.equal(plain.keep, res.keep)
 
 
@@ -503,7 +514,6 @@ def test_spatialscore_reward_forms():
 def test_trainer_keeps_the_lower_bound_top_k(tiny_dir, tmp_path, monkeypatch):
     """In the trainer with reward.spatialscore.topk_by=lcb (reward: mu): the logged rewards are mu and
     the samples that reach the update are the lower bound's Top-k, which differ from mu's Top-k here."""
-    import spatialcore.rl.reward_fns
 
     mu = torch.tensor([0.9, 0.1, 0.5, 0.2, -0.3, 0.8, 0.0, 0.4])
     sigma = torch.tensor([2.0, 0.1, 0.1, 0.1, 0.1, 0.1, 0.1, 3.0])
@@ -527,12 +537,12 @@ def test_trainer_keeps_the_lower_bound_top_k(tiny_dir, tmp_path, monkeypatch):
         kept.append(res.keep.reshape(-1).clone())
         return res
 
-    monkeypatch.setattr(spatialcore.rl.reward_fns, "make_reward", lambda *a, **k: made.update(k) or Reward())
+    monkeypatch.setattr(grpo_mod, "make_reward", lambda r, device, name=None: made.update(r=r) or Reward())
     monkeypatch.setattr(kernels, "group_advantages", group_advantages)
     train(_cfg(tiny_dir, tmp_path / "run", iterations=1, save_grids=False, eval_every=100, eval_seeds=1,
                **{"reward.name": "spatialscore", "reward.spatialscore.model": str(tmp_path / "unused"),
                   "reward.spatialscore.sigma_weight": 0.5, "reward.spatialscore.topk_by": "lcb"}))
-    assert made["score_form"] == "mu" and made["sigma_weight"] == 0.5
+    assert made["r"].spatialscore.form == "mu" and made["r"].spatialscore.sigma_weight == 0.5
     lcb, by_mu = (mu - 0.5 * sigma).view(2, 4), mu.view(2, 4)
     want, plain = torch.zeros(2, 4, dtype=torch.bool), torch.zeros(2, 4, dtype=torch.bool)
     for p in range(2):  # top_k=1 of 4: the highest and the lowest of each group
@@ -639,6 +649,7 @@ def test_judge_reward_is_the_evaluations_verdict():
 
     from spatialcore.config import from_dict
     from spatialcore.data.synth import DIFFICULTIES, SynthConfig, make_pair
+    from spatialcore.eval.judge import judge_reward
 
     cfg = from_dict(SynthConfig, DIFFICULTIES["easy_grid"], "stream")
     by_type = {}
@@ -653,6 +664,6 @@ def test_judge_reward_is_the_evaluations_verdict():
     flip, drop = by_type["flip"], by_type["drop"]
     images = torch.stack([t(flip.chosen), t(flip.rejected), t(drop.rejected)])
     prompts = [flip.record["prompt"], flip.record["prompt"], drop.record["prompt"]]
-    assert oracle_reward(images, prompts, form="judge").tolist() == [1.0, 0.0, -1.0]
+    assert judge_reward(images, prompts).tolist() == [1.0, 0.0, -1.0]
     with pytest.raises(ValueError, match="synthetic-grammar"):
-        oracle_reward(images[:1], ["a photo of a cat"], form="judge")
+        judge_reward(images[:1], ["a photo of a cat"])

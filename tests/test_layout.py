@@ -1,6 +1,7 @@
 """The package's shape: no import cycle between modules (counting the imports inside functions too:
-a lazy import that papers over a cycle is still a cycle), and the core never imports the
-measurement code."""
+a lazy import that papers over a cycle is still a cycle), and a declared layering of the packages: a module
+imports only from its own layer or the layers below it (so the measurement code and the CLI are never
+imported by the core, and the judge never by the sampler)."""
 
 import ast
 from pathlib import Path
@@ -76,12 +77,44 @@ def test_no_import_cycles():
             visit(m)
 
 
-def test_core_does_not_import_profiling():
+# Lowest first. A module's layer is the one whose longest prefix matches its name.
+LAYERS = [
+    # the base: configs, logs, process groups, checkpoints and run folders, paths, plots
+    ["spatialcore.errors", "spatialcore.atomic", "spatialcore.config", "spatialcore.vocab", "spatialcore.paths",
+     "spatialcore.logs", "spatialcore.phases", "spatialcore.plots", "spatialcore.gpu", "spatialcore.dist",
+     "spatialcore.checkpoint", "spatialcore.run_folder"],
+    ["spatialcore.kernels"],      # fused math with plain references
+    ["spatialcore.data"],         # synthetic scenes, pair sets, the pixel oracle, prompt and image lists
+    ["spatialcore.reward"],       # SpatialScore: model, preprocessing, pair evaluation
+    ["spatialcore.rl"],           # Flux sampler, policy, reward functions
+    ["spatialcore.eval"],         # the judge of generators, held-out samples, the eval report
+    ["spatialcore.trainers"],     # the loop and the trainers
+    ["spatialcore.tiny", "spatialcore.demo", "spatialcore.export", "spatialcore.sample",
+     "spatialcore.config_reference"],  # what the commands run
+    ["spatialcore.profiling"],    # measurement
+    ["spatialcore.cli"],          # the command line
+]
+
+
+def _layer(module: str) -> int | None:
+    best = None
+    for i, prefixes in enumerate(LAYERS):
+        for pre in prefixes:
+            if (module == pre or module.startswith(pre + ".")) and (best is None or len(pre) > best[1]):
+                best = (i, len(pre))
+    return None if best is None else best[0]
+
+
+def test_every_module_has_a_layer():
+    unplaced = [m for m in _graph() if m != "spatialcore" and _layer(m) is None]
+    assert not unplaced, f"modules outside every layer of LAYERS: {unplaced}"
+
+
+def test_imports_follow_the_layers():
     graph = _graph()
-    core = [m for m in graph if not m.startswith("spatialcore.profiling") and m != "spatialcore.cli"]  # the CLI runs it
-    bad = {m: sorted(d for d in graph[m] if d.startswith("spatialcore.profiling")) for m in core}
-    bad = {m: d for m, d in bad.items() if d}
-    assert not bad, f"core modules import spatialcore.profiling: {bad}"
+    bad = [f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})" for m in sorted(graph) if m != "spatialcore"
+           for d in sorted(graph[m]) if d != "spatialcore" and _layer(d) > _layer(m)]
+    assert not bad, "imports against the layering:\n" + "\n".join(bad)
 
 
 def test_every_package_is_listed_for_installation():

@@ -77,8 +77,9 @@ def test_grpo_sigkill_at_a_random_iteration_resumes_exactly(tiny_dir, tmp_path, 
 
 
 def test_reward_sigkill_at_a_random_step_resumes_exactly(tiny_dir, easy_pairs, tmp_path, capfd):
-    overrides = {"model": str(tiny_dir / "reward"), "data": str(easy_pairs), "batch_size": 4, "max_steps": 8,
-                 "warmup_steps": 2, "eval_every": 3, "eval_pairs": 8, "save_every": 2, "log_every": 1, "lr": 1e-3,
+    overrides = {"model": str(tiny_dir / "reward"), "data.source": str(easy_pairs), "batch_size": 4, "max_steps": 8,
+                 "optim.warmup_steps": 2, "eval_every": 3, "data.eval_pairs": 8, "save_every": 2, "log_every": 1,
+                 "optim.lr": 1e-3,
                  "threads": 1}
     straight, killed = _kill_and_resume(["reward", "train"], RewardTrainConfig, reward_train, overrides, tmp_path,
                                         capfd, "loss", "model", 8)
@@ -173,7 +174,7 @@ def test_a_run_folder_with_only_torn_checkpoints_is_one_line(tiny_dir, tmp_path,
     for step in (2, 4):
         w = root / f"step_{step:08d}" / "weights.safetensors"
         w.write_bytes(w.read_bytes()[:50])
-    assert main(["reward", "train", f"model={tiny_dir / 'reward'}", "data=stream:easy", f"out={run}"]) == 1
+    assert main(["reward", "train", f"model={tiny_dir / 'reward'}", "data.source=stream:easy", f"out={run}"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "step_00000004/weights.safetensors is truncated" in err[0], err
     assert json.loads((root / "step_00000004" / "meta.json").read_text())["step"] == 4  # left as it was

@@ -9,11 +9,12 @@ import torch
 from PIL import Image
 from spatialcore.trainers.reward import RewardTrainConfig, train
 
-from runs import records, step_records
+from runs import cli_args, records, step_records
 from spatialcore.cli import main
-from spatialcore.config import from_dict, load_config
-from spatialcore.data.pairs import PairCollator, PairSet, chat_text
+from spatialcore.config import load_config
+from spatialcore.data.pairs import PairSet
 from spatialcore.reward import LoraSpec, SpatialScore, last_token_index, preprocess_images
+from spatialcore.reward.preprocess import PairCollator, chat_text
 
 PROMPT = "the red circle is to the left of the blue square."
 
@@ -29,7 +30,7 @@ def test_last_token_index_left_and_right_padding():
 
 
 def test_no_vocabulary_logits_ever(tiny_dir):
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     vocab = model.backbone.config.text_config.vocab_size
     assert not any("lm_head" in n for n, _ in model.named_modules())
     widths = []
@@ -45,7 +46,7 @@ def test_no_vocabulary_logits_ever(tiny_dir):
 @pytest.mark.parametrize("lora", [None, LoraSpec(rank=4)])
 def test_save_load_gives_identical_scores(tiny_dir, tmp_path, lora):
     torch.manual_seed(0)
-    model = SpatialScore.from_backbone(tiny_dir / "reward", lora=lora)
+    model = SpatialScore.from_backbone(tiny_dir / "reward", lora=lora, variance_head=True)
     with torch.no_grad():  # make the head and (for LoRA) the adapter non-trivial
         for n, p in model.named_parameters():
             if "lora_B" in n or n.startswith("head."):
@@ -64,7 +65,7 @@ def test_save_load_gives_identical_scores(tiny_dir, tmp_path, lora):
 def test_shuffled_prompt_scores_use_other_prompts(tiny_dir):
     from spatialcore.reward.evaluate import pair_scores
 
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     ims = _images()
     data = [{"id": str(i), "prompt": p, "chosen": ims[0], "rejected": ims[1], "n_perturbations": 1, "perturbations": []}
             for i, p in enumerate(["the red circle is above the blue square.", "a green star is below a pink ring.",
@@ -87,7 +88,7 @@ def test_tensor_preprocessing_matches_stock_processor(tiny_dir):
         assert torch.equal(grid, ref["image_grid_thw"])
         torch.testing.assert_close(pv, ref["pixel_values"], rtol=0, atol=1e-5)  # float rounding of the normalisation
     # Scoring from tensors equals scoring from PIL images of the same pixels.
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     ims = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (56, 56, 3)).astype(np.uint8)) for i in range(3)]
     t = torch.stack([torch.from_numpy(np.asarray(im)).permute(2, 0, 1) for im in ims]).float() / 255
     torch.testing.assert_close(model.score(PROMPT, t)[0], model.score(PROMPT, ims)[0], rtol=0, atol=1e-5)
@@ -108,11 +109,11 @@ def test_fast_collate_equals_stock_processor(tiny_dir, easy_pairs):
 
 
 def _cfg(tiny_dir, data, out, **kw):
-    base = {"model": str(tiny_dir / "reward"), "data": str(data), "out": str(out), "batch_size": 4, "max_steps": 6,
-            "warmup_steps": 2, "eval_every": 3, "eval_pairs": 8, "save_every": 3, "log_every": 1, "lr": 1e-3,
-            "threads": 1}
+    base = {"model": str(tiny_dir / "reward"), "data.source": str(data), "out": str(out), "batch_size": 4,
+            "max_steps": 6, "optim.warmup_steps": 2, "eval_every": 3, "data.eval_pairs": 8, "save_every": 3,
+            "log_every": 1, "optim.lr": 1e-3, "threads": 1}
     base.update(kw)
-    return from_dict(RewardTrainConfig, base)
+    return load_config(RewardTrainConfig, None, cli_args(base))
 
 
 def _weights(out):
@@ -122,7 +123,7 @@ def _weights(out):
 
 
 def test_reward_cli_eval_and_score(tiny_dir, easy_pairs, tmp_path, capsys):
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     model.save_pretrained(tmp_path / "m")
     out = tmp_path / "eval.json"
     assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(easy_pairs), "--json", str(out)]) == 0
@@ -140,11 +141,13 @@ def test_reward_cli_eval_and_score(tiny_dir, easy_pairs, tmp_path, capsys):
 
 def test_wrong_paths_are_one_line_with_exit_2(tiny_dir, easy_pairs, tmp_path, capsys):
     """A user's wrong folder: one line naming the key, the path and what was expected; no traceback."""
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     model.save_pretrained(tmp_path / "m")
     cases = [
-        (["reward", "train", "data=/nonexistent"], "'data': /nonexistent does not exist"),
-        (["reward", "train", f"model={tmp_path / 'nothing'}", "data=stream:easy"], "'model'"),
+        (["reward", "train", "data.source=/nonexistent"], "'data.source': /nonexistent does not exist"),
+        (["reward", "train", f"model={tmp_path / 'nothing'}", "data.source=stream:easy"], "'model'"),
+        (["reward", "train", "data=runs/pairs"], "'data': is a section (source,"),
+        (["reward", "train", "lr=1e-4"], "'lr': was replaced by 'optim.lr'"),
         (["reward", "eval", "--model", str(tiny_dir / "reward"), "--data", str(easy_pairs)],
          "raw backbone checkpoint"),
         (["reward", "eval", "--model", str(tmp_path), "--data", str(easy_pairs)], f"did you mean {tmp_path / 'm'}"),
@@ -168,12 +171,12 @@ def test_wrong_paths_are_one_line_with_exit_2(tiny_dir, easy_pairs, tmp_path, ca
 def test_config_files_load():
     for name in ("tiny_cpu", "tiny_cpu_unseen", "qwen2_5_vl_7b"):
         cfg = load_config(RewardTrainConfig, f"configs/reward/{name}.yaml")
-        assert cfg.max_steps > cfg.warmup_steps
+        assert cfg.max_steps > cfg.optim.warmup_steps
 
 
 def test_streaming_training_and_prompt_shuffle_control(tiny_dir, tmp_path):
-    cfg = _cfg(tiny_dir, "stream:easy", tmp_path / "s", max_steps=3, eval_every=3, save_every=3, eval_pairs=6,
-               shuffle_prompts=True)
+    cfg = _cfg(tiny_dir, "stream:easy", tmp_path / "s", max_steps=3, eval_every=3, save_every=3,
+               **{"data.eval_pairs": 6, "data.shuffle_prompts": True})
     metrics = train(cfg)
     assert metrics["pairs"] == 6 and metrics["pairs_1"] == 6
     with pytest.raises(Exception, match="unknown stream preset"):
@@ -181,11 +184,13 @@ def test_streaming_training_and_prompt_shuffle_control(tiny_dir, tmp_path):
 
 
 def test_curriculum_advances_and_resumes(tiny_dir, tmp_path, capfd):
-    stages = ["curriculum=[{relation_types: [left of]}, {relation_types: [left of, right of]}]"]
-    base = dict(max_steps=6, eval_every=2, save_every=2, eval_pairs=4, advance_at=0.0, log_every=1)
+    stages = ["data.curriculum=[{relation_types: [left of]}, {relation_types: [left of, right of]}]"]
+    base = {"max_steps": 6, "eval_every": 2, "save_every": 2, "data.eval_pairs": 4, "data.advance_at": 0.0,
+            "log_every": 1}
     cfg = load_config(RewardTrainConfig, None, [*stages, *(f"{k}={v}" for k, v in base.items()),
-                                                f"model={tiny_dir / 'reward'}", "data=stream:easy", "batch_size=2",
-                                                "warmup_steps=1", "threads=1", f"out={tmp_path / 'a'}"])
+                                                f"model={tiny_dir / 'reward'}", "data.source=stream:easy",
+                                                "batch_size=2", "optim.warmup_steps=1", "threads=1",
+                                                f"out={tmp_path / 'a'}"])
     train(cfg)
     recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["stage"] for r in recs if "stage" in r] == [0, 1, 2]
@@ -204,34 +209,35 @@ def test_curriculum_advances_and_resumes(tiny_dir, tmp_path, capfd):
         for k in a:
             assert torch.equal(a[k], b[k]), k
     with pytest.raises(Exception, match="curriculum"):
-        load_config(RewardTrainConfig, None, [*stages, "data=runs/pairs"])
+        load_config(RewardTrainConfig, None, [*stages, "data.source=runs/pairs"])
 
 
 def test_a_stage_ends_at_its_own_threshold_or_its_step_limit(tiny_dir, tmp_path, capfd):
     """Stage 1 cannot be cleared (its own advance_at is 1.0, above what a random model scores on 8 pairs) and
     ends after its max_stage_steps; stage 2 (advance_at 0) ends at its first evaluation."""
-    stages = ("curriculum=[{relation_types: [left of], advance_at: 1.0, max_stage_steps: 4}, "
+    stages = ("data.curriculum=[{relation_types: [left of], advance_at: 1.0, max_stage_steps: 4}, "
               "{relation_types: [left of, right of], advance_at: 0.0}]")
-    base = dict(max_steps=8, eval_every=2, save_every=100, eval_pairs=8, advance_at=1.0, log_every=1, lr=0.0,
-                head_lr=0.0)
+    base = {"max_steps": 8, "eval_every": 2, "save_every": 100, "data.eval_pairs": 8, "data.advance_at": 1.0,
+            "log_every": 1, "optim.lr": 0.0, "optim.head_lr": 0.0}
     cfg = load_config(RewardTrainConfig, None, [stages, *(f"{k}={v}" for k, v in base.items()),
-                                                f"model={tiny_dir / 'reward'}", "data=stream:easy", "batch_size=2",
-                                                "warmup_steps=1", "threads=1", f"out={tmp_path / 'a'}"])
+                                                f"model={tiny_dir / 'reward'}", "data.source=stream:easy",
+                                                "batch_size=2", "optim.warmup_steps=1", "threads=1",
+                                                f"out={tmp_path / 'a'}"])
     train(cfg)
     recs = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     evals = [(r["step"], r["stage"], r["eval_accuracy"]) for r in recs if "stage" in r]
     assert [(step, stage) for step, stage, _ in evals] == [(2, 0), (4, 0), (6, 1), (8, 2)]
     assert all(acc < 1.0 for _, stage, acc in evals if stage == 0)
     assert "stage 2/3 from step 4 (stage 1 not cleared in its 4 steps)" in capfd.readouterr().err
-    for bad, key in (("{advance_at: 2}", "curriculum[0].advance_at"), ("{max_stage_steps: 0}",
-                                                                       "curriculum[0].max_stage_steps")):
+    for bad, key in (("{advance_at: 2}", "data.curriculum[0].advance_at"), ("{max_stage_steps: 0}",
+                                                                            "data.curriculum[0].max_stage_steps")):
         with pytest.raises(Exception, match=re.escape(key)):
-            load_config(RewardTrainConfig, None, [f"curriculum=[{bad}]", "data=stream:easy"])
+            load_config(RewardTrainConfig, None, [f"data.curriculum=[{bad}]", "data.source=stream:easy"])
 
 
 def test_int8_weight_only_scoring(tiny_dir):
     torch.manual_seed(0)
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     ims = [Image.fromarray(np.random.RandomState(i).randint(0, 255, (56, 56, 3)).astype(np.uint8)) for i in range(6)]
     before = model.score(PROMPT, ims)[0]
     model.quantize("int8")
@@ -241,7 +247,7 @@ def test_int8_weight_only_scoring(tiny_dir):
     assert (after - before).abs().max() <= 0.05 * before.abs().max() + 1e-3
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="float8"):
-            SpatialScore.from_backbone(tiny_dir / "reward").quantize("float8")
+            SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True).quantize("float8")
 
 
 def test_int8_keeps_the_held_out_accuracy_of_a_trained_model(tiny_dir, tmp_path):
@@ -252,12 +258,12 @@ def test_int8_keeps_the_held_out_accuracy_of_a_trained_model(tiny_dir, tmp_path)
     from spatialcore.reward.evaluate import pair_metrics, pair_scores
 
     cfg = load_config(RewardTrainConfig, None, [
-        f"model={tiny_dir / 'reward'}", "data=stream:easy", "stream={relation_types: [left of], p_sizes: 0.0, "
-        "p_background: 0.0}", f"out={tmp_path / 'r'}", "max_steps=300", "warmup_steps=20", "lr=1e-3",
-        "eval_every=300", "save_every=300", "eval_pairs=200", "threads=2", "seed=1"])
+        f"model={tiny_dir / 'reward'}", "data.source=stream:easy", "data.stream={relation_types: [left of], "
+        "p_sizes: 0.0, p_background: 0.0}", f"out={tmp_path / 'r'}", "max_steps=300", "optim.warmup_steps=20",
+        "optim.lr=1e-3", "eval_every=300", "save_every=300", "data.eval_pairs=200", "threads=2", "seed=1"])
     trained = train(cfg)
     assert trained["accuracy"] >= 0.8, trained  # a model that learned something, not a coin
-    pairs = held_out_pairs(synth_config(cfg.data, cfg.stream), cfg.seed, 200, "test")
+    pairs = held_out_pairs(synth_config(cfg.data.source, cfg.data.stream), cfg.seed, 200, "test")
     model = SpatialScore.from_pretrained(tmp_path / "r" / "model")
     full = pair_metrics(*pair_scores(model, pairs))
     assert abs(full["accuracy"] - trained["accuracy"]) < 1e-9  # the saved model is the evaluated one
@@ -268,7 +274,7 @@ def test_int8_keeps_the_held_out_accuracy_of_a_trained_model(tiny_dir, tmp_path)
 
 def test_compile_switch_scores_like_eager_and_liger_needs_cuda(tiny_dir, capsys):
     torch.manual_seed(0)
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     before = model.score(PROMPT, _images())[0]
     model.accelerate(compile=True)
     assert "torch.compile: 2 decoder layers" in capsys.readouterr().err
@@ -341,7 +347,7 @@ def test_per_perturbation_type_breakdown_by_value(tiny_dir, tmp_path, monkeypatc
     assert got == HAND_BY_TYPE
     assert m["accuracy"] == pytest.approx(3.5 / 6) and m["accuracy_1"] == pytest.approx(1.5 / 3)
     # `reward eval` prints it and writes it to --json (model scores stubbed with the ones above)
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     model.save_pretrained(tmp_path / "m")
     monkeypatch.setattr(evaluate, "pair_scores", lambda *a, **k: _hand_scores())
     out = tmp_path / "eval.json"
@@ -421,9 +427,9 @@ def test_a_hand_labelled_pair_set_without_synthetic_fields_trains_and_evaluates(
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     pairs = PairSet(folder, strict=True)
     assert len(pairs) == 6 and not pairs.problems and pairs[0]["n_perturbations"] == 0
-    cfg = load_config(RewardTrainConfig, None, [f"model={tiny_dir / 'reward'}", f"data={folder}",
+    cfg = load_config(RewardTrainConfig, None, [f"model={tiny_dir / 'reward'}", f"data.source={folder}",
                                                 f"out={tmp_path / 'run'}", "batch_size=2", "max_steps=2",
-                                                "eval_every=2", "save_every=2", "warmup_steps=0", "threads=1"])
+                                                "eval_every=2", "save_every=2", "optim.warmup_steps=0", "threads=1"])
     train(cfg)
     out = tmp_path / "eval.json"
     assert main(["reward", "eval", "--model", str(tmp_path / "run" / "model"), "--data", str(folder),
@@ -439,7 +445,7 @@ def test_a_hand_labelled_pair_set_without_synthetic_fields_trains_and_evaluates(
 def test_reward_score_reads_each_images_own_prompt(tiny_dir, tmp_path, capsys):
     """`reward score --samples`: the samples.jsonl of `sample`/`eval` (paths relative to it) or an image
     folder's metadata.jsonl; each image is scored against its own prompt, exactly as one --prompt call would."""
-    model = SpatialScore.from_backbone(tiny_dir / "reward")
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)
     model.save_pretrained(tmp_path / "m")
     run = tmp_path / "eval_out"
     (run / "images").mkdir(parents=True)

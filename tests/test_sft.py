@@ -60,14 +60,16 @@ def test_a_prompt_longer_than_max_sequence_length_is_refused_not_cut(tiny_dir):
 def test_sources_give_each_item_the_same_on_every_call(easy_pairs, tmp_path):
     """Pair sets give their train split's chosen images; a folder its metadata.jsonl images; the synthetic
     stream its train split; item k is a pure function of (config, stream, k)."""
-    from spatialcore.trainers.sft import ItemSource
-
+    from spatialcore.data.captioned import CaptionedItems, to_tensor
     from spatialcore.data.pairs import scan_pair_set
     from spatialcore.data.scene import parse_prompt
 
     recs, _ = scan_pair_set(easy_pairs)
     chosen = {str(r.chosen): r.prompt for r in recs if r.split == "train"}
-    src = ItemSource(_sft_cfg(**{"data.source": "pairs", "data.path": str(easy_pairs), "grid_prompts": ["x"]}))
+    def source(cfg):
+        return CaptionedItems(cfg.data, image_size=cfg.image_size, seed=cfg.seed)
+
+    src = source(_sft_cfg(**{"data.source": "pairs", "data.path": str(easy_pairs), "grid_prompts": ["x"]}))
     assert len(src) == len(chosen) and len(chosen) < len(recs)
     seen = [src(1, k)[0] for k in range(len(src))]
     assert sorted(seen) == sorted(chosen.values()), "one epoch visits every train pair once"
@@ -78,17 +80,15 @@ def test_sources_give_each_item_the_same_on_every_call(easy_pairs, tmp_path):
         Image.new("RGB", (48, 40), colour).save(folder / f"{i}.png")
     (folder / "metadata.jsonl").write_text("".join(json.dumps({"file_name": f"{i}.png", "prompt": f"p{i}"}) + "\n"
                                                    for i in range(3)))
-    src = ItemSource(_sft_cfg(**{"data.source": "folder", "data.path": str(folder), "grid_prompts": ["x"]}))
+    src = source(_sft_cfg(**{"data.source": "folder", "data.path": str(folder), "grid_prompts": ["x"]}))
     items = [src(1, k) for k in range(6)]
     assert sorted(p for p, _ in items[:3]) == ["p0", "p1", "p2"] and sorted(p for p, _ in items[3:]) == ["p0", "p1", "p2"]
     assert [p for p, _ in items] == [src(1, k)[0] for k in range(6)]
 
-    from spatialcore.trainers.sft import to_tensor
-
     t = to_tensor(items[0][1], 32)
     assert t.shape == (3, 32, 32) and -1 <= float(t.min()) <= float(t.max()) <= 1
 
-    synth = ItemSource(_sft_cfg())
+    synth = source(_sft_cfg())
     p, im = synth(0, 5)
     assert parse_prompt(p) and im.size == (64, 64)
     again = synth(0, 5)
@@ -143,7 +143,7 @@ def test_the_checkpoint_loads_in_the_stock_pipeline_and_its_lora_matches(tiny_di
 
 
 def test_float16_export_halves_the_files_and_loads_as_float32(tiny_dir, tmp_path):
-    """export_dtype=float16 stores every weight of the pipeline in half precision (what a committed
+    """policy.export_dtype=float16 stores every weight of the pipeline in half precision (what a committed
     checkpoint uses); the project's loader reads it back as float32 equal to the float32 export rounded
     to half precision."""
     from safetensors.torch import load_file
@@ -154,7 +154,7 @@ def test_float16_export_halves_the_files_and_loads_as_float32(tiny_dir, tmp_path
     kw = dict(model=str(tiny_dir / "flux"), image_size=32, steps=1, batch_size=2, eval_every=5, eval_prompts=1,
               eval_seeds=1, sample_steps=1, threads=1)
     for dtype in ("float32", "float16"):
-        train(_sft_cfg(out=str(tmp_path / dtype), export_dtype=dtype, **kw))
+        train(_sft_cfg(out=str(tmp_path / dtype), **{"policy.export_dtype": dtype}, **kw))
     files = sorted((tmp_path / "float16" / "pipeline").rglob("*.safetensors"))
     assert {p.parent.name for p in files} >= {"transformer", "vae", "text_encoder", "text_encoder_2"}
     for f in files:

@@ -1,4 +1,4 @@
-"""Spatial-RL trainer: GRPO with Top-k filtering on a Flux generator, one readable loop.
+"""Spatial-RL trainer: GRPO with Top-k filtering on a Flux generator (the loop is ``trainer.Trainer``).
 
     spatialcore grpo train --config configs/grpo/tiny_cpu.yaml [key=value ...]
     torchrun --nproc_per_node 8 $(which spatialcore) grpo train --config configs/grpo/flux_dev_spatial.yaml
@@ -23,34 +23,31 @@ Conventions (each a config key; Flow-GRPO's is the default so its hyper-paramete
 ``advantage: flow_grpo`` is its batch-std normalisation (``flow_grpo_per_prompt``: per-group std);
 ``kl_convention: flow_grpo`` divides the KL by sigma_t^2 (``exact``: by the step variance, 1/|dt|
 times more); ``sampler.cps_logprob: flow_grpo`` is its CPS log-prob; ``drop_zero_std: true`` drops
-zero-std groups from the loss and its denominator; ``top_k: null`` is the preset's own choice.
+zero-std groups from the loss and its denominator; ``top_k: preset`` is the preset's own K (``null``: every sample).
 
-Every ``eval_every`` iterations the (EMA) policy samples the held-out prompts from fixed noise
-with the deterministic ODE and the mean reward is logged (plus the hard pixel oracle where the
-prompts follow the synthetic grammar). Checkpoints are atomic; a run started again with the same
-config resumes from the newest complete one and ends with the same weights and metrics.
+Before the first iteration and every ``eval_every`` iterations the (EMA) policy samples the held-out prompts
+from fixed noise with the deterministic ODE (``eval.heldout``) and the mean reward is logged, with the judge of
+``spatialcore eval`` where the prompts follow the synthetic grammar. The run ends with ``out/policy``.
 """
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import torch
 
 from ..config import ConfigError, param
-from ..dist import is_main
+from ..dist import all_reduce_grads, gather_by_index, is_main
 from ..gpu import sdpa_for_training
-from ..logs import info, progress, step_line
+from ..logs import info
 from ..phases import phase
+from ..rl.policy import PolicyConfig
 from ..rl.sampler import SamplerConfig, Trajectory
-from .run import OptimConfig, PolicyConfig, all_reduce_grads, gather_by_index
-
-TIME_KEYS = ("t_sample", "t_score", "t_train", "samples_per_s", "elapsed_s", "gpu_mem_gib")
+from .optim import OptimConfig
+from .trainer import RunConfig, Trainer
 
 
 @dataclass
@@ -115,36 +112,35 @@ class RewardFnConfig:
 
 
 def _check_sigma_aware(r: RewardFnConfig) -> None:
-    """A sigma-aware reward needs a SpatialScore that predicts sigma: one trained with ``variance_head: false`` has
+    """A sigma-aware reward needs a SpatialScore that predicts sigma: one trained without a variance head has
     sigma = 0, and its lower bound would silently be mu."""
+    from ..reward.model import read_meta
+
     s = r.spatialscore
     if "spatialscore" not in r.parts() or (s.form == "mu" and s.topk_by == "reward"):
         return
-    meta = Path(s.model) / "spatialscore.json"
-    if meta.is_file() and not json.loads(meta.read_text()).get("variance_head", True):
+    try:
+        has_sigma = read_meta(s.model)["variance_head"]
+    except FileNotFoundError:
+        return  # the command line names a folder that is not a SpatialScore
+    if not has_sigma:
         key = "reward.spatialscore.form" if s.form != "mu" else "reward.spatialscore.topk_by"
-        raise ConfigError(key, f"{s.model} was trained without a variance head (variance_head: false): its sigma is "
-                               "0 and mu - lambda x sigma would be mu; train one with variance_head=true")
+        raise ConfigError(key, f"{s.model} was trained without a variance head (spatialscore.variance_head: false): "
+                               "its sigma is 0 and mu - lambda x sigma would be mu; train one with "
+                               "spatialscore.variance_head=true")
 
 
 @dataclass
-class GRPOTrainConfig:
+class GRPOTrainConfig(RunConfig):
+    KIND: ClassVar[str] = "grpo"
     # keys of the flat layout this config had before its sections
-    RENAMED = {**{f"reward_{k}": f"reward.spatialscore.{k}" for k in ("model", "quantize", "liger", "compile")},
+    RENAMED: ClassVar[dict[str, str]] = {**{f"reward_{k}": f"reward.spatialscore.{k}" for k in ("model", "quantize", "liger", "compile")},
                **{f"reward_{k}": f"reward.oracle.{k}" for k in ("tau", "form")}, "reward_batch": "reward.batch",
                **{k: f"policy.{k}" for k in ("lora_rank", "lora_alpha", "ema_decay", "gradient_checkpointing",
                                                "export_merged")},
                "optimizer": "optim.name", "lr_schedule": "optim.schedule",
                **{k: f"optim.{k}" for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip")}}
 
-    model: str = param("runs/tiny/flux", help="Flux pipeline folder or hub id")
-    out: str = "runs/grpo"
-    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (optional packages)
-    run: Literal["auto", "resume", "fresh"] = param(
-        "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
-                     "move an existing run aside and start over")
-    seed: int = param(0, min=0)
-    dtype: Literal["float32", "bfloat16"] = "float32"
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     reward: RewardFnConfig = field(default_factory=RewardFnConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -173,8 +169,9 @@ class GRPOTrainConfig:
     init_noise: Literal["per_sample", "per_group"] = "per_sample"
     group_size: int = param(16, min=2, max=1024, help="G: images per prompt")
     prompts_per_iter: int = param(2, min=1)
-    top_k: int | None = param(None, min=0, help="keep the top-K and bottom-K per group (0: keep all; null: the "
-                                                "advantage preset's choice, G/4 for spatial_rl and dancegrpo)")
+    top_k: int | Literal["preset"] | None = param(
+        "preset", help="keep the top-K and bottom-K of each group (null: every sample; preset: the advantage preset's "
+                       "K, G // 4 for spatial_rl and dancegrpo, every sample for the others)")
     advantage: Literal["spatial_rl", "flow_grpo", "flow_grpo_per_prompt", "dancegrpo", "trl", "verl"] = "spatial_rl"
     drop_zero_std: bool = True  # groups whose rewards are all equal leave the loss and its denominator
     clip_range: float = param(1e-4, min=0.0)
@@ -182,23 +179,15 @@ class GRPOTrainConfig:
     kl_convention: Literal["flow_grpo", "exact"] = "flow_grpo"  # KL / sigma_t^2 (Flow-GRPO) or / step variance
     train_timesteps: int = param(0, min=0, help="window steps trained per iteration (0: all)")
     inner_epochs: int = param(1, min=1)
-    micro_batch: int = param(0, min=0, help="kept samples per forward/backward (0: all)")
-    sample_batch: int = param(0, min=0, help="samples per sampler call (0: all of this rank's)")
+    sample_batch: int = param(0, min=0, help="samples per sampler call, in training and evaluation (0: all of this "
+                                             "rank's at once)")
     iterations: int = param(300, min=1)
-    max_minutes: float = param(0.0, min=0.0, help="stop after this much training time (0: no limit)")
-    log_every: int = param(10, min=1, help="one log line every this many iterations")
-    eval_every: int = param(25, min=1)
     eval_seeds: int = param(8, min=1, help="fixed noise seeds per held-out prompt")
-    save_every: int = param(50, min=1)
     save_grids: bool = True
     max_bad_iterations: int = param(3, min=1, help="stop after this many iterations in a row with no finite reward")
-    threads: int = param(0, min=0)
-    stop_after: int = param(0, min=0, help="end the process after this many iterations, as if killed (tests)")
 
     def check(self) -> None:
-        from ..logs import check_report_to
-
-        check_report_to(self.report_to)
+        super().check()
         self.sampler.check()
         sources = [k for k in ("prompts", "prompt_stream", "prompts_file") if getattr(self, k)]
         if not sources:
@@ -211,6 +200,8 @@ class GRPOTrainConfig:
 
         if self.prompt_stream and self.prompt_stream not in DIFFICULTIES:
             raise ConfigError("prompt_stream", f"unknown preset {self.prompt_stream!r} ({', '.join(DIFFICULTIES)})")
+        if self.top_k == 0 or (isinstance(self.top_k, int) and self.top_k < 0):
+            raise ConfigError("top_k", f"{self.top_k} is not a K: write top_k: null to keep every sample")
         top_k = self.resolved_top_k()
         if top_k and 2 * top_k > self.group_size:
             raise ConfigError("top_k", f"2 x top_k = {2 * top_k} exceeds group_size={self.group_size}")
@@ -219,14 +210,16 @@ class GRPOTrainConfig:
         start, end = self.sampler.window()
         if self.warmup_iterations and not self.warmup_prompts:
             raise ConfigError("warmup_prompts", "warmup_iterations > 0 needs warmup_prompts")
+        if self.optim.warmup_steps >= self.iterations:
+            raise ConfigError("optim.warmup_steps", f"{self.optim.warmup_steps} must be < iterations={self.iterations}")
         if self.train_timesteps > end - start:
             raise ConfigError("train_timesteps", f"{self.train_timesteps} exceeds the SDE window ({end - start} steps)")
 
-    def resolved_top_k(self) -> int:
-        """K of the Top-k filter (0: keep every sample): the config's, else the preset's default."""
-        if self.top_k is not None:
-            return self.top_k
-        return self.group_size // 4 if self.advantage in ("spatial_rl", "dancegrpo") else 0
+    def resolved_top_k(self) -> int | None:
+        """K of the Top-k filter (None: every sample): the config's, or the advantage preset's own."""
+        from ..kernels import preset_top_k
+
+        return preset_top_k(self.advantage, self.group_size) if self.top_k == "preset" else self.top_k
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -235,12 +228,6 @@ class GRPOTrainConfig:
 def sample_seed(seed: int, iteration: int, n: int) -> int:
     """Noise seed of sample ``n`` of ``iteration`` (same on every rank and after a resume)."""
     return int(np.random.SeedSequence([seed, iteration, n]).generate_state(1)[0])
-
-
-def lr_at(cfg: GRPOTrainConfig, iteration: int) -> float:
-    from .run import scheduled_lr
-
-    return scheduled_lr(cfg.optim, iteration, cfg.iterations)
 
 
 def iteration_seeds(cfg: GRPOTrainConfig, iteration: int, groups: np.ndarray, samples: list[int]) -> list[int]:
@@ -321,34 +308,57 @@ def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch
     return stats
 
 
+# ----------------------------------------------------------------------------- the reward
+
+
+def make_reward(r: RewardFnConfig, device: torch.device, name: str | None = None):
+    """The reward function ``fn(images, prompts) -> [B]`` that ``reward`` names (or its part ``name``): the pixel
+    oracle's dense forms, the evaluation's judge, SpatialScore, a user's Python function, or their weighted sum."""
+    from ..rl import reward_fns
+
+    name = name or r.name
+    if name == "weighted":
+        return reward_fns.WeightedReward({k: (w, make_reward(r, device, k)) for k, w in r.weights.items()})
+    if name == "oracle" and r.oracle.form == "judge":
+        from ..eval.judge import judge_reward
+
+        return judge_reward
+    if name == "oracle":
+        tau, form = r.oracle.tau, r.oracle.form
+        return lambda images, prompts: reward_fns.oracle_reward(images, prompts, tau=tau, form=form)
+    if name == "python":
+        return reward_fns.PythonReward(r.python.function)
+    s = r.spatialscore
+    return reward_fns.SpatialScoreReward(s.model, device=device, quantize=s.quantize, batch_size=r.batch,
+                                         liger=s.liger, compile=s.compile, form=s.form, sigma_weight=s.sigma_weight)
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
-class GRPOTrainer:
-    """Spatial-RL: ``__init__`` builds prompts, models, optimizer from the config (and resumes from
-    the run folder), ``train_step()`` is one iteration (sample -> score -> advantages -> update),
-    ``state_dict()`` is what a checkpoint holds, ``run()`` is the loop."""
+class GRPOTrainer(Trainer):
+    """Spatial-RL: ``train_step()`` is one iteration (sample -> score -> advantages -> update of the kept
+    samples); the evaluation samples the held-out prompts before training and every ``eval_every``."""
 
-    def __init__(self, cfg: GRPOTrainConfig):
-        from ..dist import start_run
-        from .run import find_checkpoint, open_metrics, restore
+    EVAL_AT_START = True
+    UNIT = "it"
 
-        self.cfg = cfg
-        self.rank, self.world, self.device = start_run(cfg)
-        self.out = Path(cfg.out)
+    def plan(self) -> None:
+        cfg = self.cfg
         self.n_total = cfg.prompts_per_iter * cfg.group_size
         if self.n_total % self.world:
             raise ConfigError("prompts_per_iter", f"prompts_per_iter x group_size = {self.n_total} samples per "
                                                   f"iteration cannot be split evenly over {self.world} ranks")
         self.mine = list(range(self.rank, self.n_total, self.world))  # sample n lives on rank n % world
-        ckpt = find_checkpoint(self.out, who="grpo")
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.iterations
+
+    def build(self) -> None:
         self._init_prompts()
         self._init_models()
-        self.it, self.elapsed, self.bad_streak = 0, 0.0, 0
-        if ckpt is not None:
-            self.load_state_dict(*restore(ckpt, self.rank, who="grpo"))
-        self.metrics = open_metrics(self.out, self.it, cfg)
-        self.last: dict = {}
+        self.bad_streak = 0
 
     def _init_prompts(self) -> None:
         """Prompts before any model: a bad prompt source fails fast."""
@@ -371,9 +381,8 @@ class GRPOTrainer:
     def _init_models(self) -> None:
         from ..kernels import ADVANTAGE_PRESETS
         from ..rl.policy import EMA, Policy
-        from ..rl.reward_fns import make_reward
         from ..rl.sampler import FluxSampler, load_pipeline
-        from .run import make_optimizer
+        from .optim import make_optimizer
 
         cfg = self.cfg
         _check_sigma_aware(cfg.reward)
@@ -386,26 +395,16 @@ class GRPOTrainer:
         if cfg.policy.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.sampler = FluxSampler(pipe, cfg.sampler)
-        r, s = cfg.reward, cfg.reward.spatialscore
-
-        def part(name: str):
-            return make_reward(name, model=s.model, device=self.device, quantize=s.quantize, tau=r.oracle.tau,
-                               form=r.oracle.form, batch_size=r.batch, liger=s.liger, compile=s.compile,
-                               score_form=s.form, sigma_weight=s.sigma_weight, function=r.python.function)
-
-        if r.name == "weighted":
-            from ..rl.reward_fns import WeightedReward
-
-            self.reward_fn = WeightedReward({k: (w, part(k)) for k, w in r.weights.items()})
-        else:
-            self.reward_fn = part(r.name)
+        self.reward_fn = make_reward(cfg.reward, self.device)
+        self.oracle_fn = self.reward_fn if cfg.reward.name == "oracle" else make_reward(cfg.reward, self.device,
+                                                                                        "oracle")
         self.params = self.policy.params
-        self.opt = make_optimizer(cfg.optim.name, [{"params": list(self.params.values()), "lr": cfg.optim.lr}],
-                                  weight_decay=cfg.optim.weight_decay)
+        self.opt = make_optimizer(cfg.optim, [{"params": list(self.params.values()), "lr": cfg.optim.lr}])
         self.ema = EMA(self.params, cfg.policy.ema_decay) if cfg.policy.ema_decay > 0 else None
         self.preset = dict(ADVANTAGE_PRESETS[cfg.advantage])
         self.top_k = cfg.resolved_top_k()
-        self.lcb_topk = bool(self.top_k) and r.name == "spatialscore" and s.topk_by == "lcb"
+        s = cfg.reward.spatialscore
+        self.lcb_topk = self.top_k is not None and cfg.reward.name == "spatialscore" and s.topk_by == "lcb"
         self.window = cfg.sampler.window()
         if is_main():
             w0, w1 = self.window
@@ -421,8 +420,7 @@ class GRPOTrainer:
         tensors = {n: p.detach() for n, p in self.params.items()}
         if self.ema:
             tensors.update({f"ema.{n}": w for n, w in self.ema.weights.items()})
-        return tensors, {"optimizer": self.opt.state_dict(), "step": self.it, "elapsed": self.elapsed,
-                         "bad_streak": self.bad_streak}
+        return tensors, {"optimizer": self.opt.state_dict(), "bad_streak": self.bad_streak}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         missing = [n for n in self.params if n not in tensors]
@@ -436,57 +434,40 @@ class GRPOTrainer:
                 for n in self.params:
                     self.ema.weights[n].copy_(tensors[f"ema.{n}"])
         self.opt.load_state_dict(state["optimizer"])
-        self.it, self.elapsed, self.bad_streak = state["step"], state["elapsed"], state["bad_streak"]
+        self.bad_streak = state["bad_streak"]
 
-    def save(self) -> None:
-        from .run import checkpoint
-
-        tensors, state = self.state_dict()
-        checkpoint(self.out, self.it, tensors, state)
+    def can_save(self) -> bool:
+        return not self.bad_streak  # a streak of non-finite rewards never becomes the resume point
 
     # ------------------------------------------------------------------ one iteration
 
     def train_step(self) -> dict:
         """One iteration: sample -> score -> advantages -> update (kept samples only)."""
-        from ..rl.reward_fns import lower_bound
+        from ..kernels import group_advantages
 
         cfg, t0 = self.cfg, time.perf_counter()
-        pool = cfg.warmup_prompts if self.it < cfg.warmup_iterations else self.train_prompts
-        groups, steps = iteration_plan(cfg, len(pool), self.it, self.window[1] - self.window[0])
+        pool = cfg.warmup_prompts if self.step < cfg.warmup_iterations else self.train_prompts
+        groups, steps = iteration_plan(cfg, len(pool), self.step, self.window[1] - self.window[0])
         prompts = [pool[groups[n // cfg.group_size]] for n in self.mine]
-        seeds = iteration_seeds(cfg, self.it, groups, self.mine)
+        seeds = iteration_seeds(cfg, self.step, groups, self.mine)
 
         with phase("sample"):
-            traj = self._sample(prompts, seeds, init_seeds(cfg, self.it, groups, self.mine))
+            traj = self._sample(prompts, seeds, init_seeds(cfg, self.step, groups, self.mine))
         t1 = time.perf_counter()
-
-        shape = (cfg.prompts_per_iter, cfg.group_size)
-        with torch.no_grad(), phase("score"):  # rewards of all ranks: group statistics are global
-            rank_key = None
-            if self.lcb_topk:
-                mu, sigma = self.reward_fn.scores(traj.images, prompts)
-                local = self.reward_fn.reward(mu, sigma).float().cpu()
-                rank_key = gather_by_index(lower_bound(mu, sigma, cfg.reward.spatialscore.sigma_weight).float().cpu(),
-                                           self.n_total, self.rank, self.world).view(shape)
-            else:
-                local = self.reward_fn(traj.images, prompts).float().cpu()
-        rewards = gather_by_index(local, self.n_total, self.rank, self.world).view(shape)
-        parts = {f"reward_{k}_mean": float(gather_by_index(v.float().cpu(), self.n_total, self.rank, self.world).nanmean())
-                 for k, v in getattr(self.reward_fn, "last", {}).items()}
+        with torch.no_grad(), phase("score"):
+            rewards, rank_by, parts = self._score(traj.images, prompts)
         n_bad = self._check_rewards(rewards)
         t2 = time.perf_counter()
 
         with phase("advantages"):
-            res = ranked_advantages(rewards, rank_key, self.top_k, drop_zero_std=cfg.drop_zero_std, **self.preset)
+            res = group_advantages(rewards, top_k=self.top_k, rank_by=rank_by, drop_zero_std=cfg.drop_zero_std,
+                                   **self.preset)
         n_kept = int(res.keep.sum())
-
-        stats = self._update(traj, res.advantages.reshape(-1), res.keep.reshape(-1), steps, n_kept)
+        lr, stats = self._update(traj, res.advantages.reshape(-1), res.keep.reshape(-1), steps, n_kept)
         t3 = time.perf_counter()
-        self.it += 1
-        self.elapsed += t3 - t0
-        return {"step": self.it, **_reward_record(rewards, res, n_kept, n_bad), **parts, "group_prompts":
-                [pool[g] for g in groups], **stats, "t_sample": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
-                "samples_per_s": self.n_total / (t3 - t0), "elapsed_s": self.elapsed, "lr": lr_at(cfg, self.it - 1)}
+        return {**_reward_record(rewards, res, n_kept, n_bad), **parts, "group_prompts": [pool[g] for g in groups],
+                **stats, "t_sample": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
+                "samples_per_s": self.n_total / (t3 - t0), "lr": lr}
 
     def _sample(self, prompts: list[str], seeds: list[int], inits: list[int] | None) -> Trajectory:
         chunk = self.cfg.sample_batch or max(1, len(prompts))
@@ -494,27 +475,49 @@ class GRPOTrainer:
                                                    init_seeds=inits[s:s + chunk] if inits else None)
                                for s in range(0, len(prompts), chunk)])
 
+    def _score(self, images: torch.Tensor, prompts: list[str]):
+        """(rewards ``[P, G]`` of every rank, the score Top-k ranks by or None, the parts' means): group
+        statistics are global, so every rank sees the whole matrix."""
+        from ..rl.reward_fns import lower_bound
+
+        cfg = self.cfg
+        shape = (cfg.prompts_per_iter, cfg.group_size)
+        rank_by = None
+        if self.lcb_topk:
+            mu, sigma = self.reward_fn.scores(images, prompts)
+            local = self.reward_fn.reward(mu, sigma).float().cpu()
+            bound = lower_bound(mu, sigma, cfg.reward.spatialscore.sigma_weight).float().cpu()
+            rank_by = gather_by_index(bound, self.n_total, self.rank, self.world).view(shape)
+        else:
+            local = self.reward_fn(images, prompts).float().cpu()
+        rewards = gather_by_index(local, self.n_total, self.rank, self.world).view(shape)
+        parts = {f"reward_{k}_mean": float(gather_by_index(v.float().cpu(), self.n_total, self.rank, self.world).nanmean())
+                 for k, v in getattr(self.reward_fn, "last", {}).items()}
+        return rewards, rank_by, parts
+
     def _check_rewards(self, rewards: torch.Tensor) -> int:
         """Count non-finite rewards (they get keep=False); stop after ``max_bad_iterations`` iterations
         in a row without a single finite reward."""
-        from .run import TrainingError
+        from ..errors import TrainingError
 
         n_bad = int((~torch.isfinite(rewards)).sum())
         self.bad_streak = self.bad_streak + 1 if n_bad == rewards.numel() else 0
         if n_bad and is_main():
-            info(f"iteration {self.it + 1}: {n_bad} of {rewards.numel()} rewards are not finite (excluded)", who="grpo")
+            info(f"iteration {self.step + 1}: {n_bad} of {rewards.numel()} rewards are not finite (excluded)",
+                 who="grpo")
         if self.bad_streak >= self.cfg.max_bad_iterations:
             raise TrainingError(f"{self.bad_streak} iterations in a row without a finite reward (iterations "
-                                f"{self.it + 2 - self.bad_streak}-{self.it + 1}); the last checkpoint is intact: "
+                                f"{self.step + 2 - self.bad_streak}-{self.step + 1}); the last checkpoint is intact: "
                                 f"check the reward model and the sampler's dtype")
         return n_bad
 
     def _update(self, traj: Trajectory, adv_all: torch.Tensor, keep_all: torch.Tensor, steps: list[int],
-                n_kept: int) -> dict[str, float]:
-        """Policy-gradient step(s) on the kept samples (``inner_epochs``), then the EMA."""
+                n_kept: int) -> tuple[float, dict[str, float]]:
+        """Policy-gradient step(s) on the kept samples (``inner_epochs``), then the EMA; (rate, stats)."""
+        from .optim import set_lr
+
         cfg = self.cfg
-        for group in self.opt.param_groups:  # a pure function of the iteration: nothing to checkpoint
-            group["lr"] = lr_at(cfg, self.it)
+        lr = set_lr(self.opt, cfg.optim, self.step, cfg.iterations)
         stats: dict[str, float] = {}
         if n_kept:
             adv = adv_all[self.mine].to(self.device)
@@ -532,140 +535,75 @@ class GRPOTrainer:
                 stats["grad_norm"] = float(gnorm)
             if self.ema:
                 self.ema.update(self.params)
-        return _reduce_stats(stats, self.world)
+        return lr, _reduce_stats(stats, self.world)
 
     # ------------------------------------------------------------------ evaluation
 
     def evaluate(self, tag: str | None = None) -> dict:
         """Held-out prompts x ``eval_seeds`` fixed noises, deterministic ODE, (EMA) policy."""
+        from ..eval.heldout import sample_held_out
         from ..rl.reward_fns import oracle_hard
 
-        cfg, rank, world = self.cfg, self.rank, self.world
-        prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
-        seeds = [10_000_019 + i for i in range(len(prompts))]  # fixed, disjoint from training draws
-        mine = list(range(rank, len(prompts), world))
-        my_prompts = [prompts[i] for i in mine]
-        with torch.no_grad(), self.policy.swapped(self.ema.weights if self.ema else None):
-            traj = self.sampler.sample(my_prompts, [seeds[i] for i in mine], sde=False)
-        r = gather_by_index(self.reward_fn(traj.images, my_prompts), len(prompts), rank, world)
-        res = {"eval_reward": float(r.nanmean())}
+        cfg = self.cfg
+        with self.policy.swapped(self.ema.weights if self.ema else None):
+            h = sample_held_out(self.sampler, self.eval_prompts, cfg.eval_seeds, seed=10_000_019, rank=self.rank,
+                                world=self.world, batch=cfg.sample_batch)
+        res = {"eval_reward": h.mean(self.reward_fn(h.images, h.prompts))}
         if self.oracle_ok and cfg.reward.name != "oracle":
-            o = gather_by_index(_oracle(traj.images, my_prompts, cfg), len(prompts), rank, world)
-            res["eval_oracle"] = float(o.nanmean())
+            res["eval_oracle"] = h.mean(self.oracle_fn(h.images, h.prompts))
         if self.oracle_ok:
-            from ..eval.judge import judge_synthetic
-            from ..rl.sampler import to_pil
-
-            _, acc = oracle_hard(traj.images, my_prompts)
-            res["eval_oracle_acc"] = float(gather_by_index(acc, len(prompts), rank, world).nanmean())
-            # the judge of `spatialcore eval`: both objects found, and GenEval's position rule
-            found, correct = judge_synthetic(to_pil(traj.images), my_prompts)
-            if found is not None:
-                res["eval_found"] = float(gather_by_index(found, len(prompts), rank, world).nanmean())
-                res["eval_relation_acc"] = float(gather_by_index(correct, len(prompts), rank, world).nanmean())
-        if tag and cfg.save_grids and is_main() and world == 1:
-            _grid(traj.images, self.eval_prompts, cfg.eval_seeds, self.out / f"samples_{tag}.png")
-            if self.metrics:
-                self.metrics.image(f"samples/{tag}", self.out / f"samples_{tag}.png", self.it)
+            res["eval_oracle_acc"] = h.mean(oracle_hard(h.images, h.prompts)[1])
+            res.update(h.judged())  # the judge of `spatialcore eval`: both objects found, GenEval's position rule
+        if tag and cfg.save_grids and is_main():
+            png = h.grid(self.eval_prompts, cfg.eval_seeds, self.out / f"samples_{tag}.png")
+            if png and self.metrics:
+                self.metrics.image(f"samples/{tag}", png, self.step)
         return res
 
-    # ------------------------------------------------------------------ the loop
+    def final_result(self) -> dict:
+        """The last record with the held-out evaluation "after" (its sample grid)."""
+        return {**self.last, **self.evaluate("after")} if self.cfg.save_grids or not self.last else dict(self.last)
 
-    def run(self) -> dict:
-        """Train to ``iterations`` (or ``stop_after`` / ``max_minutes``), then save the policy."""
-        from ..dist import shutdown
+    # ------------------------------------------------------------------ the result
 
-        cfg = self.cfg
-        if self.it == 0:
-            first = self.evaluate("before")
-            if self.metrics:
-                self.metrics.write({"step": 0, "elapsed_s": 0.0, **first})
-                info(step_line(0, cfg.iterations, **first), who="grpo")
-        its = range(self.it, cfg.iterations)
-        bar = progress(its, desc="grpo", unit="it") if is_main() else its
-        timed_out = False
-        for _ in bar:
-            rec = self.train_step()
-            if self.it % cfg.eval_every == 0 or self.it == cfg.iterations:
-                rec.update(self.evaluate())
-            self.last = rec
-            self._log(rec, bar)
-            timed_out = bool(cfg.max_minutes and self.elapsed >= 60 * cfg.max_minutes)
-            if (self.it % cfg.save_every == 0 or self.it == cfg.iterations or timed_out) and not self.bad_streak:
-                self.save()
-            if cfg.stop_after and cfg.iterations > self.it >= cfg.stop_after:
-                info(f"stopping at iteration {self.it} (stop_after)", who="grpo")
-                shutdown()
-                return {}
-            if timed_out:
-                info(f"time budget of {cfg.max_minutes} min reached at iteration {self.it}", who="grpo")
-                break
-        return self._finish(timed_out)
+    def export(self, final: dict) -> str:
+        if not is_main():
+            return ""
+        from ..rl.policy import resolve_export_dtype
 
-    def _log(self, rec: dict, bar) -> None:
-        if self.device.type == "cuda":
-            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if not self.metrics:
-            return
-        self.metrics.write(rec)
-        if hasattr(bar, "set_postfix_str"):
-            bar.set_postfix_str(f"reward {rec['reward_mean']:.3f} kept {rec['kept_fraction']:.2f}")
-        if "eval_reward" in rec or self.it % self.cfg.log_every == 0:
-            extra = {k: rec[k] for k in ("eval_reward", "nonfinite", "gpu_mem_gib") if rec.get(k)}
-            info(step_line(self.it, self.cfg.iterations, reward=rec["reward_mean"], std=rec["reward_std_group"],
-                           kept=rec["kept_fraction"], clip=rec.get("clip_fraction", 0.0),
-                           approx_kl=rec.get("approx_kl", 0.0), samples_s=rec["samples_per_s"], **extra), who="grpo")
+        p = self.cfg.policy
+        self.policy.save(self.out / "policy", self.ema.weights if self.ema else None, merged=p.export_merged,
+                         dtype=resolve_export_dtype(p.export_dtype, self.cfg.model, self.cfg.dtype))
+        return f"policy -> {self.out / 'policy'}"
 
-    def _finish(self, timed_out: bool) -> dict:
-        from ..dist import shutdown
+    def plot(self) -> None:
+        from ..logs import read_metrics
+        from ..plots import curves
 
-        if timed_out and "eval_reward" not in self.last:  # stopped by the time budget between evaluations
-            ev = self.evaluate()
-            self.last.update(ev)
-            if self.metrics:
-                self.metrics.write({"step": self.it, "elapsed_s": self.elapsed, **ev})
-        final = {**self.last, **self.evaluate("after")} if self.cfg.save_grids or not self.last else self.last
-        if is_main():
-            self.policy.save(self.out / "policy", self.ema.weights if self.ema else None, merged=self.cfg.policy.export_merged)
-            self.metrics.close()
-            plot_run(self.out)
-            info(f"done: policy -> {self.out / 'policy'}", who="grpo")
-        shutdown()
-        return final
+        recs = read_metrics(self.out / "metrics.jsonl")
+        train = [(r["step"], r["reward_mean"]) for r in recs if r.get("reward_mean") is not None]
+        ev = [r for r in recs if r.get("eval_reward") is not None]
+        curves({"train (sampled)": train, "held-out (fixed noise, ODE)": [(r["step"], r["eval_reward"]) for r in ev]},
+               self.out / "reward.png", xlabel="iteration", ylabel="reward")
+        curves({"held-out (fixed noise, ODE)": [(r["elapsed_s"], r["eval_reward"]) for r in ev]},
+               self.out / "reward_vs_time.png", xlabel="training seconds", ylabel="reward")
+
+    def log_fields(self, rec: dict) -> dict:
+        if "reward_mean" not in rec:  # an evaluation's own record (before training, or at a time limit)
+            return {k: v for k, v in rec.items() if k.startswith("eval_")}
+        extra = {k: rec[k] for k in ("eval_reward", "nonfinite", "gpu_mem_gib") if rec.get(k)}
+        return dict(reward=rec["reward_mean"], std=rec["reward_std_group"], kept=rec["kept_fraction"],
+                    clip=rec.get("clip_fraction", 0.0), approx_kl=rec.get("approx_kl", 0.0),
+                    samples_s=rec["samples_per_s"], **extra)
+
+    def postfix(self, rec: dict) -> str:
+        return f"reward {rec['reward_mean']:.3f} kept {rec['kept_fraction']:.2f}"
 
 
 def train(cfg: GRPOTrainConfig) -> dict:
     """Build a :class:`GRPOTrainer` from ``cfg`` and run it (resuming from ``cfg.out``)."""
     cfg.check()
     return GRPOTrainer(cfg).run()
-
-
-def topk_mask(key: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``[P, G]`` bool: the ``top_k`` highest and ``top_k`` lowest finite entries of each row of ``key``
-    (ties in index order, as the advantage kernel breaks them)."""
-    valid = torch.isfinite(key)
-    order = torch.sort(torch.where(valid, key, float("-inf")), dim=1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(1, order, torch.arange(key.shape[1]).expand_as(order))
-    n_valid = valid.sum(1, keepdim=True)
-    return valid & ((rank < top_k) | (rank >= n_valid - top_k))
-
-
-def ranked_advantages(rewards: torch.Tensor, rank_key: torch.Tensor | None, top_k: int, **kwargs):
-    """Group advantages of ``rewards [P, G]`` with Top-k: ranked by the rewards themselves (the fused
-    kernel's own filter), or by ``rank_key`` (e.g. SpatialScore's lower confidence bound). In the
-    second case the samples outside the key's Top-k leave as non-finite rewards do: no statistics, no
-    advantage, ``keep=False``; the kept ones get their advantage from their reward."""
-    from ..kernels import group_advantages
-
-    if rank_key is None or not top_k:
-        return group_advantages(rewards, top_k=top_k or None, **kwargs)
-    keep = topk_mask(rank_key, top_k) & torch.isfinite(rewards)
-    if kwargs.get("stats_over", "kept") == "kept":
-        return group_advantages(torch.where(keep, rewards, float("nan")), top_k=None, **kwargs)
-    res = group_advantages(rewards, top_k=None, **kwargs)  # statistics over the whole group, then the filter
-    res.keep = res.keep & keep
-    res.advantages = torch.where(res.keep, res.advantages, torch.zeros_like(res.advantages))
-    return res
 
 
 def _reward_record(rewards: torch.Tensor, res, n_kept: int, n_bad: int) -> dict:
@@ -694,12 +632,6 @@ def _parses(prompts: list[str]) -> bool:
     return all(parse_prompt(p) for p in prompts)
 
 
-def _oracle(images, prompts, cfg) -> torch.Tensor:
-    from ..rl.reward_fns import oracle_reward
-
-    return oracle_reward(images, prompts, tau=cfg.reward.oracle.tau, form=cfg.reward.oracle.form).cpu()
-
-
 def _reduce_stats(stats: dict[str, float], world: int) -> dict[str, float]:
     from ..dist import all_reduce_
 
@@ -711,56 +643,3 @@ def _reduce_stats(stats: dict[str, float], world: int) -> dict[str, float]:
     out["logp_drift"] = out["logp_drift"] / world
     out["grad_norm"] = stats["grad_norm"]  # the same on every rank (clipped after the all-reduce)
     return out
-
-
-def _grid(images: torch.Tensor, prompts: list[str], per_prompt: int, path: Path) -> None:
-    from ..plots import image_grid
-    from ..rl.sampler import to_pil
-
-    pil = to_pil(images)
-    rows = [pil[i * per_prompt:(i + 1) * per_prompt] for i in range(len(prompts))]
-    image_grid(rows[:8], [p[:48] for p in prompts[:8]], path)
-
-
-def plot_run(out: Path) -> None:
-    from ..logs import read_metrics
-    from ..plots import curves
-
-    recs = read_metrics(out / "metrics.jsonl")
-    train = [(r["step"], r["reward_mean"]) for r in recs if r.get("reward_mean") is not None]
-    ev = [(r["step"], r["eval_reward"]) for r in recs if r.get("eval_reward") is not None]
-    curves({"train (sampled)": train, "held-out (fixed noise, ODE)": ev}, out / "reward.png", xlabel="iteration",
-           ylabel="reward")
-    ev_t = [(r["elapsed_s"], r["eval_reward"]) for r in recs if r.get("eval_reward") is not None]
-    curves({"held-out (fixed noise, ODE)": ev_t}, out / "reward_vs_time.png", xlabel="training seconds",
-           ylabel="reward")
-
-
-def compare_runs(runs: dict[str, Path], path: Path, *, key: str = "eval_reward") -> Path:
-    """One PNG with the held-out reward of several runs against iterations and training seconds."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from ..logs import read_metrics
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), dpi=110, sharey=True)
-    for label, folder in runs.items():
-        recs = [r for r in read_metrics(Path(folder) / "metrics.jsonl") if key in r]
-        if not recs:
-            raise ValueError(f"{folder} has no '{key}' records")
-        axes[0].plot([r["step"] for r in recs], [r[key] for r in recs], label=label)
-        axes[1].plot([r["elapsed_s"] for r in recs], [r[key] for r in recs], label=label)
-    axes[0].set_xlabel("iteration")
-    axes[1].set_xlabel("training seconds")
-    axes[0].set_ylabel(key.replace("_", " "))
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path

@@ -1,4 +1,4 @@
-"""SpatialScore trainer: one readable loop (launch with ``torchrun`` for several processes).
+"""SpatialScore trainer (launch with ``torchrun`` for several processes; the loop is ``trainer.Trainer``).
 
     spatialcore reward train --config configs/reward/tiny_cpu.yaml [key=value ...]
     torchrun --nproc_per_node 8 $(which spatialcore) reward train --config configs/reward/qwen2_5_vl_7b.yaml
@@ -7,15 +7,13 @@ Per optimizer step (``batch_size`` pairs over all ranks): each rank takes its mi
 ``micro_batch`` pairs (accumulation = batch_size / (ranks x micro_batch), derived, so one config
 runs unchanged on any number of ranks) -> one Qwen2.5-VL forward over the 2B (prompt, image)
 judgements -> Gaussian head -> ``kernels.pair_loss`` -> backward; gradients averaged over the
-global batch, pre-clip norm logged, clipping, AdamW (or SGD), warm-up + cosine schedule. Every ``eval_every`` steps the held-out pairs are
-scored (table format), every ``save_every`` steps an atomic checkpoint is written; a run
-restarted with the same config resumes from the newest complete checkpoint exactly (weights,
-optimizer, scheduler, RNG, data position) and writes each step to ``metrics.jsonl`` once.
+global batch, pre-clip norm logged, clipping, AdamW (or SGD) at the warm-up + cosine rate of ``optim``. Every
+``eval_every`` steps the held-out pairs of the current curriculum stage are scored (table format) and a cleared
+stage hands over to the next; the run ends with ``out/model`` (a SpatialScore folder) and ``out/eval.md``.
 """
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,16 +23,33 @@ import torch
 
 from ..config import ConfigError, param
 from ..dist import is_main
-from ..logs import info, progress, step_line
+from ..errors import TrainingError
+from ..logs import info
+from .optim import OptimConfig
+from .trainer import RunConfig, Trainer
 
 
 @dataclass
-class RewardTrainConfig:
-    model: str = param("runs/tiny/reward", help="Qwen2.5-VL checkpoint (folder or hub id)")
-    init_from: str | None = None  # a SpatialScore folder to start from (curriculum stages)
-    data: str = param("runs/pairs", help="pair folder (pairs.jsonl + images), or stream:<easy|medium|hard> "
-                                         "for fresh synthetic pairs rendered on the fly")
-    stream: dict[str, Any] = field(default_factory=dict)  # synth-config overrides for data=stream:<preset>
+class SpatialScoreBuildConfig:
+    """How the SpatialScore being trained is built (section ``spatialscore``)."""
+
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
+    lora_rank: int = param(0, min=0, help="LoRA on the language model's projections (0: full fine-tuning)")
+    lora_alpha: int = param(32, min=1)
+    variance_head: bool = param(False, help="a Gaussian head: sigma beside mu, the variance-aware pair loss (plain "
+                                            "Bradley-Terry trained better in calibration runs)")
+    gradient_checkpointing: bool = False
+    liger: bool = False  # liger-kernel RMSNorm/SwiGLU/RoPE Triton kernels in the backbone (CUDA)
+    compile: bool = False  # torch.compile of each decoder layer
+
+
+@dataclass
+class PairDataConfig:
+    """The preference pairs (section ``data``): a pair folder, or a synthetic stream with its curriculum."""
+
+    source: str = param("runs/pairs", help="pair folder (pairs.jsonl + images), or stream:<easy|medium|hard|easy_grid> "
+                                           "for fresh synthetic pairs rendered on the fly")
+    stream: dict[str, Any] = field(default_factory=dict)  # synth-config overrides for source=stream:<preset>
     # Streaming only: stages of synth overrides trained before the final task (the preset +
     # `stream`); a stage ends once its held-out accuracy reaches `advance_at`. Two keys of a stage are
     # not synth keys: `advance_at` (this stage's own threshold) and `max_stage_steps` (the stage also
@@ -42,54 +57,17 @@ class RewardTrainConfig:
     curriculum: list[dict[str, Any]] = field(default_factory=list)
     advance_at: float = param(0.95, min=0.0, max=1.0)
     eval_split: Literal["val", "test"] = "test"
-    out: str = "runs/reward"
-    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (optional packages)
-    run: Literal["auto", "resume", "fresh"] = param(
-        "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
-                     "move an existing run aside and start over")
-    seed: int = param(0, min=0)
-    attention: Literal["sdpa", "flash_attention_2", "eager"] = "sdpa"
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    lora_rank: int = param(0, min=0, help="0: full fine-tuning")
-    # Data parallelism under torchrun: DDP (a full replica per rank) or FSDP2 (fully_shard per
-    # decoder/vision block: parameters, gradients and optimizer state sharded; for the 7B).
-    parallel: Literal["ddp", "fsdp2"] = "ddp"
-    lora_alpha: int = param(32, min=1)
-    variance_head: bool = False  # plain Bradley-Terry trained better in calibration runs
-    gradient_checkpointing: bool = False
-    liger: bool = False  # liger-kernel RMSNorm/SwiGLU/RoPE Triton kernels in the backbone (CUDA)
-    compile: bool = False  # torch.compile of each decoder layer
-    batch_size: int = param(16, min=1, help="pairs per optimizer step over all ranks (the global batch)")
-    micro_batch: int = param(0, min=0, help="pairs per rank per forward/backward; accumulation is derived "
-                                            "(0: batch_size / ranks, no accumulation)")
-    optimizer: Literal["adamw", "sgd"] = "adamw"
-    lr: float = param(3e-4, min=0.0)
-    head_lr: float = param(3e-3, min=0.0)
-    weight_decay: float = param(0.0, min=0.0)
-    warmup_steps: int = param(50, min=0)
-    max_steps: int = param(1000, min=1)
-    min_lr_ratio: float = param(0.1, min=0.0, max=1.0)
-    grad_clip: float = param(1.0, min=0.0, help="max global gradient norm (0: no clipping)")
-    eval_every: int = param(100, min=1)
-    eval_pairs: int = param(512, min=1)
-    save_every: int = param(200, min=1)
-    log_every: int = param(10, min=1)
+    eval_pairs: int = param(512, min=1, help="held-out pairs per evaluation")
     num_workers: int = param(0, min=0)
     shuffle_prompts: bool = False  # control: pair each image with another pair's prompt
-    threads: int = param(0, min=0, help="torch CPU threads (0: torch's default)")
-    stop_after: int = param(0, min=0, help="end the process after this many steps, as if killed (tests)")
-    plots: list[str] = field(default_factory=lambda: ["loss", "accuracy"])
 
-    RENAMED: ClassVar[dict[str, str]] = {
-        "grad_accum": "micro_batch (batch_size is now the global batch; accumulation = batch_size / (ranks x "
-                      "micro_batch))"}
+    @property
+    def streaming(self) -> bool:
+        return self.source.startswith("stream:")
 
     def check(self) -> None:
-        from ..logs import check_report_to
-
-        check_report_to(self.report_to)
-        if self.curriculum and not self.data.startswith("stream:"):
-            raise ConfigError("curriculum", "needs data=stream:<preset>")
+        if self.curriculum and not self.streaming:
+            raise ConfigError("curriculum", "needs source=stream:<preset>")
         for i, stage in enumerate(self.curriculum):
             if not isinstance(stage, dict):
                 raise ConfigError(f"curriculum[{i}]", f"must be a mapping of synth keys, got {stage!r}")
@@ -98,18 +76,42 @@ class RewardTrainConfig:
                 raise ConfigError(f"curriculum[{i}].advance_at", f"must be a number in [0, 1], got {at!r}")
             if isinstance(most, bool) or not isinstance(most, int) or most < 1:
                 raise ConfigError(f"curriculum[{i}].max_stage_steps", f"must be an integer >= 1, got {most!r}")
-        if self.warmup_steps >= self.max_steps:
-            raise ConfigError("warmup_steps", f"{self.warmup_steps} must be < max_steps={self.max_steps}")
 
 
-def lr_lambda(cfg: RewardTrainConfig):
-    def f(step: int) -> float:
-        if step < cfg.warmup_steps:
-            return (step + 1) / cfg.warmup_steps
-        t = (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps)
-        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+@dataclass
+class RewardOptimConfig(OptimConfig):
+    head_lr: float = param(3e-3, min=0.0, help="base rate of the head (lr is the backbone's)")
 
-    return f
+
+@dataclass
+class RewardTrainConfig(RunConfig):
+    KIND: ClassVar[str] = "reward"
+    # keys of the flat layout this config had before its sections
+    RENAMED: ClassVar[dict[str, str]] = {
+        "grad_accum": "micro_batch (batch_size is now the global batch; accumulation = batch_size / (ranks x "
+                      "micro_batch))",
+        "optimizer": "optim.name", "plots": "(nothing: both plots are always drawn)",
+        **{k: f"optim.{k}" for k in ("lr", "head_lr", "weight_decay", "warmup_steps", "min_lr_ratio", "grad_clip")},
+        **{k: f"spatialscore.{k}" for k in ("attention", "lora_rank", "lora_alpha", "variance_head",
+                                             "gradient_checkpointing", "liger", "compile")},
+        **{k: f"data.{k}" for k in ("stream", "curriculum", "advance_at", "eval_split", "eval_pairs", "num_workers",
+                                     "shuffle_prompts")}}
+
+    init_from: str | None = param(None, help="a SpatialScore folder to start from instead of model (curriculum stages)")
+    spatialscore: SpatialScoreBuildConfig = field(default_factory=SpatialScoreBuildConfig)
+    data: PairDataConfig = field(default_factory=PairDataConfig)
+    optim: RewardOptimConfig = field(default_factory=lambda: RewardOptimConfig(lr=3e-4, schedule="cosine",
+                                                                               warmup_steps=50))
+    # Data parallelism under torchrun: DDP (a full replica per rank) or FSDP2 (fully_shard per
+    # decoder/vision block: parameters, gradients and optimizer state sharded; for the 7B).
+    parallel: Literal["ddp", "fsdp2"] = "ddp"
+    batch_size: int = param(16, min=1, help="pairs per optimizer step over all ranks (the global batch)")
+    max_steps: int = param(1000, min=1)
+
+    def check(self) -> None:
+        super().check()
+        if self.optim.warmup_steps >= self.max_steps:
+            raise ConfigError("optim.warmup_steps", f"{self.optim.warmup_steps} must be < max_steps={self.max_steps}")
 
 
 def _trainable(model) -> dict[str, torch.Tensor]:
@@ -119,64 +121,62 @@ def _trainable(model) -> dict[str, torch.Tensor]:
 def _build_model(cfg: RewardTrainConfig, dtype: torch.dtype):
     from ..reward.model import LoraSpec, SpatialScore
 
+    m = cfg.spatialscore
     if cfg.init_from:
-        model = SpatialScore.from_pretrained(cfg.init_from, attention=cfg.attention, dtype=dtype)
-        model.variance_head = cfg.variance_head
+        model = SpatialScore.from_pretrained(cfg.init_from, attention=m.attention, dtype=dtype)
+        model.variance_head = m.variance_head
         return model
-    lora = LoraSpec(rank=cfg.lora_rank, alpha=cfg.lora_alpha) if cfg.lora_rank else None
-    return SpatialScore.from_backbone(cfg.model, attention=cfg.attention, dtype=dtype, lora=lora,
-                                      variance_head=cfg.variance_head)
+    lora = LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha) if m.lora_rank else None
+    return SpatialScore.from_backbone(cfg.model, attention=m.attention, dtype=dtype, lora=lora,
+                                      variance_head=m.variance_head)
 
 
-class RewardTrainer:
-    """SpatialScore training: ``__init__`` builds data, model and optimizer from the config (and
-    resumes from the run folder), ``train_step()`` is one optimizer step over the global batch,
-    ``state_dict()`` is what a checkpoint holds, ``run()`` is the loop."""
+class RewardTrainer(Trainer):
+    """SpatialScore training: ``train_step()`` is one optimizer step over the global batch of pairs; the
+    evaluation scores the held-out pairs of the current curriculum stage (or the task's) and hands a cleared
+    stage over to the next."""
 
-    def __init__(self, cfg: RewardTrainConfig):
-        from ..dist import start_run
-        from .run import find_checkpoint, open_metrics, restore, split_batch
+    def plan(self) -> None:
+        from ..dist import split_batch
 
-        self.cfg = cfg
-        self.rank, self.world, self.device = start_run(cfg)
-        self.out = Path(cfg.out)
-        self.micro, self.accum = split_batch(cfg.batch_size, cfg.micro_batch, self.world)
-        ckpt = find_checkpoint(self.out, who="reward")
-        self._init_data()
-        self._init_model()
-        self.step, self.epoch, self.consumed, self.stage = 0, 0, 0, 0
-        self.last_eval: dict = {}
-        if ckpt is not None:
-            self.load_state_dict(*restore(ckpt, self.rank, who="reward"))
-        self.metrics = open_metrics(self.out, self.step, cfg)
-        self._batches = None
+        self.micro, self.accum = split_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.max_steps
 
     # ------------------------------------------------------------------ construction
+
+    def build(self) -> None:
+        self._init_data()
+        self._init_model()
+        self.epoch, self.consumed, self.stage = 0, 0, 0
+        self._batches = None
 
     def _init_data(self) -> None:
         """Data before the model: a bad data source or a batch that does not fit fails fast."""
         from ..data.pairs import PairSet
 
-        cfg = self.cfg
-        self.streaming = cfg.data.startswith("stream:")
-        self.stages = [*cfg.curriculum, {}]
+        cfg, d = self.cfg, self.cfg.data
+        self.streaming = d.streaming
+        self.stages = [*d.curriculum, {}]
         self._eval_sets: dict[int, list] = {}
         if self.streaming:
-            self.stage_synth = [synth_config(cfg.data, {**cfg.stream, **{k: v for k, v in stage.items()
-                                                                           if k not in STAGE_KEYS}})
+            self.stage_synth = [synth_config(d.source, {**d.stream, **{k: v for k, v in stage.items()
+                                                                       if k not in STAGE_KEYS}})
                                 for stage in self.stages]
             self.eval_set = self.stage_eval(len(self.stages) - 1)
         else:
-            self.train_set = PairSet(cfg.data, split="train")
-            self.eval_set = PairSet(cfg.data, split=cfg.eval_split)
+            self.train_set = PairSet(d.source, split="train")
+            self.eval_set = PairSet(d.source, split=d.eval_split)
             self.steps_per_epoch = len(self.train_set) // cfg.batch_size
             if self.steps_per_epoch == 0:
                 raise ConfigError("batch_size", f"{len(self.train_set)} training pairs cannot fill one batch of "
                                                 f"{cfg.batch_size}")
 
     def _init_model(self) -> None:
-        from ..data.pairs import PairCollator
-        from .run import make_optimizer
+        from ..reward.preprocess import PairCollator
+        from .optim import make_optimizer, set_lr
 
         cfg = self.cfg
         dtype = getattr(torch, cfg.dtype)
@@ -184,8 +184,8 @@ class RewardTrainer:
         if cfg.init_from:
             info(f"initialised from {cfg.init_from}", who="reward")
         model = model.to(self.device)
-        model.accelerate(liger=cfg.liger, compile=cfg.compile)
-        if cfg.gradient_checkpointing:
+        model.accelerate(liger=cfg.spatialscore.liger, compile=cfg.spatialscore.compile)
+        if cfg.spatialscore.gradient_checkpointing:
             model.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.fsdp = cfg.parallel == "fsdp2" and self.world > 1
         self.model, self.ddp = model, model
@@ -197,19 +197,19 @@ class RewardTrainer:
         self.params = _trainable(model)
         head = [p for n, p in self.params.items() if n.startswith("head.")]
         body = [p for n, p in self.params.items() if not n.startswith("head.")]
-        self.opt = make_optimizer(cfg.optimizer, [{"params": body, "lr": cfg.lr}, {"params": head, "lr": cfg.head_lr}],
-                                  weight_decay=cfg.weight_decay)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lr_lambda(cfg))
+        self.opt = make_optimizer(cfg.optim, [{"params": body, "lr": cfg.optim.lr},
+                                              {"params": head, "lr": cfg.optim.head_lr}])
+        set_lr(self.opt, cfg.optim, 0, cfg.max_steps)
         self.collate = PairCollator(model.processor)
         if is_main():
             info(f"global batch {cfg.batch_size} pairs = {self.world} rank(s) x {self.accum} micro-batch(es) x "
-                 f"{self.micro}, optimizer {cfg.optimizer}, {cfg.parallel if self.world > 1 else 'one process'}",
+                 f"{self.micro}, optimizer {cfg.optim.name}, {cfg.parallel if self.world > 1 else 'one process'}",
                  who="reward")
 
     def stage_eval(self, i: int) -> list:
         if i not in self._eval_sets:
-            self._eval_sets[i] = held_out_pairs(self.stage_synth[i], self.cfg.seed, self.cfg.eval_pairs,
-                                                self.cfg.eval_split)
+            d = self.cfg.data
+            self._eval_sets[i] = held_out_pairs(self.stage_synth[i], self.cfg.seed, d.eval_pairs, d.eval_split)
         return self._eval_sets[i]
 
     # ------------------------------------------------------------------ checkpoint
@@ -220,10 +220,11 @@ class RewardTrainer:
             tensors, optim = _fsdp_full(self.model, self.opt)
         else:
             tensors, optim = _trainable(self.model), self.opt.state_dict()
-        return tensors, {"optimizer": optim, "scheduler": self.sched.state_dict(), "step": self.step,
-                         "epoch": self.epoch, "consumed": self.consumed, "stage": self.stage}
+        return tensors, {"optimizer": optim, "epoch": self.epoch, "consumed": self.consumed, "stage": self.stage}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        from .optim import set_lr
+
         missing = set(self.params) - set(tensors)
         if missing:
             raise ConfigError("out", f"{self.out} holds a checkpoint of another model (it lacks "
@@ -235,17 +236,9 @@ class RewardTrainer:
                 for n, p in self.params.items():
                     p.copy_(tensors[n])
             self.opt.load_state_dict(state["optimizer"])
-        self.sched.load_state_dict(state["scheduler"])
-        for group, lr in zip(self.opt.param_groups, self.sched.get_last_lr(), strict=True):
-            group["lr"] = lr  # also where no optimizer state was loaded (FSDP2 with stateless SGD)
-        self.step, self.epoch, self.consumed, self.stage = (state["step"], state["epoch"], state["consumed"],
-                                                            state["stage"])
-
-    def save(self) -> None:
-        from .run import checkpoint
-
-        tensors, state = self.state_dict()
-        checkpoint(self.out, self.step, tensors, state)
+        # the rate is the schedule's at this step, also where no optimizer state was loaded (FSDP2 with SGD)
+        set_lr(self.opt, self.cfg.optim, self.step, self.cfg.max_steps)
+        self.epoch, self.consumed, self.stage = state["epoch"], state["consumed"], state["stage"]
 
     # ------------------------------------------------------------------ data
 
@@ -260,13 +253,13 @@ class RewardTrainer:
             stream = StreamingPairs(self.stage_synth[self.stage], f"{cfg.seed}-{self.stage}", rank=self.rank,
                                     world_size=self.world, start=start)
             return iter(torch.utils.data.DataLoader(stream, batch_size=self.micro, collate_fn=self.collate,
-                                                    num_workers=cfg.num_workers))
+                                                    num_workers=cfg.data.num_workers))
         shard = PairSampler(len(self.train_set), seed=cfg.seed, rank=self.rank, world_size=self.world,
                             even=True).shard(self.epoch)
         end = self.steps_per_epoch * cfg.batch_size // self.world
         batches = [shard[i:i + self.micro] for i in range(start, end, self.micro)]
         return iter(torch.utils.data.DataLoader(self.train_set, batch_sampler=batches, collate_fn=self.collate,
-                                                num_workers=cfg.num_workers))
+                                                num_workers=cfg.data.num_workers))
 
     def _advance_data(self) -> None:
         self.consumed += self.cfg.batch_size
@@ -277,131 +270,108 @@ class RewardTrainer:
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: ``accum`` micro-batches per rank -> pair loss -> backward (gradients
-        averaged over the global batch) -> pre-clip norm, clip, optimizer, schedule."""
+        averaged over the global batch) -> pre-clip norm, clip, optimizer at the schedule's rate."""
         from contextlib import nullcontext
 
+        from ..dist import mean
         from ..kernels import pair_loss, pairwise_accuracy
-        from .run import TrainingError
+        from .optim import set_lr
 
         cfg = self.cfg
+        t0 = time.perf_counter()
         if self._batches is None:
             self._batches = self._micro_batches()
         loss_sum, acc_sum = 0.0, 0.0
         for j in range(self.accum):
             batch = next(self._batches)
             inputs = {k: v.to(self.device) for k, v in batch["inputs"].items()}
-            if cfg.shuffle_prompts:
+            if cfg.data.shuffle_prompts:
                 inputs = _shuffle_prompts(inputs, self.micro, self.step)
             last = j == self.accum - 1
             with nullcontext() if last or self.ddp is self.model else self.ddp.no_sync():
-                mu, log_var = self.ddp(**inputs)
+                mu, log_var = self.ddp(**inputs)  # log_var is None without a variance head: Bradley-Terry
                 B = mu.shape[0] // 2
-                lv = (log_var[:B], log_var[B:]) if cfg.variance_head else (None, None)
-                loss = pair_loss(mu[:B], lv[0], mu[B:], lv[1])
+                lv_w, lv_l = (None, None) if log_var is None else (log_var[:B], log_var[B:])
+                loss = pair_loss(mu[:B], lv_w, mu[B:], lv_l)
                 if not torch.isfinite(loss):
                     raise TrainingError(f"non-finite pair loss at step {self.step + 1} (micro-batch {j + 1}); the "
-                                        f"last checkpoint is untouched: lower lr or check the data")
+                                        f"last checkpoint is untouched: lower optim.lr or check the data")
                 (loss / self.accum).backward()
             loss_sum += float(loss.detach())
             acc_sum += pairwise_accuracy(mu[:B].detach(), mu[B:].detach())
-        gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.grad_clip or float("inf"))
+        gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.optim.grad_clip or float("inf"))
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
+        lr = set_lr(self.opt, cfg.optim, self.step, cfg.max_steps)
         self.opt.step()
-        self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        self.step += 1
         self._advance_data()
-        return {"loss": loss_sum / self.accum, "train_acc": acc_sum / self.accum, "grad_norm": float(gnorm)}
+        return {"loss": mean(loss_sum / self.accum), "train_acc": mean(acc_sum / self.accum), "lr": lr,
+                "grad_norm": float(gnorm), "pairs_per_s": cfg.batch_size / (time.perf_counter() - t0)}
 
-    def evaluate(self, data) -> dict:
+    # ------------------------------------------------------------------ evaluation
+
+    def _score(self, data) -> dict:
         from ..reward.evaluate import pair_metrics, pair_scores
 
         was = self.ddp.training
-        scores = pair_scores(self.model, data, batch_size=self.micro, limit=self.cfg.eval_pairs)
+        scores = pair_scores(self.model, data, batch_size=self.micro, limit=self.cfg.data.eval_pairs)
         self.ddp.train(was)
         return pair_metrics(*scores)
 
-    # ------------------------------------------------------------------ the loop
-
-    def run(self) -> dict:
-        """Train to ``max_steps`` (or ``stop_after``), then save the model; returns the last evaluation."""
-        from ..dist import shutdown
-
-        cfg = self.cfg
-        self.ddp.train()
-        steps = range(self.step, cfg.max_steps)
-        bar = progress(steps, desc="reward", unit="step") if is_main() else steps
-        t_last, pairs_since = time.perf_counter(), 0
-        for _ in bar:
-            rec = self.train_step()
-            pairs_since += cfg.batch_size
-            if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                self._log(rec, pairs_since / (time.perf_counter() - t_last), bar)
-                t_last, pairs_since = time.perf_counter(), 0
-            if self.step % cfg.eval_every == 0 or self.step == cfg.max_steps:
-                self._evaluate_and_advance()
-            if self.step % cfg.save_every == 0 or self.step == cfg.max_steps:
-                self.save()
-            if cfg.stop_after and cfg.max_steps > self.step >= cfg.stop_after:
-                info(f"stopping at step {self.step} (stop_after)", who="reward")
-                if self.metrics:
-                    self.metrics.close()
-                shutdown()
-                return {}
-        return self._finish()
-
-    def _log(self, rec: dict, pairs_per_s: float, bar) -> None:
-        from ..dist import mean
-
-        rec = {"step": self.step, "loss": mean(rec["loss"]), "train_acc": mean(rec["train_acc"]),
-               "lr": self.sched.get_last_lr()[0], "grad_norm": rec["grad_norm"], "pairs_per_s": pairs_per_s}
-        if self.device.type == "cuda":
-            rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
-        if self.metrics:
-            self.metrics.write(rec)
-            if hasattr(bar, "set_postfix_str"):
-                bar.set_postfix_str(f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f}")
-
-    def _evaluate_and_advance(self) -> None:
-        """Held-out evaluation (the current curriculum stage's, or the final task's); a stage that
-        reaches ``advance_at`` hands over to the next."""
-        cfg = self.cfg
+    def evaluate(self, tag: str | None = None) -> dict:
+        """The held-out table (overall, 1 and 2-3 perturbations, margin) on the current stage's pairs, or the
+        task's at the last stage."""
         final = self.stage == len(self.stages) - 1
-        self.last_eval = self.evaluate(self.eval_set if final or not self.streaming else self.stage_eval(self.stage))
-        ev = self.last_eval
-        if self.metrics:
-            self.metrics.write({"step": self.step, "stage": self.stage,
-                                **{f"eval_{k}": v for k, v in ev.items() if k != "calibration"}})
-            info(step_line(self.step, cfg.max_steps, stage=f"{self.stage + 1}/{len(self.stages)}",
-                           eval_acc=ev["accuracy"], acc_1=ev["accuracy_1"], acc_2_3=ev["accuracy_2_3"],
-                           margin=ev["mean_margin"]), who="reward")
+        self.table = self._score(self.eval_set if final or not self.streaming else self.stage_eval(self.stage))
+        return {"stage": self.stage, **{f"eval_{k}": v for k, v in self.table.items() if k != "calibration"}}
+
+    def after_evaluation(self, ev: dict) -> None:
+        """A stage that reaches its ``advance_at`` (or its ``max_stage_steps``) hands over to the next."""
+        d = self.cfg.data
+        if self.stage == len(self.stages) - 1:
+            return
         rules = self.stages[self.stage]
-        in_stage = self.consumed // cfg.batch_size  # steps since this stage began (kept across a resume)
-        cleared = ev["accuracy"] >= rules.get("advance_at", cfg.advance_at)
-        if not final and (cleared or in_stage >= rules.get("max_stage_steps", float("inf"))):
+        in_stage = self.consumed // self.cfg.batch_size  # steps since this stage began (kept across a resume)
+        cleared = ev["eval_accuracy"] >= rules.get("advance_at", d.advance_at)
+        if cleared or in_stage >= rules.get("max_stage_steps", float("inf")):
             why = "" if cleared else f" (stage {self.stage + 1} not cleared in its {in_stage} steps)"
             self.stage, self.consumed, self._batches = self.stage + 1, 0, None
             info(f"curriculum: stage {self.stage + 1}/{len(self.stages)} from step {self.step}{why}", who="reward")
 
-    def _finish(self) -> dict:
-        from ..dist import shutdown
+    def final_result(self) -> dict:
+        """The task's held-out table (evaluated again when the run ended before the curriculum's last stage)."""
+        if self.streaming and self.stage < len(self.stages) - 1:
+            self.table = self._score(self.eval_set)
+        return self.table
+
+    # ------------------------------------------------------------------ the result
+
+    def export(self, final: dict) -> str:
         from ..reward.evaluate import format_table
 
-        if not self.last_eval or (self.streaming and self.stage < len(self.stages) - 1):
-            self.last_eval = self.evaluate(self.eval_set)  # resumed at the end, or stopped mid-curriculum
         final_tensors = _fsdp_full(self.model, None)[0] if self.fsdp else None
-        if is_main():
-            model = self.model
-            if self.fsdp:  # a plain copy of the model on rank 0 holds the gathered weights for saving
-                model = _unsharded_copy(self.cfg, final_tensors)
-            model.save_pretrained(self.out / "model")
-            _plot(self.out)
-            (self.out / "eval.md").write_text(format_table(self.last_eval) + "\n")
-            self.metrics.close()
-            info(f"done: model -> {self.out / 'model'}", who="reward")
-        shutdown()
-        return self.last_eval
+        if not is_main():
+            return ""
+        model = self.model
+        if self.fsdp:  # a plain copy of the model on rank 0 holds the gathered weights for saving
+            model = _unsharded_copy(self.cfg, final_tensors)
+        model.save_pretrained(self.out / "model")
+        (self.out / "eval.md").write_text(format_table(final) + "\n")
+        return f"model -> {self.out / 'model'}"
+
+    def plot(self) -> None:
+        _plot(self.out)
+
+    def log_fields(self, rec: dict) -> dict:
+        fields = {"loss": rec["loss"], "acc": rec["train_acc"]}
+        if "eval_accuracy" in rec:
+            fields.update(stage=f"{rec['stage'] + 1}/{len(self.stages)}", eval_acc=rec["eval_accuracy"],
+                          acc_1=rec["eval_accuracy_1"], acc_2_3=rec["eval_accuracy_2_3"], margin=rec["eval_mean_margin"])
+        return fields
+
+    def postfix(self, rec: dict) -> str:
+        return f"loss {rec['loss']:.4f} acc {rec['train_acc']:.3f}"
 
 
 def train(cfg: RewardTrainConfig) -> dict:
@@ -463,14 +433,14 @@ def _unsharded_copy(cfg: RewardTrainConfig, tensors: dict[str, torch.Tensor]):
 STAGE_KEYS = ("advance_at", "max_stage_steps")  # keys of a curriculum stage that are not synth keys
 
 
-def synth_config(data: str, overrides: dict | None = None):
+def synth_config(source: str, overrides: dict | None = None):
     from ..config import from_dict
     from ..data.synth import DIFFICULTIES, SynthConfig
 
-    name = data.split(":", 1)[1]
+    name = source.split(":", 1)[1]
     if name not in DIFFICULTIES:
-        raise ConfigError("data", f"unknown stream preset {name!r} (known: {', '.join(DIFFICULTIES)})")
-    return from_dict(SynthConfig, {**DIFFICULTIES[name], **(overrides or {})}, "stream")
+        raise ConfigError("data.source", f"unknown stream preset {name!r} (known: {', '.join(DIFFICULTIES)})")
+    return from_dict(SynthConfig, {**DIFFICULTIES[name], **(overrides or {})}, "data.stream")
 
 
 def held_out_pairs(synth_cfg, seed: int, n: int, split: str) -> list[dict]:
@@ -485,7 +455,7 @@ def held_out_pairs(synth_cfg, seed: int, n: int, split: str) -> list[dict]:
         if len(out) == n:
             break
     if not out:
-        raise ConfigError("eval_split", f"no '{split}' pairs in the synthetic stream")
+        raise ConfigError("data.eval_split", f"no '{split}' pairs in the synthetic stream")
     return out
 
 

@@ -4,11 +4,10 @@ and how the tiny generator of the synthetic scenes is pretrained.
     spatialcore sft train --config configs/sft/tiny_cpu.yaml [key=value ...]
     torchrun --nproc_per_node 8 $(which spatialcore) sft train --config configs/sft/flux_dev_lora.yaml
 
-Data (``data.source``): the streaming synthetic renderer (perfect scenes of a preset's train split),
-the ``chosen`` images of a pair set (SPEC §5), or a folder of images with ``metadata.jsonl``
-(``{"file_name": ..., "prompt": ...}`` per line). Item ``k`` of the run is a pure function of
-(config, k): item ``k`` of a step lives on rank ``k % world``, draws its noise and timestep from its
-own seed, and a resumed run redraws it identically.
+Data (``data``, ``spatialcore.data.captioned``): the streaming synthetic renderer, the ``chosen`` images of a
+pair set, or an image folder with ``metadata.jsonl``. Item ``k`` of a step lives on rank ``k % world``, draws
+its noise and timestep from its own seed, and a resumed run redraws it identically. The loop is
+``trainer.Trainer``.
 
 Stages, one step counter:
 
@@ -22,8 +21,8 @@ Stages, one step counter:
    the transformer at timestep sigma with the constant guidance the sampler uses, target
    ``noise - x0``, mean squared error weighted by ``compute_loss_weighting_for_sd3``.
 
-Every ``eval_every`` steps the (EMA) transformer samples held-out prompts from fixed noise with the
-ODE; for synthetic prompts the pixel oracle judges them (objects found, relation accuracy: the same
+Every ``eval_every`` transformer steps the (EMA) transformer samples held-out prompts from fixed noise with the
+ODE (``eval.heldout``); for synthetic prompts the pixel oracle judges them (objects found, relation accuracy: the same
 judge as ``spatialcore eval``). The run ends with ``out/pipeline/`` (a complete Flux pipeline that
 ``FluxPipeline.from_pretrained`` loads, LoRA folded in) and, for LoRA, ``out/lora/`` (diffusers'
 LoRA file for ``load_lora_weights`` on the base model).
@@ -31,36 +30,24 @@ LoRA file for ``load_lora_weights`` on the base model).
 
 from __future__ import annotations
 
-import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import ClassVar, Literal
 
-import numpy as np
 import torch
 
 from ..config import ConfigError, param
-from ..dist import is_main
+from ..data.captioned import CaptionedDataConfig, CaptionedItems, to_tensor
+from ..dist import all_reduce_grads, is_main
 from ..gpu import sdpa_for_training
-from ..logs import info, progress, step_line
+from ..logs import info
 from ..phases import phase
-from .run import OptimConfig, PolicyConfig, all_reduce_grads
+from ..rl.policy import PolicyConfig
+from .optim import OptimConfig
+from .trainer import RunConfig, Trainer
 
 VAE_PREFIX, TRANSFORMER_PREFIX, EMA_PREFIX = "vae.", "transformer.", "ema."
-
-
-@dataclass
-class SFTDataConfig:
-    source: Literal["synthetic", "pairs", "folder"] = "synthetic"
-    path: str | None = param(None, help="pair-set folder (its chosen images) or image folder with metadata.jsonl")
-    preset: Literal["easy", "medium", "hard", "easy_grid"] = "easy"  # synthetic: the scene preset
-    synth: dict[str, Any] = field(default_factory=dict)  # synthetic: SynthConfig overrides (size is image_size)
-    split: Literal["train", "val", "test"] = "train"
-
-    def check(self) -> None:
-        if self.source != "synthetic" and not self.path:
-            raise ConfigError("data.path", f"data.source={self.source} needs a folder")
 
 
 @dataclass
@@ -72,18 +59,11 @@ class VAEStageConfig:
 
 
 @dataclass
-class SFTTrainConfig:
-    model: str = param("runs/tiny/flux", help="Flux pipeline folder or hub id")
-    out: str = "runs/sft"
-    report_to: list[str] = field(default_factory=lambda: ["jsonl"])  # + tensorboard, wandb (optional packages)
-    run: Literal["auto", "resume", "fresh"] = param(
-        "auto", help="auto: resume a run of the same config, refuse another's; resume: there must be one; fresh: "
-                     "move an existing run aside and start over")
-    seed: int = param(0, min=0)
-    dtype: Literal["float32", "bfloat16"] = "float32"
-    export_dtype: Literal["float32", "float16", "bfloat16"] = param(
-        "float32", help="dtype of the exported pipeline's weights (float16 halves a committed checkpoint)")
-    data: SFTDataConfig = field(default_factory=SFTDataConfig)
+class SFTTrainConfig(RunConfig):
+    KIND: ClassVar[str] = "sft"
+    RENAMED: ClassVar[dict[str, str]] = {"export_dtype": "policy.export_dtype"}
+
+    data: CaptionedDataConfig = field(default_factory=CaptionedDataConfig)
     vae: VAEStageConfig = field(default_factory=VAEStageConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4))
@@ -95,28 +75,22 @@ class SFTTrainConfig:
     logit_std: float = param(1.0, min=0.0)
     mode_scale: float = 1.29
     batch_size: int = param(16, min=1, help="global batch (all ranks, all micro-batches)")
-    micro_batch: int = param(0, min=0, help="items per forward/backward on a rank (0: all of them)")
     steps: int = param(1000, min=0, help="transformer steps (after vae.steps)")
-    log_every: int = param(50, min=1)
-    eval_every: int = param(250, min=1)
     eval_prompts: int = param(8, min=1, help="held-out prompts sampled at each evaluation (synthetic data)")
     eval_seeds: int = param(4, min=1, help="fixed noise seeds per held-out prompt")
     grid_prompts: list[str] = field(default_factory=list)  # evaluation prompts for non-synthetic data
     sample_steps: int = param(8, min=1, help="ODE steps of the evaluation samples")
-    save_every: int = param(250, min=1)
-    max_minutes: float = param(0.0, min=0.0, help="stop after this much training time (0: no limit)")
-    threads: int = param(0, min=0)
-    stop_after: int = param(0, min=0, help="end the process after this many steps, as if killed (tests)")
+    sample_batch: int = param(0, min=0, help="samples per sampler call in evaluation (0: all of this rank's at once)")
 
     def check(self) -> None:
-        from ..logs import check_report_to
-
-        check_report_to(self.report_to)
+        super().check()
         self.data.check()
         if self.steps + self.vae.steps == 0:
             raise ConfigError("steps", "nothing to train: steps and vae.steps are both 0")
         if self.data.source != "synthetic" and not self.grid_prompts and self.steps:
             raise ConfigError("grid_prompts", "give evaluation prompts for non-synthetic data")
+        if self.optim.warmup_steps >= max(1, self.steps):
+            raise ConfigError("optim.warmup_steps", f"{self.optim.warmup_steps} must be < steps={self.steps}")
 
     @property
     def total_steps(self) -> int:
@@ -125,121 +99,34 @@ class SFTTrainConfig:
 
 def item_seed(seed: int, stream: int, k: int) -> int:
     """Seed of item ``k`` of a stream (0: VAE stage, 1: transformer stage, 2: calibration)."""
+    import numpy as np
+
     return int(np.random.SeedSequence([seed, stream, k]).generate_state(1)[0])
 
 
-def to_tensor(image, size: int) -> torch.Tensor:
-    """A PIL image as ``[3, size, size]`` in [-1, 1] (centre-cropped to a square, resized)."""
-    from PIL import Image
+class SFTTrainer(Trainer):
+    """Flow-matching fine-tuning: ``train_step()`` is one optimizer step of the current stage (VAE, then the
+    transformer); the evaluation samples held-out prompts every ``eval_every`` transformer steps."""
 
-    im = image.convert("RGB")
-    if im.width != im.height:
-        s = min(im.size)
-        left, top = (im.width - s) // 2, (im.height - s) // 2
-        im = im.crop((left, top, left + s, top + s))
-    if im.width != size:
-        im = im.resize((size, size), Image.BICUBIC)
-    arr = torch.from_numpy(np.asarray(im, dtype=np.float32).copy()).permute(2, 0, 1)
-    return arr / 127.5 - 1
+    def plan(self) -> None:
+        from ..dist import split_batch
 
-
-class ItemSource:
-    """Item ``k`` of stream ``stream`` -> (prompt, PIL image), the same on every rank and after a resume."""
-
-    def __init__(self, cfg: SFTTrainConfig):
-        self.cfg = cfg
-        d = cfg.data
-        if d.source == "synthetic":
-            from ..config import from_dict
-            from ..data.synth import DIFFICULTIES, SynthConfig
-
-            self.synth = from_dict(SynthConfig, {**DIFFICULTIES[d.preset], **d.synth, "size": cfg.image_size},
-                                   "data.synth")
-            self.synth.check()
-            self.spec = self.synth.spec()
-            self.records = None
-        else:
-            self.records = _records(d.source, Path(d.path), d.split)
-
-    def __len__(self) -> int:
-        return len(self.records) if self.records is not None else 0
-
-    def __call__(self, stream: int, k: int):
-        if self.records is None:
-            from ..data.synth import scene_sample
-
-            prompt, image, _ = scene_sample(self.synth, f"sft-{self.cfg.seed}-{stream}", k, self.cfg.data.split,
-                                            spec=self.spec)
-            return prompt, image
-        from ..data.pairs import load_image
-
-        n = len(self.records)
-        perm = np.random.default_rng([self.cfg.seed, stream, k // n]).permutation(n)
-        prompt, path = self.records[perm[k % n]]
-        return prompt, load_image(path)
-
-
-def _records(source: str, folder: Path, split: str) -> list[tuple[str, Path]]:
-    """(prompt, image path) of a pair set's chosen images in ``split``, or of an image folder."""
-    import json
-
-    if not folder.is_dir():
-        raise ConfigError("data.path", f"{folder} is not a folder")
-    if source == "pairs":
-        from ..data.pairs import scan_pair_set
-
-        recs, problems = scan_pair_set(folder, check_images=False)
-        out = [(r.prompt, r.chosen) for r in recs if r.split == split]
-        if not out:
-            why = f" ({problems[0]})" if problems else ""
-            raise ConfigError("data.path", f"{folder} has no '{split}' pairs{why}")
-        return out
-    meta = folder / "metadata.jsonl"
-    if not meta.is_file():
-        raise ConfigError("data.path", f"{meta} is missing (one {{\"file_name\": ..., \"prompt\": ...}} per line)")
-    out = []
-    for n, line in enumerate(meta.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-            prompt, name = rec.get("prompt", rec.get("text")), rec["file_name"]
-        except (ValueError, KeyError):
-            raise ConfigError("data.path", f"{meta} line {n}: needs 'file_name' and 'prompt'") from None
-        if not isinstance(prompt, str) or not (folder / name).is_file():
-            raise ConfigError("data.path", f"{meta} line {n}: no prompt, or {folder / name} does not exist")
-        out.append((prompt, folder / name))
-    if not out:
-        raise ConfigError("data.path", f"{meta} lists no images")
-    return out
-
-
-class SFTTrainer:
-    """Flow-matching fine-tuning: ``__init__`` builds data, models and optimizer from the config (and
-    resumes from the run folder), ``train_step()`` is one optimizer step of the current stage,
-    ``state_dict()`` is what a checkpoint holds, ``run()`` is the loop."""
-
-    def __init__(self, cfg: SFTTrainConfig):
-        from ..dist import start_run
-        from .run import find_checkpoint, open_metrics, restore, split_batch
-
-        self.cfg = cfg
-        self.rank, self.world, self.device = start_run(cfg)
-        self.out = Path(cfg.out)
+        cfg = self.cfg
         self.micro, self.accum = split_batch(cfg.batch_size, cfg.micro_batch, self.world)
         if cfg.vae.steps:
             split_batch(cfg.vae.batch_size, 0, self.world, keys=("vae.batch_size", "vae.batch_size"))
-        ckpt = find_checkpoint(self.out, who="sft")
-        self.items = ItemSource(cfg)
-        self._init_models()
-        self.step, self.elapsed = 0, 0.0
-        self._start_stage()
-        if ckpt is not None:
-            self.load_state_dict(*restore(ckpt, self.rank, who="sft"))
-        self.metrics = open_metrics(self.out, self.step, cfg)
-        self.last: dict = {}
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.total_steps
+
+    def build(self) -> None:
         from ..paths import git_commit
 
+        cfg = self.cfg
+        self.items = CaptionedItems(cfg.data, image_size=cfg.image_size, seed=cfg.seed)
+        self._init_models()
+        self._start_stage(self.stage)
         self.commit = git_commit()  # the code the run starts with (the manifest is written at the end)
 
     # ------------------------------------------------------------------ models
@@ -287,20 +174,19 @@ class SFTTrainer:
     def stage(self) -> str:
         return "vae" if self.step < self.cfg.vae.steps else "transformer"
 
-    def _start_stage(self) -> None:
-        """The optimizer of the current stage (and the trainable flags that go with it)."""
-        from .run import make_optimizer
+    def _start_stage(self, stage: str) -> None:
+        """The optimizer of ``stage`` (and the trainable flags that go with it)."""
+        from .optim import make_optimizer
 
         cfg = self.cfg
-        if self.stage == "vae":
+        if stage == "vae":
             self.vae.requires_grad_(True)
             params, lr = self.vae_params, cfg.vae.lr
         else:
             self.vae.requires_grad_(False)
             params, lr = self.policy.params, cfg.optim.lr
         self.params = params
-        self.opt = make_optimizer(cfg.optim.name, [{"params": list(params.values()), "lr": lr}],
-                                  weight_decay=cfg.optim.weight_decay)
+        self.opt = make_optimizer(cfg.optim, [{"params": list(params.values()), "lr": lr}])
 
     # ------------------------------------------------------------------ checkpoint
 
@@ -311,7 +197,7 @@ class SFTTrainer:
         if self.ema:
             tensors.update({EMA_PREFIX + n: w for n, w in self.ema.weights.items()})
         vc = self.vae.config
-        return tensors, {"optimizer": self.opt.state_dict(), "step": self.step, "elapsed": self.elapsed,
+        return tensors, {"optimizer": self.opt.state_dict(),
                          "vae_factors": [float(vc.shift_factor or 0.0), float(vc.scaling_factor)]}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -333,15 +219,11 @@ class SFTTrainer:
                     self.ema.weights[n].copy_(tensors[EMA_PREFIX + n])
         shift, scale = state["vae_factors"]
         self.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
-        self.step, self.elapsed = state["step"], state["elapsed"]
-        self._start_stage()
+        self._start_stage(self.stage)
         self.opt.load_state_dict(state["optimizer"])
 
-    def save(self) -> None:
-        from .run import checkpoint
-
-        tensors, state = self.state_dict()
-        checkpoint(self.out, self.step, tensors, state)
+    def save_due(self) -> bool:
+        return self.step == self.cfg.vae.steps  # the VAE stage's end: its weights and measured factors
 
     # ------------------------------------------------------------------ one step
 
@@ -355,46 +237,40 @@ class SFTTrainer:
 
     def train_step(self) -> dict:
         """One optimizer step of the current stage over the global batch."""
-        t0 = time.perf_counter()
-        if self.stage == "vae":
-            B, stream, k0 = self.cfg.vae.batch_size, 0, self.step
+        from ..dist import mean
+        from .optim import set_lr
+
+        cfg, t0, stage = self.cfg, time.perf_counter(), self.stage
+        if stage == "vae":
+            B, stream, k0 = cfg.vae.batch_size, 0, self.step
         else:
-            B, stream, k0 = self.cfg.batch_size, 1, self.step - self.cfg.vae.steps
+            B, stream, k0 = cfg.batch_size, 1, self.step - cfg.vae.steps
         mine = list(range(k0 * B + self.rank, (k0 + 1) * B, self.world))
-        micro = len(mine) if self.stage == "vae" else self.micro
+        micro = len(mine) if stage == "vae" else self.micro
         self.opt.zero_grad(set_to_none=True)
         loss = 0.0
         for s in range(0, len(mine), micro):
             ids = mine[s:s + micro]
             with phase("data"):
                 prompts, images = self._batch(stream, ids)
-            part = self._vae_loss(images) if self.stage == "vae" else self._flow_loss(prompts, images, ids)
+            part = self._vae_loss(images) if stage == "vae" else self._flow_loss(prompts, images, ids)
             with phase("backward"):
                 (part / B).backward()
             loss += float(part.detach())
         with phase("optimizer"):
             all_reduce_grads(self.params, self.world)
-            clip = self.cfg.optim.grad_clip if self.stage == "transformer" else 0.0
+            clip = cfg.optim.grad_clip if stage == "transformer" else 0.0
             gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), clip or float("inf"))
-            if self.stage == "transformer":
-                from .run import scheduled_lr
-
-                for g in self.opt.param_groups:
-                    g["lr"] = scheduled_lr(self.cfg.optim, self.step - self.cfg.vae.steps, self.cfg.steps)
+            if stage == "transformer":
+                set_lr(self.opt, cfg.optim, self.step - cfg.vae.steps, cfg.steps)
             self.opt.step()
-            if self.stage == "transformer" and self.ema:
+            if stage == "transformer" and self.ema:
                 self.ema.update(self.policy.params)
-        stage = self.stage
-        self.step += 1
-        if stage == "vae" and self.step == self.cfg.vae.steps:
+        if stage == "vae" and self.step + 1 == cfg.vae.steps:
             self._calibrate_vae()
-            self._start_stage()
-        self.elapsed += time.perf_counter() - t0
-        from ..dist import mean
-
-        return {"step": self.step, "stage": stage, "loss": mean(loss) * self.world / B, "grad_norm": float(gnorm),
-                "lr": self.opt.param_groups[0]["lr"], "elapsed_s": self.elapsed,
-                "samples_per_s": B / (time.perf_counter() - t0)}
+            self._start_stage("transformer")
+        return {"stage": stage, "loss": mean(loss) * self.world / B, "grad_norm": float(gnorm),
+                "lr": self.opt.param_groups[0]["lr"], "samples_per_s": B / (time.perf_counter() - t0)}
 
     def _vae_loss(self, images: torch.Tensor) -> torch.Tensor:
         """Sum over the items of the reconstruction MSE through the posterior mean."""
@@ -461,85 +337,46 @@ class SFTTrainer:
 
     # ------------------------------------------------------------------ evaluation
 
-    @torch.no_grad()
+    def eval_due(self) -> bool:
+        flow_step = self.step - self.cfg.vae.steps
+        return flow_step > 0 and (flow_step % self.cfg.eval_every == 0 or self.step == self.total_steps)
+
     def evaluate(self, tag: str | None = None) -> dict:
         """Held-out prompts x ``eval_seeds`` fixed noises, ODE, (EMA) transformer; the pixel oracle's
-        objects-found rate and relation accuracy where the prompts follow the synthetic grammar."""
-        from ..rl.sampler import to_pil
-        from .run import gather_by_index
+        objects-found rate and relation accuracy where the prompts follow the synthetic grammar. Nothing before
+        the transformer has trained."""
+        from ..eval.heldout import sample_held_out
 
         cfg = self.cfg
-        prompts = [p for p in self.eval_prompts for _ in range(cfg.eval_seeds)]
-        seeds = [20_000_003 + i for i in range(len(prompts))]
-        mine = list(range(self.rank, len(prompts), self.world))
+        if self.step <= cfg.vae.steps:
+            return {}
         with self.policy.swapped(self.ema.weights if self.ema else None):
-            traj = self.sampler.sample([prompts[i] for i in mine], [seeds[i] for i in mine], sde=False)
-        pil = to_pil(traj.images)
-        from ..eval.judge import judge_synthetic
-
-        found, correct = judge_synthetic(pil, [prompts[i] for i in mine])
-        res = {}
-        if found is not None:
-            res["eval_found"] = float(gather_by_index(found, len(prompts), self.rank, self.world).nanmean())
-            res["eval_relation_acc"] = float(gather_by_index(correct, len(prompts), self.rank, self.world).nanmean())
-        if tag and is_main() and self.world == 1:
-            from ..plots import image_grid
-
-            rows = [pil[i * cfg.eval_seeds:(i + 1) * cfg.eval_seeds] for i in range(len(self.eval_prompts))]
-            image_grid(rows[:8], [p[:48] for p in self.eval_prompts[:8]], self.out / f"samples_{tag}.png")
-            if self.metrics:
-                self.metrics.image("samples", self.out / f"samples_{tag}.png", self.step)
+            h = sample_held_out(self.sampler, self.eval_prompts, cfg.eval_seeds, seed=20_000_003, rank=self.rank,
+                                world=self.world, batch=cfg.sample_batch)
+        res = h.judged()
+        if is_main():
+            png = h.grid(self.eval_prompts, cfg.eval_seeds, self.out / f"samples_{tag or f'step{self.step:06d}'}.png")
+            if png and self.metrics:
+                self.metrics.image("samples", png, self.step)
         return res
 
-    # ------------------------------------------------------------------ the loop
+    # ------------------------------------------------------------------ the result
 
-    def run(self) -> dict:
-        from ..dist import shutdown
+    def export(self, final: dict) -> str:
+        """``out/pipeline`` (complete Flux pipeline, LoRA folded in, EMA weights if any, with its manifest) and,
+        for LoRA, ``out/lora`` (diffusers' LoRA file)."""
+        from ..rl.policy import resolve_export_dtype, save_pipeline
 
-        cfg = self.cfg
-        total = cfg.total_steps
-        steps = range(self.step, total)
-        bar = progress(steps, desc="sft", unit="step") if is_main() else steps
-        timed_out = False
-        for _ in bar:
-            rec = self.train_step()
-            flow_step = self.step - cfg.vae.steps
-            if flow_step > 0 and (flow_step % cfg.eval_every == 0 or self.step == total):
-                rec.update(self.evaluate(f"step{self.step:06d}"))
-            self.last = rec
-            if self.metrics:
-                self.metrics.write(rec)
-                if self.step % cfg.log_every == 0 or "eval_found" in rec or self.step == total:
-                    extra = {k: rec[k] for k in ("eval_found", "eval_relation_acc") if k in rec}
-                    info(step_line(self.step, total, stage=rec["stage"], loss=rec["loss"],
-                                   samples_s=rec["samples_per_s"], **extra), who="sft")
-            timed_out = bool(cfg.max_minutes and self.elapsed >= 60 * cfg.max_minutes)
-            if self.step % cfg.save_every == 0 or self.step == total or timed_out or self.step == cfg.vae.steps:
-                self.save()
-            if cfg.stop_after and total > self.step >= cfg.stop_after:
-                info(f"stopping at step {self.step} (stop_after)", who="sft")
-                shutdown()
-                return {}
-            if timed_out:
-                info(f"partial result: time budget of {cfg.max_minutes} min reached at step {self.step} of {total}",
-                     who="sft")
-                break
-        return self._finish()
-
-    def _finish(self) -> dict:
-        from ..dist import shutdown
-
-        final = dict(self.last)
-        if self.cfg.steps and "eval_found" not in final and self.step > self.cfg.vae.steps:
-            final.update(self.evaluate("final"))
-        if is_main():
-            self.export(self.out)
-            self._manifest(final)
-            self.metrics.close()
-            plot_run(self.out)
-            info(f"done: pipeline -> {self.out / 'pipeline'}", who="sft")
-        shutdown()
-        return final
+        if not is_main():
+            return ""
+        p = self.cfg.policy
+        weights = self.ema.weights if self.ema else None
+        dtype = resolve_export_dtype(p.export_dtype, self.cfg.model, self.cfg.dtype)
+        if self.policy.lora_rank:
+            self.policy.save(self.out / "lora", weights, dtype=dtype)
+        save_pipeline(self.pipe, self.policy, weights, self.out / "pipeline", dtype)
+        self._manifest(final)
+        return f"pipeline -> {self.out / 'pipeline'}"
 
     def _manifest(self, final: dict) -> None:
         """``out/pipeline/spatialcore_run.json``: how the pipeline was made (command, resolved config, seed,
@@ -561,54 +398,30 @@ class SFTTrainer:
                   "eval_samples": len(self.eval_prompts) * self.cfg.eval_seeds}
         (self.out / "pipeline" / "spatialcore_run.json").write_text(json.dumps(record, indent=2) + "\n")
 
-    def export(self, out: Path) -> None:
-        """``out/pipeline`` (complete Flux pipeline, LoRA folded in, EMA weights if any) and, for LoRA,
-        ``out/lora`` (diffusers' LoRA file)."""
-        weights = self.ema.weights if self.ema else None
-        if self.policy.lora_rank:
-            self.policy.save(out / "lora", weights)
-        export_pipeline(self.pipe, self.policy, weights, out / "pipeline", self.cfg.export_dtype)
+    def plot(self) -> None:
+        from ..logs import read_metrics
+        from ..plots import curves
 
+        recs = read_metrics(self.out / "metrics.jsonl")
+        curves({k: [(r["step"], r["loss"]) for r in recs if r.get("stage") == k] for k in ("vae", "transformer")},
+               self.out / "loss.png", xlabel="step", ylabel="loss")
+        ev = [r for r in recs if "eval_found" in r]
+        if ev:
+            curves({"objects found": [(r["elapsed_s"] / 60, r["eval_found"]) for r in ev],
+                    "relation accuracy": [(r["elapsed_s"] / 60, r["eval_relation_acc"]) for r in ev]},
+                   self.out / "eval_vs_minutes.png", xlabel="training minutes", ylabel="held-out rate (pixel oracle)")
 
-def export_pipeline(pipe, policy, weights: dict[str, torch.Tensor] | None, out: Path, export_dtype: str) -> None:
-    """Write ``pipe`` with ``weights`` (or the policy's own) in its transformer, a LoRA folded in, as a
-    complete pipeline folder ``out`` in ``export_dtype`` (atomically)."""
-    from diffusers import FluxPipeline, FluxTransformer2DModel
+    def log_fields(self, rec: dict) -> dict:
+        if "loss" not in rec:
+            return {k: v for k, v in rec.items() if k.startswith("eval_")}
+        extra = {k: rec[k] for k in ("eval_found", "eval_relation_acc") if k in rec}
+        return dict(stage=rec["stage"], loss=rec["loss"], samples_s=rec["samples_per_s"], **extra)
 
-    from ..atomic import atomic_dir
-    from ..rl.policy import merged_state_dict
+    def postfix(self, rec: dict) -> str:
+        return f"{rec['stage']} loss {rec['loss']:.4f}"
 
-    with policy.swapped(weights):
-        tr = pipe.transformer
-        if policy.lora_rank:
-            state = merged_state_dict(tr)
-        else:
-            state = {k: v.detach().cpu() for k, v in tr.state_dict().items()}
-        plain = FluxTransformer2DModel.from_config(tr.config)
-        plain.load_state_dict(state)
-    p = pipe
-    pipe = FluxPipeline(scheduler=p.scheduler, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
-                        text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2, transformer=plain.to(tr.dtype))
-    if export_dtype != "float32":
-        pipe = copy.deepcopy(pipe).to(getattr(torch, export_dtype))
-    with atomic_dir(out) as tmp:
-        pipe.save_pretrained(tmp)
 
 def train(cfg: SFTTrainConfig) -> dict:
     """Build an :class:`SFTTrainer` from ``cfg`` and run it (resuming from ``cfg.out``)."""
     cfg.check()
     return SFTTrainer(cfg).run()
-
-
-def plot_run(out: Path) -> None:
-    from ..logs import read_metrics
-    from ..plots import curves
-
-    recs = read_metrics(out / "metrics.jsonl")
-    curves({k: [(r["step"], r["loss"]) for r in recs if r.get("stage") == k] for k in ("vae", "transformer")},
-           out / "loss.png", xlabel="step", ylabel="loss")
-    ev = [r for r in recs if "eval_found" in r]
-    if ev:
-        curves({"objects found": [(r["elapsed_s"] / 60, r["eval_found"]) for r in ev],
-                "relation accuracy": [(r["elapsed_s"] / 60, r["eval_relation_acc"]) for r in ev]},
-               out / "eval_vs_minutes.png", xlabel="training minutes", ylabel="held-out rate (pixel oracle)")

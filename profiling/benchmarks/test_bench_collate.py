@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from spatialcore.data.pairs import chat_text, encode_judgements
+from spatialcore.reward.preprocess import chat_text, encode_judgements
 
 
 @pytest.fixture(scope="module")

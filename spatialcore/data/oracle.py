@@ -202,6 +202,23 @@ def judge_prompt(image: Image.Image, prompt: str) -> list[bool | None]:
     return judge(image, parse_prompt(prompt))
 
 
+@lru_cache(maxsize=4096)
+def prompt_relations(prompt: str) -> list[Relation]:
+    """The relations of a synthetic-grammar prompt (cached); a prompt of another grammar is a ValueError
+    (one line, what the oracle rewards and tables refuse it with)."""
+    rels = parse_prompt(prompt)
+    if not rels:
+        raise ValueError(f"the pixel oracle needs synthetic-grammar prompts; cannot parse {prompt!r}")
+    return rels
+
+
+def relations_true(image: Image.Image, prompt: str) -> float:
+    """The fraction of ``prompt``'s relations the pixel oracle judges true in ``image`` (an undecidable one,
+    an object not found, counts as false)."""
+    verdicts = judge(image, prompt_relations(prompt))
+    return sum(v is True for v in verdicts) / len(verdicts)
+
+
 # ----------------------------------------------------------------------------- continuous reward
 
 

@@ -229,3 +229,18 @@ def judge_synthetic(images, prompts: list[str]) -> tuple[torch.Tensor | None, to
     det = OracleDetector()
     verdicts = [judge(im, t, det) for im, t in zip(images, tasks, strict=True)]
     return (torch.tensor([float(v.all_found) for v in verdicts]), torch.tensor([float(v.correct) for v in verdicts]))
+
+
+def judge_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+    """The evaluation's verdict as a reward (``spatialcore eval``'s pixel-oracle detector and GenEval's
+    position rule): 1 when every named object is found and every relation holds, 0 when the objects are
+    found but a relation fails, -1 when a named object is missing. ``[B]`` float32 on the images' device."""
+    import torch
+
+    from ..data.oracle import prompt_relations
+    from ..rl.sampler import to_pil
+
+    for p in prompts:
+        prompt_relations(p)  # the same one-line refusal as the other forms for a prompt of another grammar
+    found, correct = judge_synthetic(to_pil(images), prompts)
+    return (correct - (1.0 - found)).to(device=images.device, dtype=torch.float32)

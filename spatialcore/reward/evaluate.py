@@ -19,8 +19,8 @@ def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = Non
     ``shuffle_prompts``: judge every pair against another pair's prompt (a fixed permutation),
     the control that shows whether the model reads the prompt at all.
     """
-    from ..data.pairs import PairCollator
     from ..logs import progress as bar
+    from .preprocess import PairCollator
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     collate = PairCollator(model.processor)
@@ -38,9 +38,9 @@ def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = Non
         batch = collate(items)
         inputs = {k: v.to(model.device) for k, v in batch["inputs"].items()}
         mu, lv = model(**inputs)
+        var = lv.float().exp().cpu() if lv is not None else torch.zeros(mu.shape[0])  # no variance head: sigma 0
         k = len(items)
-        outs.append((mu[:k].float().cpu(), lv[:k].float().exp().cpu(), mu[k:].float().cpu(), lv[k:].float().exp().cpu(),
-                     batch["n_perturbations"]))
+        outs.append((mu[:k].float().cpu(), var[:k], mu[k:].float().cpu(), var[k:], batch["n_perturbations"]))
     if not outs:
         raise ValueError("no pairs to evaluate")
     return tuple(torch.cat(x) for x in zip(*outs, strict=True))
@@ -48,10 +48,10 @@ def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = Non
 
 def oracle_pair_scores(dataset, *, limit: int | None = None, progress: bool = False):
     """The pixel oracle in :func:`pair_scores`' place: an image's score is the fraction of its prompt's relations
-    that the hard oracle calls true (``rl.reward_fns.relations_true``); variance 0. On synthetic pairs this is the
+    that the hard oracle calls true (``data.oracle.relations_true``); variance 0. On synthetic pairs this is the
     upper bound for a reward model (it reads the rendered layout). Prompts must be in the synthetic grammar."""
+    from ..data.oracle import relations_true
     from ..logs import progress as bar
-    from ..rl.reward_fns import relations_true
 
     n = len(dataset) if limit is None else min(limit, len(dataset))
     if n == 0:

@@ -2,11 +2,14 @@
 
     hidden = backbone(prompt, image).last_hidden_state                 [B, T, H]
     (mu, log_var) = reward_head(hidden, last prompt token, W [2, H], b)   (spatialcore.kernels)
+    log_var = None without a variance head (plain Bradley-Terry: sigma = 0)
 
 The backbone is ``Qwen2_5_VLModel`` (no ``lm_head``): vocabulary logits are never computed.
 A model folder written by :meth:`SpatialScore.save_pretrained` holds ``spatialscore.json``,
 ``head.safetensors``, the processor, and either the full backbone (``backbone/``) or a LoRA
-adapter (``adapter/``) on top of the base checkpoint named in the json.
+adapter (``adapter/``) on top of the base checkpoint named in the json. Whether the model has a variance head
+is the model's to say: its constructor is told (no default), its folder records it, :func:`read_meta` is the
+one reader of that record, and ``forward`` returns ``log_var = None`` without one.
 """
 
 from __future__ import annotations
@@ -54,11 +57,20 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), pos, -1).amax(1)
 
 
+def read_meta(path: str | os.PathLike) -> dict:
+    """The ``spatialscore.json`` of a SpatialScore folder (base, attention, lora, variance_head);
+    FileNotFoundError when ``path`` is not one."""
+    meta_file = Path(path) / "spatialscore.json"
+    if not meta_file.is_file():
+        raise FileNotFoundError(f"{path} is not a SpatialScore folder (no spatialscore.json)")
+    return json.loads(meta_file.read_text())
+
+
 class SpatialScore(nn.Module):
-    """Reward model: ``forward(**processor_batch) -> (mu [B], log_var [B])`` in float32."""
+    """Reward model: ``forward(**processor_batch) -> (mu [B], log_var [B] or None)`` in float32."""
 
     def __init__(self, backbone: nn.Module, processor, *, base: str, attention: str, lora: LoraSpec | None,
-                 variance_head: bool = True):
+                 variance_head: bool):
         super().__init__()
         self.backbone = backbone
         self.processor = processor
@@ -71,7 +83,7 @@ class SpatialScore(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_backbone(cls, path: str | os.PathLike, *, attention: str = "sdpa", dtype: torch.dtype | None = None,
-                      lora: LoraSpec | None = None, variance_head: bool = True) -> SpatialScore:
+                      lora: LoraSpec | None = None, variance_head: bool) -> SpatialScore:
         """A fresh head on a Qwen2.5-VL checkpoint (local folder or hub id)."""
         from transformers import AutoProcessor, Qwen2_5_VLModel
 
@@ -93,10 +105,7 @@ class SpatialScore(nn.Module):
         from transformers import AutoProcessor, Qwen2_5_VLModel
 
         path = Path(path)
-        meta_file = path / "spatialscore.json"
-        if not meta_file.is_file():
-            raise FileNotFoundError(f"{path} is not a SpatialScore folder (no spatialscore.json)")
-        meta = json.loads(meta_file.read_text())
+        meta = read_meta(path)
         attention = resolve_attention(attention or meta["attention"])
         lora = LoraSpec(**meta["lora"]) if meta["lora"] else None
         if lora is None:
@@ -132,15 +141,14 @@ class SpatialScore(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
-                image_grid_thw: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+                image_grid_thw: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                             image_grid_thw=image_grid_thw, use_cache=False, return_dict=True)
         hidden = out.last_hidden_state
         mu, log_var = reward_head(hidden, last_token_index(attention_mask), self.head.weight, self.head.bias,
                                   backend=backend)
-        if not self.variance_head:
-            log_var = torch.full_like(mu, -30.0)  # sigma ~ 0: plain Bradley-Terry
-        return mu, log_var
+        # the head keeps both rows (one checkpoint format); without a variance head the second is not an output
+        return mu, log_var if self.variance_head else None
 
     def quantize(self, mode: str) -> SpatialScore:
         """Inference quantisation of the backbone's linear layers with torchao, in place:
@@ -200,7 +208,8 @@ class SpatialScore(nn.Module):
         ``images``: PIL images, file paths, or a ``[N, 3, H, W]`` tensor in [0, 1] on any device
         (preprocessed where it lives). Batches are built from prompts of similar token length.
         """
-        from ..data.pairs import chat_text, load_image
+        from ..data.pairs import load_image
+        from .preprocess import chat_text
 
         if isinstance(prompts, str):
             prompts = [prompts]
@@ -228,11 +237,11 @@ class SpatialScore(nn.Module):
             batch = {k: v.to(self.device) for k, v in batch.items()}
             m, lv = self(**batch)
             mu[idx] = m.float().cpu()
-            sigma[idx] = torch.exp(0.5 * lv.float()).cpu()
+            sigma[idx] = torch.exp(0.5 * lv.float()).cpu() if lv is not None else 0.0
         return mu, sigma
 
     def _batch_from_tensors(self, texts: list[str], images: torch.Tensor) -> dict:
-        from ..data.pairs import encode_judgements
+        from .preprocess import encode_judgements
 
         return encode_judgements(self.processor, texts, images)
 

@@ -7,15 +7,34 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
+
+from ..config import param
+from ..paths import LORA_FILE
 
 # Attention and feed-forward projections of every dual- and single-stream block (not the
 # embedders, the AdaLN modulations or the final projection).
 LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                 r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
-LORA_FILE = "pytorch_lora_weights.safetensors"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' single-file weights
+
+
+@dataclass
+class PolicyConfig:
+    """What of the generator's transformer trains, and how the result is written."""
+
+    lora_rank: int = param(8, min=0, help="0: full fine-tuning")
+    lora_alpha: float = param(8.0, min=0.0)
+    ema_decay: float = param(0.0, min=0.0, max=1.0, help="0: no EMA")
+    gradient_checkpointing: bool = False
+    export_merged: bool = False  # LoRA: also write policy/transformer with the adapter folded in
+    export_dtype: Literal["base", "float32", "float16", "bfloat16"] = param(
+        "base", help="dtype of exported weights; base: the dtype the base model's transformer is stored in (what "
+                     "FluxPipeline.from_pretrained(base, transformer=...) needs)")
 
 
 class Policy:
@@ -73,30 +92,79 @@ class Policy:
                 for n, p in self.params.items():
                     p.copy_(saved[n])
 
-    def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None, *, merged: bool = False) -> None:
+    def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None, *, merged: bool = False,
+             dtype: torch.dtype | None = None) -> None:
         """LoRA: diffusers' LoRA file with its adapter config as metadata (so that
         ``FluxPipeline.load_lora_weights`` applies the trained alpha / rank scale), plus, with
         ``merged``, ``transformer/`` with the adapter folded into the weights; full fine-tuning:
-        ``transformer/``. Either transformer loads with ``FluxTransformer2DModel.from_pretrained``."""
+        ``transformer/``. Either transformer loads with ``FluxTransformer2DModel.from_pretrained``. Tensors are
+        written in ``dtype`` (default: as trained)."""
         from safetensors.torch import save_file
+
+        def cast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+            return {k: v.detach().to("cpu", dtype or v.dtype).contiguous() for k, v in state.items()}
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         with self.swapped(weights):
             if not self.lora_rank:
-                self.transformer.save_pretrained(path / "transformer")
+                (path / "transformer").mkdir(exist_ok=True)
+                self.transformer.save_config(path / "transformer")
+                save_file(cast(self.transformer.state_dict()), path / "transformer" / WEIGHTS_FILE)
                 return
             from diffusers import FluxPipeline
             from peft.utils import get_peft_model_state_dict
 
             config = self.transformer.peft_config["default"].to_dict()
-            FluxPipeline.save_lora_weights(path, transformer_lora_layers=get_peft_model_state_dict(self.transformer),
+            FluxPipeline.save_lora_weights(path, transformer_lora_layers=cast(get_peft_model_state_dict(self.transformer)),
                                            safe_serialization=True, transformer_lora_adapter_metadata=config)
             (path / "lora.json").write_text(json.dumps({"rank": self.lora_rank, "alpha": config["lora_alpha"]}) + "\n")
             if merged:
                 (path / "transformer").mkdir(exist_ok=True)
                 self.transformer.save_config(path / "transformer")
-                save_file(merged_state_dict(self.transformer), path / "transformer" / "diffusion_pytorch_model.safetensors")
+                save_file(cast(merged_state_dict(self.transformer)), path / "transformer" / WEIGHTS_FILE)
+
+
+def save_pipeline(pipe, policy: Policy, weights: dict[str, torch.Tensor] | None, out: Path, dtype: torch.dtype) -> None:
+    """Write ``pipe`` with ``weights`` (or the policy's own) in its transformer, a LoRA folded in, as a complete
+    pipeline folder ``out`` (``FluxPipeline.from_pretrained`` loads it) in ``dtype``, atomically."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    from ..atomic import atomic_dir
+
+    with policy.swapped(weights):
+        tr = pipe.transformer
+        state = merged_state_dict(tr) if policy.lora_rank else {k: v.detach().cpu() for k, v in tr.state_dict().items()}
+        plain = FluxTransformer2DModel.from_config(tr.config)
+        plain.load_state_dict(state)
+    p = pipe
+    pipe = FluxPipeline(scheduler=p.scheduler, vae=p.vae, text_encoder=p.text_encoder, tokenizer=p.tokenizer,
+                        text_encoder_2=p.text_encoder_2, tokenizer_2=p.tokenizer_2, transformer=plain.to(tr.dtype))
+    if any(t.dtype != dtype for t in pipe.transformer.parameters()) or p.vae.dtype != dtype:
+        pipe = copy.deepcopy(pipe).to(dtype)  # the live pipeline keeps training in its own dtype
+    with atomic_dir(out) as tmp:
+        pipe.save_pretrained(tmp)
+
+
+def resolve_export_dtype(choice: str, model: str, train_dtype: str) -> torch.dtype:
+    """The dtype an export is written in: ``choice``, or for ``base`` the dtype the base model's transformer is
+    stored in (the training dtype when that cannot be read here: a hub id, a sharded checkpoint)."""
+    if choice != "base":
+        return getattr(torch, choice)
+    return stored_dtype(model) or getattr(torch, train_dtype)
+
+
+def stored_dtype(model: str | Path) -> torch.dtype | None:
+    """The dtype a Flux pipeline folder stores its transformer in (None when it cannot be read here: a hub id, a
+    sharded checkpoint)."""
+    from safetensors import safe_open
+
+    file = Path(model) / "transformer" / WEIGHTS_FILE
+    if not file.is_file():
+        return None
+    with safe_open(str(file), "pt") as f:
+        names = list(f.keys())
+        return f.get_tensor(names[0]).dtype if names else None
 
 
 def merged_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -11,34 +11,23 @@ returning float32 ``[B]`` on the images' device. NaN marks a sample that could n
   four directions the first moments M_c = mean_p w_c(p) (pos_p - 1/2) (so "red left of blue" is
   4 (M_blue - M_red) along x: more red mass on the left and more blue on the right); ``"centroid"``
   uses the mass-normalised centroids everywhere, as ``pixel_score`` does. Unlike the hard colour
-  masks both vary smoothly on the grey-ish images a random generator starts from. ``"judge"`` is the
-  evaluation's own verdict (:func:`judge_reward`: 1 correct, 0 relation wrong, -1 object missing): the
-  upper bound of what a reward can tell the generator about the judged metric.
+  masks both vary smoothly on the grey-ish images a random generator starts from. (The evaluation's own
+  verdict as a reward, the upper bound of what a reward can tell the generator about the judged metric, is
+  ``eval.judge.judge_reward``.)
 * ``oracle_hard`` (evaluation): ``oracle.pixel_score`` on the PIL images (-1 when a named colour is
   absent) and :func:`oracle_accuracy`, the fraction of relations the hard pixel oracle calls true.
 """
 
 from __future__ import annotations
 
-from functools import lru_cache
-
 import numpy as np
 import torch
 
 from ..data.geometry import DIRECTIONAL, relation_value
-from ..data.oracle import judge, pixel_score
-from ..data.scene import parse_prompt
+from ..data.oracle import pixel_score, prompt_relations, relations_true
 from ..vocab import COLOURS
 
 PALETTE = list(COLOURS)
-
-
-@lru_cache(maxsize=4096)
-def _relations(prompt: str):
-    rels = parse_prompt(prompt)
-    if not rels:
-        raise ValueError(f"the oracle reward needs synthetic-grammar prompts; cannot parse {prompt!r}")
-    return rels
 
 
 def colour_centroids(images: torch.Tensor, tau: float = 60.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -63,16 +52,15 @@ def oracle_reward(images: torch.Tensor, prompts: list[str], *, tau: float = 60.0
     """Dense pixel-oracle reward in [-1, 1] (see module docstring); ``[B]`` float32."""
     if images.shape[0] != len(prompts):
         raise ValueError(f"{len(prompts)} prompts for {images.shape[0]} images")
-    if form not in ("moment", "centroid", "judge"):
-        raise ValueError(f"form must be 'moment', 'centroid' or 'judge', got {form!r}")
-    if form == "judge":
-        return judge_reward(images, prompts)
+    if form not in ("moment", "centroid"):
+        raise ValueError(f"form must be 'moment' or 'centroid', got {form!r} (the judge's verdict is "
+                         "eval.judge.judge_reward)")
     _, cent, mom = colour_centroids(images, tau)
     cent, mom = cent.cpu().numpy(), 2 * mom.cpu().numpy()  # 2 s = 4 (M_b - M_a) after the clip's 2x
     out = []
     for b, prompt in enumerate(prompts):
         vals = []
-        for rel in _relations(prompt):
+        for rel in prompt_relations(prompt):
             src = mom if form == "moment" and rel.type in DIRECTIONAL else cent
             pts = [tuple(src[b, PALETTE.index(colour)]) for colour, _ in rel.args]
             vals.append(float(np.clip(2 * relation_value(rel.type, pts), -1.0, 1.0)))
@@ -80,32 +68,12 @@ def oracle_reward(images: torch.Tensor, prompts: list[str], *, tau: float = 60.0
     return torch.tensor(out, dtype=torch.float32, device=images.device)
 
 
-def judge_reward(images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
-    """The evaluation's verdict as a reward (``spatialcore eval``'s pixel-oracle detector and GenEval's
-    position rule): 1 when every named object is found and every relation holds, 0 when the objects are
-    found but a relation fails, -1 when a named object is missing. ``[B]`` float32 on the images' device."""
-    from ..eval.judge import judge_synthetic
-    from .sampler import to_pil
-
-    for p in prompts:
-        _relations(p)  # the same one-line refusal as the other forms for a prompt of another grammar
-    found, correct = judge_synthetic(to_pil(images), prompts)
-    return (correct - (1.0 - found)).to(device=images.device, dtype=torch.float32)
-
-
-def relations_true(image, prompt: str) -> float:
-    """The fraction of ``prompt``'s relations the hard pixel oracle judges true in the PIL ``image`` (an
-    undecidable one, an object not found, counts as false); a prompt of another grammar is a ValueError."""
-    verdicts = judge(image, _relations(prompt))
-    return sum(v is True for v in verdicts) / len(verdicts)
-
-
 def oracle_hard(images: torch.Tensor, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """(``pixel_score`` ``[B]``, fraction of relations judged true ``[B]``) with the hard pixel oracle."""
     from .sampler import to_pil
 
     pil = to_pil(images)
-    scores = [pixel_score(im, _relations(prompt)) for im, prompt in zip(pil, prompts, strict=True)]
+    scores = [pixel_score(im, prompt_relations(prompt)) for im, prompt in zip(pil, prompts, strict=True)]
     acc = [relations_true(im, prompt) for im, prompt in zip(pil, prompts, strict=True)]
     return torch.tensor(scores), torch.tensor(acc)
 
@@ -204,18 +172,3 @@ class WeightedReward:
     def __call__(self, images: torch.Tensor, prompts: list[str]) -> torch.Tensor:
         self.last = {k: fn(images, prompts).float() for k, (_, fn) in self.parts.items()}
         return sum(w * self.last[k] for k, (w, _) in self.parts.items())
-
-
-def make_reward(name: str, *, model: str | None = None, device="cpu", quantize: str = "none", tau: float = 60.0,
-                form: str = "moment", batch_size: int = 32, liger: bool = False, compile: bool = False,
-                score_form: str = "mu", sigma_weight: float = 1.0, function: str | None = None):
-    if name == "python":
-        return PythonReward(function)
-    if name == "oracle":
-        return lambda images, prompts: oracle_reward(images, prompts, tau=tau, form=form)
-    if name == "spatialscore":
-        if not model:
-            raise ValueError("reward 'spatialscore' needs a model path")
-        return SpatialScoreReward(model, device=device, quantize=quantize, batch_size=batch_size, liger=liger,
-                                  compile=compile, form=score_form, sigma_weight=sigma_weight)
-    raise ValueError(f"unknown reward {name!r} (known: oracle, spatialscore, python)")
