@@ -667,3 +667,76 @@ def test_judge_reward_is_the_evaluations_verdict():
     assert judge_reward(images, prompts).tolist() == [1.0, 0.0, -1.0]
     with pytest.raises(ValueError, match="synthetic-grammar"):
         judge_reward(images[:1], ["a photo of a cat"])
+
+
+@pytest.mark.parametrize("lora_rank", [0, 4])
+def test_the_export_is_in_the_base_dtype_and_loads_in_stock_diffusers(tmp_path, capfd, lora_rank):
+    """A policy trained in float32 from the committed float16 generator is exported in float16 (the weights are
+    the trained ones rounded), says so in spatialcore_export.json and the final log line, and the stock pipeline
+    loaded the way that line says draws with it."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+    from safetensors.torch import load_file
+
+    from spatialcore.checkpoint import load_checkpoint, resume_checkpoint
+
+    base = "assets/tiny_generator"
+    run = tmp_path / "run"
+    train(load_config(GRPOTrainConfig, None, cli_args({
+        "model": base, "out": str(run), "prompts": [LEFT, RIGHT], "group_size": 4, "top_k": 1, "iterations": 1,
+        "eval_every": 1, "eval_seeds": 1, "save_grids": False, "sampler.steps": 3, "sampler.image_size": 32,
+        "sampler.max_sequence_length": 32, "optim.lr": 1e-3, "policy.lora_rank": lora_rank, "threads": 1})))
+    policy = run / "policy"
+    assert json.loads((policy / "spatialcore_export.json").read_text()) == {
+        "kind": "lora" if lora_rank else "full", "dtype": "float16"}
+    assert "(float16); with stock diffusers: " in capfd.readouterr().err
+    trained = load_checkpoint(resume_checkpoint(run))[0]
+    if lora_rank:
+        saved = load_file(policy / "pytorch_lora_weights.safetensors")
+        assert all(t.dtype == torch.float16 for t in saved.values()) and len(saved) == len(trained)
+        pipe = FluxPipeline.from_pretrained(base, dtype=torch.float16)
+        pipe.load_lora_weights(policy)
+    else:
+        saved = load_file(policy / "transformer" / "diffusion_pytorch_model.safetensors")
+        assert all(torch.equal(saved[k], v.half()) for k, v in trained.items()) and len(saved) == len(trained)
+        pipe = FluxPipeline.from_pretrained(base, transformer=FluxTransformer2DModel.from_pretrained(
+            policy / "transformer", dtype=torch.float16), dtype=torch.float16)
+    img = pipe(LEFT, height=32, width=32, num_inference_steps=3, max_sequence_length=32, output_type="pt").images
+    assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
+
+
+def test_every_sampler_call_is_bounded_by_sample_batch(tiny_dir, tmp_path, monkeypatch):
+    """Training and held-out evaluation both draw through calls of at most sample_batch samples (the evaluation of
+    the reference config samples 256 images per rank: at once, its decode alone would not fit a GPU), and the
+    evaluation's numbers do not depend on the batch."""
+    sizes, real = [], FluxSampler.sample
+
+    def spy(self, prompts, seeds, **kw):
+        sizes.append((kw.get("sde", True), len(prompts)))
+        return real(self, prompts, seeds, **kw)
+
+    monkeypatch.setattr(FluxSampler, "sample", spy)
+    runs = {}
+    for batch in (0, 3):
+        sizes.clear()
+        train(_cfg(tiny_dir, tmp_path / str(batch), iterations=1, eval_every=1, eval_seeds=4, sample_batch=batch,
+                   save_grids=False))
+        runs[batch] = [r for r in records(tmp_path / str(batch)) if "eval_reward" in r]
+        evals = [n for sde, n in sizes if not sde]
+        assert sum(evals) == 2 * 2 * 4  # before and after the iteration: 2 prompts x 4 seeds each
+        assert max(n for _, n in sizes) == (8 if batch == 0 else 3)
+    for a, b in zip(runs[0], runs[3], strict=True):
+        assert a["eval_reward"] == pytest.approx(b["eval_reward"], abs=1e-5)
+
+
+def test_the_text_embedding_cache_is_bounded(pipe):
+    """The sampler keeps the embeddings of the last text_cache prompts only (FLUX.1-dev's are ~4 MiB each: a run
+    over thousands of prompts would otherwise fill the GPU), and an evicted prompt is encoded again to the same
+    numbers."""
+    s = FluxSampler(pipe, SamplerConfig(steps=2, image_size=32, text_cache=2))
+    prompts = [LEFT, RIGHT, "the red circle is above the blue square", "the red circle is below the blue square"]
+    first = [s.encode([p]) for p in prompts]
+    assert list(s._text_cache) == prompts[2:]
+    again = s.encode(prompts[:1])
+    assert list(s._text_cache) == [prompts[3], prompts[0]]
+    torch.testing.assert_close(again, first[0], rtol=0, atol=1e-6)
+    assert len(FluxSampler(pipe, SamplerConfig(steps=2, image_size=32, text_cache=0)).encode(prompts)[0]) == 4

@@ -472,3 +472,39 @@ def test_reward_score_reads_each_images_own_prompt(tiny_dir, tmp_path, capsys):
     assert "line 2: needs 'image'" in capsys.readouterr().err
     assert main(["reward", "score", "--model", str(tmp_path / "m"), str(hf / "b.png")]) == 2
     assert "--prompt" in capsys.readouterr().err
+
+
+def test_the_variance_head_is_the_models_to_say(tiny_dir, easy_pairs, tmp_path):
+    """Without a variance head the model's forward gives log_var None (the pair loss is then plain Bradley-Terry),
+    scoring gives sigma 0 and the evaluation variance 0; with one, a finite log-variance per judgement. The folder
+    records which, and read_meta is what reads it back."""
+    from spatialcore.reward import read_meta
+    from spatialcore.reward.evaluate import pair_scores
+
+    items = [PairSet(easy_pairs)[i] for i in range(3)]
+    for head in (False, True):
+        model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=head)
+        batch = PairCollator(model.processor)(items)["inputs"]
+        mu, log_var = model(**batch)
+        assert mu.shape == (6,) and (log_var is None) == (not head)
+        if head:
+            assert log_var.shape == (6,) and torch.isfinite(log_var).all()
+        sigma = model.score(PROMPT, _images()[:2])[1]
+        assert (sigma == 0).all() != head
+        var_w = pair_scores(model, PairSet(easy_pairs), limit=3)[1]
+        assert (var_w == 0).all() != head
+        model.save_pretrained(tmp_path / str(head))
+        assert read_meta(tmp_path / str(head))["variance_head"] is head
+        assert SpatialScore.from_pretrained(tmp_path / str(head)).variance_head is head
+
+
+def test_the_trainers_rate_is_the_schedules_at_every_step(tiny_dir, easy_pairs, tmp_path):
+    """Each step's logged rate is optim.lr x the schedule's factor at that step (warm-up, then cosine), the same
+    function every trainer uses."""
+    from spatialcore.trainers.optim import lr_factor
+
+    cfg = _cfg(tiny_dir, easy_pairs, tmp_path / "r", max_steps=6, **{"optim.warmup_steps": 2})
+    train(cfg)
+    lrs = [r["lr"] for r in records(tmp_path / "r") if "lr" in r]
+    assert lrs == [cfg.optim.lr * lr_factor(cfg.optim, s, 6) for s in range(6)]
+    assert lrs[0] == cfg.optim.lr / 2 and lrs[1] == lrs[2] == cfg.optim.lr and lrs[5] < lrs[4] < lrs[3] < lrs[2]

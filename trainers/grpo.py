@@ -569,12 +569,13 @@ class GRPOTrainer(Trainer):
     def export(self, final: dict) -> str:
         if not is_main():
             return ""
-        from ..rl.policy import resolve_export_dtype
+        from ..rl.policy import resolve_export_dtype, stock_loading
 
-        p = self.cfg.policy
-        self.policy.save(self.out / "policy", self.ema.weights if self.ema else None, merged=p.export_merged,
-                         dtype=resolve_export_dtype(p.export_dtype, self.cfg.model, self.cfg.dtype))
-        return f"policy -> {self.out / 'policy'}"
+        p, out = self.cfg.policy, self.out / "policy"
+        dtype = resolve_export_dtype(p.export_dtype, self.cfg.model, self.cfg.dtype)
+        self.policy.save(out, self.ema.weights if self.ema else None, merged=p.export_merged, dtype=dtype)
+        return (f"policy -> {out} ({str(dtype).removeprefix('torch.')}); with stock diffusers: "
+                f"{stock_loading(self.cfg.model, out, dtype, lora=bool(p.lora_rank))}")
 
     def plot(self) -> None:
         from ..logs import read_metrics

@@ -376,7 +376,9 @@ class SFTTrainer(Trainer):
             self.policy.save(self.out / "lora", weights, dtype=dtype)
         save_pipeline(self.pipe, self.policy, weights, self.out / "pipeline", dtype)
         self._manifest(final)
-        return f"pipeline -> {self.out / 'pipeline'}"
+        d = str(dtype).removeprefix("torch.")
+        return (f"pipeline -> {self.out / 'pipeline'} ({d}; with stock diffusers: "
+                f"FluxPipeline.from_pretrained('{self.out / 'pipeline'}', dtype=torch.{d}))")
 
     def _manifest(self, final: dict) -> None:
         """``out/pipeline/spatialcore_run.json``: how the pipeline was made (command, resolved config, seed,

@@ -21,6 +21,7 @@ from ..paths import LORA_FILE
 LORA_TARGETS = (r".*transformer_blocks\.\d+\.(attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|"
                 r"to_add_out)|ff\.net\.(0\.proj|2)|ff_context\.net\.(0\.proj|2)|proj_mlp|proj_out)")
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"  # diffusers' single-file weights
+EXPORT_FILE = "spatialcore_export.json"  # what a policy folder holds and in which dtype
 
 
 @dataclass
@@ -106,6 +107,8 @@ class Policy:
 
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        stored = str(dtype or next(iter(self.params.values())).dtype).removeprefix("torch.")
+        (path / EXPORT_FILE).write_text(json.dumps({"kind": "lora" if self.lora_rank else "full", "dtype": stored}) + "\n")
         with self.swapped(weights):
             if not self.lora_rank:
                 (path / "transformer").mkdir(exist_ok=True)
@@ -144,6 +147,16 @@ def save_pipeline(pipe, policy: Policy, weights: dict[str, torch.Tensor] | None,
         pipe = copy.deepcopy(pipe).to(dtype)  # the live pipeline keeps training in its own dtype
     with atomic_dir(out) as tmp:
         pipe.save_pretrained(tmp)
+
+
+def stock_loading(base: str, policy: Path, dtype: torch.dtype, *, lora: bool) -> str:
+    """How stock diffusers loads an exported policy onto its base: one dtype for every component (diffusers loads
+    its own models in float32 and transformers its text encoders in their stored dtype unless told one)."""
+    d = f"dtype=torch.{str(dtype).removeprefix('torch.')}"
+    if lora:
+        return f"pipe = FluxPipeline.from_pretrained('{base}', {d}); pipe.load_lora_weights('{policy}')"
+    return (f"FluxPipeline.from_pretrained('{base}', transformer=FluxTransformer2DModel.from_pretrained("
+            f"'{policy / 'transformer'}', {d}), {d})")
 
 
 def resolve_export_dtype(choice: str, model: str, train_dtype: str) -> torch.dtype:

@@ -15,6 +15,7 @@ guidance embedding (CFG-free, one transformer call per step). Images are decoded
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -43,6 +44,8 @@ class SamplerConfig:
     window_size: int = param(0, min=0)
     max_sequence_length: int = param(64, min=8, max=512)
     compile: Literal["none", "regional", "full"] = "none"
+    text_cache: int = param(256, min=0, help="prompts whose text embeddings stay on the device, least recently used "
+                                            "evicted (FLUX.1-dev: ~4 MiB each; 0: encode every call)")
 
     def check(self) -> None:
         start, end = self.window()
@@ -113,7 +116,7 @@ class FluxSampler:
         if self.latent_hw * self.vae_scale != cfg.image_size:
             raise ConfigError("image_size", f"{cfg.image_size} must be a multiple of {2 * self.vae_scale}")
         self.channels = self.transformer.config.in_channels // 4
-        self._text_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._text_cache: OrderedDict[str, tuple[torch.Tensor, torch.Tensor]] = OrderedDict()
         self.sigmas = self._schedule()
         self.img_ids = pipe._prepare_latent_image_ids(1, self.latent_hw // 2, self.latent_hw // 2, self.device,
                                                       self.dtype)
@@ -140,17 +143,22 @@ class FluxSampler:
 
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(prompt_embeds [B, L, D], pooled [B, Dp]); frozen encoders, cached per prompt."""
-        todo = [p for p in dict.fromkeys(prompts) if p not in self._text_cache]
+        """(prompt_embeds [B, L, D], pooled [B, Dp]); frozen encoders. The embeddings of the last
+        ``text_cache`` distinct prompts stay on the device (a bounded cache: a run's memory does not grow with
+        the number of prompts it has seen)."""
+        known = {p: self._text_cache[p] for p in dict.fromkeys(prompts) if p in self._text_cache}
+        todo = [p for p in dict.fromkeys(prompts) if p not in known]
         if todo:
             self._check_length(todo)
             emb, pooled, _ = self.pipe.encode_prompt(todo, prompt_2=None, device=self.device,
                                                      max_sequence_length=self.cfg.max_sequence_length)
-            for i, p in enumerate(todo):
-                self._text_cache[p] = (emb[i].to(self.dtype), pooled[i].to(self.dtype))
-        emb = torch.stack([self._text_cache[p][0] for p in prompts])
-        pooled = torch.stack([self._text_cache[p][1] for p in prompts])
-        return emb, pooled
+            known.update({p: (emb[i].to(self.dtype), pooled[i].to(self.dtype)) for i, p in enumerate(todo)})
+        for p, value in known.items():  # most recently used last
+            self._text_cache[p] = value
+            self._text_cache.move_to_end(p)
+        while len(self._text_cache) > self.cfg.text_cache:
+            self._text_cache.popitem(last=False)
+        return torch.stack([known[p][0] for p in prompts]), torch.stack([known[p][1] for p in prompts])
 
     def _check_length(self, prompts: list[str]) -> None:
         """A prompt longer than ``max_sequence_length`` T5 tokens would be cut silently: refuse it."""
