@@ -46,6 +46,7 @@ from ..logs import info
 from ..phases import phase
 from ..rl.policy import PolicyConfig
 from ..rl.sampler import SamplerConfig, Trajectory
+from .nft import NFTConfig, NFTObjective
 from .optim import OptimConfig
 from .trainer import RunConfig, Trainer
 
@@ -141,6 +142,10 @@ class GRPOTrainConfig(RunConfig):
                "optimizer": "optim.name", "lr_schedule": "optim.schedule",
                **{k: f"optim.{k}" for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip")}}
 
+    objective: Literal["grpo", "nft"] = param(
+        "grpo", help="grpo: Flow-GRPO's clipped policy gradient on the SDE steps' log-probs; nft: DiffusionNFT's "
+                     "forward-process loss on the clean samples of an old policy (nft.*)")
+    nft: NFTConfig = field(default_factory=NFTConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     reward: RewardFnConfig = field(default_factory=RewardFnConfig)
     policy: PolicyConfig = field(default_factory=PolicyConfig)
@@ -205,15 +210,24 @@ class GRPOTrainConfig(RunConfig):
         top_k = self.resolved_top_k()
         if top_k and 2 * top_k > self.group_size:
             raise ConfigError("top_k", f"2 x top_k = {2 * top_k} exceeds group_size={self.group_size}")
-        if self.sampler.noise_level <= 0:
-            raise ConfigError("sampler.noise_level", "GRPO needs stochastic (SDE) steps: noise_level > 0")
         start, end = self.sampler.window()
+        if self.objective == "nft":
+            if self.init_noise == "per_group":
+                raise ConfigError("init_noise", "objective nft samples with the deterministic ODE: a group sharing "
+                                                "its initial latent would be one image G times (per_sample)")
+            if self.inner_epochs > 1:
+                raise ConfigError("inner_epochs", "objective nft takes one optimizer step per iteration")
+            start, end = 0, self.sampler.steps  # it trains on the sampler's timesteps, not an SDE window
+        elif self.sampler.noise_level <= 0:
+            raise ConfigError("sampler.noise_level", "GRPO needs stochastic (SDE) steps: noise_level > 0")
         if self.warmup_iterations and not self.warmup_prompts:
             raise ConfigError("warmup_prompts", "warmup_iterations > 0 needs warmup_prompts")
         if self.optim.warmup_steps >= self.iterations:
             raise ConfigError("optim.warmup_steps", f"{self.optim.warmup_steps} must be < iterations={self.iterations}")
         if self.train_timesteps > end - start:
-            raise ConfigError("train_timesteps", f"{self.train_timesteps} exceeds the SDE window ({end - start} steps)")
+            raise ConfigError("train_timesteps", f"{self.train_timesteps} exceeds the "
+                                                 f"{'SDE window' if self.objective == 'grpo' else 'sampling steps'} "
+                                                 f"({end - start} steps)")
 
     def resolved_top_k(self) -> int | None:
         """K of the Top-k filter (None: every sample): the config's, or the advantage preset's own."""
@@ -333,6 +347,36 @@ def make_reward(r: RewardFnConfig, device: torch.device, name: str | None = None
                                          liger=s.liger, compile=s.compile, form=s.form, sigma_weight=s.sigma_weight)
 
 
+class GRPOObjective:
+    """The Spatial-RL trainer's step under ``objective: grpo`` (Flow-GRPO): the SDE steps' recorded log-probs
+    against their recomputation under the current policy (:func:`policy_gradient`)."""
+
+    SDE = True
+
+    def __init__(self, trainer):
+        self.trainer = trainer
+
+    def sampling_weights(self) -> None:
+        return None  # on-policy: samples come from the weights being trained
+
+    def accumulate(self, traj: Trajectory, adv: torch.Tensor, keep: torch.Tensor, n_kept: int, iteration: int,
+                   epoch: int, steps: list[int]) -> dict[str, float]:
+        tr, cfg = self.trainer, self.trainer.cfg
+        return policy_gradient(tr.sampler, tr.policy, traj.latents, traj.log_probs, traj.prompt_embeds, traj.pooled,
+                               adv, keep, steps, traj.sigmas, n_kept_global=n_kept, clip_range=cfg.clip_range,
+                               kl_beta=cfg.kl_beta, on_policy=epoch == 0, micro_batch=cfg.micro_batch,
+                               kl_convention=cfg.kl_convention)
+
+    def after_update(self, step: int) -> None:
+        pass
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        pass
+
+
 # ----------------------------------------------------------------------------- the trainer
 
 
@@ -390,8 +434,9 @@ class GRPOTrainer(Trainer):
         pipe = load_pipeline(cfg.model, dtype=dtype, device=self.device)
         if self.device.type == "cuda":
             info(f"attention: SDPA with {sdpa_for_training(self.device)}", who="grpo")
+        kl = cfg.nft.kl_beta if cfg.objective == "nft" else cfg.kl_beta
         self.policy = Policy(pipe.transformer, lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha,
-                             need_reference=cfg.kl_beta > 0)
+                             need_reference=kl > 0)
         if cfg.policy.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
         self.sampler = FluxSampler(pipe, cfg.sampler)
@@ -401,6 +446,7 @@ class GRPOTrainer(Trainer):
         self.params = self.policy.params
         self.opt = make_optimizer(cfg.optim, [{"params": list(self.params.values()), "lr": cfg.optim.lr}])
         self.ema = EMA(self.params, cfg.policy.ema_decay) if cfg.policy.ema_decay > 0 else None
+        self.objective = NFTObjective(self) if cfg.objective == "nft" else GRPOObjective(self)
         self.preset = dict(ADVANTAGE_PRESETS[cfg.advantage])
         self.top_k = cfg.resolved_top_k()
         s = cfg.reward.spatialscore
@@ -410,8 +456,9 @@ class GRPOTrainer(Trainer):
             w0, w1 = self.window
             info(f"policy: {'LoRA r' + str(cfg.policy.lora_rank) if cfg.policy.lora_rank else 'full'} "
                  f"({self.policy.n_trainable:,} trainable), reward {cfg.reward.name}, G={cfg.group_size} x "
-                 f"P={cfg.prompts_per_iter}, top_k={self.top_k or 'off'}, advantage {cfg.advantage}, SDE window "
-                 f"[{w0}, {w1}) of {cfg.sampler.steps}, {self.world} rank(s) x {len(self.mine)} samples, "
+                 f"P={cfg.prompts_per_iter}, top_k={self.top_k or 'off'}, advantage {cfg.advantage}, objective "
+                 f"{cfg.objective} ({f'SDE window [{w0}, {w1})' if cfg.objective == 'grpo' else 'ODE'} of "
+                 f"{cfg.sampler.steps} steps), {self.world} rank(s) x {len(self.mine)} samples, "
                  f"{len(self.train_prompts)} train / {len(self.eval_prompts)} eval prompts", who="grpo")
 
     # ------------------------------------------------------------------ checkpoint
@@ -420,6 +467,7 @@ class GRPOTrainer(Trainer):
         tensors = {n: p.detach() for n, p in self.params.items()}
         if self.ema:
             tensors.update({f"ema.{n}": w for n, w in self.ema.weights.items()})
+        tensors.update(self.objective.state_dict())
         return tensors, {"optimizer": self.opt.state_dict(), "bad_streak": self.bad_streak}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
@@ -433,6 +481,7 @@ class GRPOTrainer(Trainer):
             if self.ema:
                 for n in self.params:
                     self.ema.weights[n].copy_(tensors[f"ema.{n}"])
+        self.objective.load_state_dict(tensors)
         self.opt.load_state_dict(state["optimizer"])
         self.bad_streak = state["bad_streak"]
 
@@ -451,7 +500,7 @@ class GRPOTrainer(Trainer):
         prompts = [pool[groups[n // cfg.group_size]] for n in self.mine]
         seeds = iteration_seeds(cfg, self.step, groups, self.mine)
 
-        with phase("sample"):
+        with phase("sample"), self.policy.swapped(self.objective.sampling_weights()):
             traj = self._sample(prompts, seeds, init_seeds(cfg, self.step, groups, self.mine))
         t1 = time.perf_counter()
         with torch.no_grad(), phase("score"):
@@ -471,7 +520,7 @@ class GRPOTrainer(Trainer):
 
     def _sample(self, prompts: list[str], seeds: list[int], inits: list[int] | None) -> Trajectory:
         chunk = self.cfg.sample_batch or max(1, len(prompts))
-        return Trajectory.cat([self.sampler.sample(prompts[s:s + chunk], seeds[s:s + chunk],
+        return Trajectory.cat([self.sampler.sample(prompts[s:s + chunk], seeds[s:s + chunk], sde=self.objective.SDE,
                                                    init_seeds=inits[s:s + chunk] if inits else None)
                                for s in range(0, len(prompts), chunk)])
 
@@ -513,7 +562,7 @@ class GRPOTrainer(Trainer):
 
     def _update(self, traj: Trajectory, adv_all: torch.Tensor, keep_all: torch.Tensor, steps: list[int],
                 n_kept: int) -> tuple[float, dict[str, float]]:
-        """Policy-gradient step(s) on the kept samples (``inner_epochs``), then the EMA; (rate, stats)."""
+        """The objective's step(s) on the kept samples (``inner_epochs``), then the EMA; (rate, stats)."""
         from .optim import set_lr
 
         cfg = self.cfg
@@ -524,10 +573,7 @@ class GRPOTrainer(Trainer):
             keep = keep_all[self.mine].to(self.device)
             for epoch in range(cfg.inner_epochs):
                 self.opt.zero_grad(set_to_none=True)
-                stats = policy_gradient(self.sampler, self.policy, traj.latents, traj.log_probs, traj.prompt_embeds,
-                                        traj.pooled, adv, keep, steps, traj.sigmas, n_kept_global=n_kept,
-                                        clip_range=cfg.clip_range, kl_beta=cfg.kl_beta, on_policy=epoch == 0,
-                                        micro_batch=cfg.micro_batch, kl_convention=cfg.kl_convention)
+                stats = self.objective.accumulate(traj, adv, keep, n_kept, self.step, epoch, steps)
                 with phase("optimizer"):
                     all_reduce_grads(self.params, self.world)
                     gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.optim.grad_clip or float("inf"))
@@ -535,6 +581,7 @@ class GRPOTrainer(Trainer):
                 stats["grad_norm"] = float(gnorm)
             if self.ema:
                 self.ema.update(self.params)
+        self.objective.after_update(self.step + 1)
         return lr, _reduce_stats(stats, self.world)
 
     # ------------------------------------------------------------------ evaluation
@@ -641,6 +688,7 @@ def _reduce_stats(stats: dict[str, float], world: int) -> dict[str, float]:
     keys = sorted(stats)
     t = all_reduce_(torch.tensor([stats[k] for k in keys], dtype=torch.float64))  # shares already weighted
     out = dict(zip(keys, t.tolist(), strict=True))
-    out["logp_drift"] = out["logp_drift"] / world
+    if "logp_drift" in out:
+        out["logp_drift"] = out["logp_drift"] / world
     out["grad_norm"] = stats["grad_norm"]  # the same on every rank (clipped after the all-reduce)
     return out

@@ -39,6 +39,9 @@ def add(sub) -> None:
     p.add_argument("--threshold", type=float, default=0.1, help="zero-shot detector score threshold")
     p.add_argument("--reward-model", metavar="DIR", help="SpatialScore folder: also report mean mu and sigma")
     p.add_argument("--batch", type=int, default=16, help="images per sampler call")
+    p.add_argument("--relation-sensitivity", action="store_true",
+                   help="also draw every prompt with its relation flipped from the same seeds: how much the relation "
+                        "word moves the layout (synthetic prompts)")
     add_out(p, "where eval.json, eval.md, grid.png, images/ and samples.jsonl go", required=True)
     add_json(p, "the summary")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
@@ -65,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
              who="eval")
     chosen = {k: v for k, v in given.items() if v is not None}
     settings = EvalSettings(**{**trained, **chosen}, n_prompts=args.n_prompts, per_prompt=args.n, seed=args.seed,
-                            detector=args.detector, threshold=args.threshold, batch=args.batch)
+                            detector=args.detector, threshold=args.threshold, batch=args.batch,
+                            relation_sensitivity=args.relation_sensitivity)
     summary = run_eval(args.model, args.out, settings, lora=args.lora, reward_model=args.reward_model,
                        device=device_of(args.device), dtype=args.dtype)
     emit_json(args.json, summary)

@@ -35,6 +35,7 @@ class EvalSettings:
     detector: str = "oracle"
     threshold: float = 0.1
     batch: int = 16
+    relation_sensitivity: bool = False  # also how much the relation word moves the layout (eval.sensitivity)
 
 
 def trained_settings(model: str | Path) -> dict:
@@ -108,6 +109,10 @@ def markdown(summary: dict, *, title: str) -> str:
         lines.append(f"| SpatialScore mu (mean ± std over samples) | {sp['mu_mean']:.3f} ± {sp['mu_std']:.3f} |")
         if sp["sigma_mean"] is not None:
             lines.append(f"| SpatialScore predicted sigma (mean) | {sp['sigma_mean']:.3f} |")
+    if "relation_sensitivity" in s:
+        r = s["relation_sensitivity"]
+        lines += [f"| relation word's pull on the pixels (flipped relation, same seed / new seed) | {r['pixel_ratio']:.3f} |",
+                  f"| both a relation and its opposite drawn correctly from one seed | {r['both_correct']:.3f} |"]
     lines += ["", "| relation | accuracy | n |", "|---|---|---|"]
     lines += [f"| {k} | {v['accuracy']:.3f} | {v['n']} |" for k, v in s["per_relation"].items()]
     return "\n".join(lines) + "\n"
@@ -177,6 +182,12 @@ def run_eval(model: str, out: str | Path, settings: EvalSettings, *, lora: str |
         mu, sigma = m.float().tolist(), sd.float().tolist()
     summary = {**summarize(per_sample, verdicts, mu, sigma), "detector": detector.name, "model": str(model),
                "lora": lora, "settings": s.__dict__}
+    if s.relation_sensitivity:
+        from .sensitivity import relation_sensitivity
+
+        summary["relation_sensitivity"] = relation_sensitivity(
+            sampler, list(dict.fromkeys(t.prompt for t in tasks)), [sample_seed(s.seed, 0, j) for j in range(s.per_prompt)],
+            batch=s.batch)
     with (out / "samples.jsonl").open("w") as f:
         for n, ((i, j), t, v) in enumerate(zip(jobs, per_sample, verdicts, strict=True)):
             rec = {"prompt": t.prompt, "prompt_index": i, "seed_index": j, "seed": sample_seed(s.seed, i, j),
