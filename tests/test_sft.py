@@ -175,3 +175,52 @@ def test_config_files_load():
         load_config(SFTTrainConfig, f).check()
     gen = load_config(TinyConfig, "configs/tiny/generator.yaml")
     assert gen.flux.head_dim == 32 and gen.flux.sample_size == 32
+
+
+def test_web_like_captions_drop_or_replace_the_relation_at_their_rates():
+    """caption_drop / caption_wrong: the relation phrase becomes "and" or another direction at the configured
+    rates, deterministically per item; flip_relation gives the opposite direction in the same phrasing."""
+    import numpy as np
+
+    from spatialcore.data.captions import corrupt_caption, flip_relation
+    from spatialcore.data.scene import parse_prompt
+    from spatialcore.data.synth import split_prompts
+
+    prompts = split_prompts("easy_grid", {}, "train", 64, 0)
+    for p in prompts:
+        flipped = flip_relation(p)
+        assert parse_prompt(flipped)[0].type == {"left of": "right of", "right of": "left of", "above": "below",
+                                                 "below": "above"}[parse_prompt(p)[0].type], (p, flipped)
+    rng = np.random.default_rng(0)
+    kinds = {"same": 0, "dropped": 0, "wrong": 0}
+    for i in range(4000):
+        p = prompts[i % len(prompts)]
+        q = corrupt_caption(p, rng, drop=0.3, wrong=0.2)
+        rel = parse_prompt(q)
+        kinds["same" if q == p else "dropped" if not rel else "wrong"] += 1
+        if rel and q != p:
+            assert rel[0].type != parse_prompt(p)[0].type and rel[0].args == parse_prompt(p)[0].args
+    assert abs(kinds["dropped"] / 4000 - 0.3) < 0.03 and abs(kinds["wrong"] / 4000 - 0.2) < 0.03, kinds
+    assert corrupt_caption("a photo of a cat", rng, drop=1.0, wrong=0.0) == "a photo of a cat"
+
+
+def test_trainable_text_encoders_train_resume_and_export(tiny_dir, tmp_path):
+    """text_encoders=trainable: CLIP and T5 change, sit in the checkpoint, come back on a resume (the same
+    weights as straight through) and are what the exported pipeline holds."""
+    from safetensors.torch import load_file
+    from spatialcore.trainers.sft import train
+
+    kw = {"model": str(tiny_dir / "flux"), "image_size": 32, "steps": 4, "batch_size": 2, "eval_every": 4,
+          "eval_prompts": 1, "eval_seeds": 1, "sample_steps": 2, "save_every": 2, "text_encoders": "trainable",
+          "data.caption_drop": 0.5, "optim.lr": 1e-2, "policy.lora_rank": 0, "threads": 1}
+    train(_sft_cfg(out=str(tmp_path / "a"), **kw))
+    train(_sft_cfg(out=str(tmp_path / "b"), stop_after=2, **kw))
+    train(_sft_cfg(out=str(tmp_path / "b"), **kw))
+    base = load_file(tiny_dir / "flux" / "text_encoder_2" / "model.safetensors")
+    exported = load_file(tmp_path / "a" / "pipeline" / "text_encoder_2" / "model.safetensors")
+    assert max(float((base[k] - exported[k]).abs().max()) for k in base) > 1e-4, "T5 trained"
+    ckpt = {name: load_file(tmp_path / name / "checkpoints" / "step_00000004" / "weights.safetensors")
+            for name in ("a", "b")}
+    t5 = {k.removeprefix("text_encoder_2."): v for k, v in ckpt["a"].items() if k.startswith("text_encoder_2.")}
+    assert t5 and all(torch.equal(t5[k], exported[k]) for k in t5)
+    assert ckpt["a"].keys() == ckpt["b"].keys() and all(torch.equal(ckpt["a"][k], ckpt["b"][k]) for k in ckpt["a"])

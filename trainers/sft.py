@@ -43,7 +43,7 @@ from ..dist import all_reduce_grads, is_main
 from ..gpu import sdpa_for_training
 from ..logs import info
 from ..phases import phase
-from ..rl.policy import PolicyConfig
+from ..rl.policy import PolicyConfig, swapped_weights
 from .optim import OptimConfig
 from .trainer import RunConfig, Trainer
 
@@ -81,6 +81,9 @@ class SFTTrainConfig(RunConfig):
     grid_prompts: list[str] = field(default_factory=list)  # evaluation prompts for non-synthetic data
     sample_steps: int = param(8, min=1, help="ODE steps of the evaluation samples")
     sample_batch: int = param(0, min=0, help="samples per sampler call in evaluation (0: all of this rank's at once)")
+    text_encoders: Literal["frozen", "trainable"] = param(
+        "frozen", help="trainable: CLIP and T5 train with the transformer (its optimizer, its EMA; a text path that can "
+                       "learn word order), exported with the pipeline")
 
     def check(self) -> None:
         super().check()
@@ -146,7 +149,14 @@ class SFTTrainer(Trainer):
         self.policy = Policy(self.pipe.transformer, lora_rank=cfg.policy.lora_rank, lora_alpha=cfg.policy.lora_alpha)
         if cfg.policy.gradient_checkpointing:
             self.pipe.transformer.enable_gradient_checkpointing()
-        self.ema = EMA(self.policy.params, cfg.policy.ema_decay) if cfg.policy.ema_decay > 0 else None
+        self.text_params = {}
+        if cfg.text_encoders == "trainable":
+            self.sampler.cfg.text_cache = 0  # embeddings change every step
+            for name in ("text_encoder", "text_encoder_2"):
+                module = getattr(self.pipe, name).requires_grad_(True)
+                self.text_params.update({f"{name}.{n}": q for n, q in module.named_parameters()})
+        self.trained = {**self.policy.params, **self.text_params}  # what the transformer stage optimises
+        self.ema = EMA(self.trained, cfg.policy.ema_decay) if cfg.policy.ema_decay > 0 else None
         self.vae_params = {n: p for n, p in self.vae.named_parameters()}
         self.eval_prompts = self._eval_prompts()
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -184,7 +194,7 @@ class SFTTrainer(Trainer):
             params, lr = self.vae_params, cfg.vae.lr
         else:
             self.vae.requires_grad_(False)
-            params, lr = self.policy.params, cfg.optim.lr
+            params, lr = self.trained, cfg.optim.lr
         self.params = params
         self.opt = make_optimizer(cfg.optim, [{"params": list(params.values()), "lr": lr}])
 
@@ -192,6 +202,7 @@ class SFTTrainer(Trainer):
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
         tensors = {TRANSFORMER_PREFIX + n: p.detach() for n, p in self.policy.params.items()}
+        tensors.update({n: p.detach() for n, p in self.text_params.items()})
         if self.cfg.vae.steps:
             tensors.update({VAE_PREFIX + n: p.detach() for n, p in self.vae_params.items()})
         if self.ema:
@@ -201,7 +212,7 @@ class SFTTrainer(Trainer):
                          "vae_factors": [float(vc.shift_factor or 0.0), float(vc.scaling_factor)]}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
-        want = [TRANSFORMER_PREFIX + n for n in self.policy.params]
+        want = [TRANSFORMER_PREFIX + n for n in self.policy.params] + list(self.text_params)
         if self.cfg.vae.steps:
             want += [VAE_PREFIX + n for n in self.vae_params]
         missing = [n for n in want if n not in tensors]
@@ -211,11 +222,13 @@ class SFTTrainer(Trainer):
         with torch.no_grad():
             for n, p in self.policy.params.items():
                 p.copy_(tensors[TRANSFORMER_PREFIX + n])
+            for n, p in self.text_params.items():
+                p.copy_(tensors[n])
             if self.cfg.vae.steps:
                 for n, p in self.vae_params.items():
                     p.copy_(tensors[VAE_PREFIX + n])
             if self.ema:
-                for n in self.policy.params:
+                for n in self.trained:
                     self.ema.weights[n].copy_(tensors[EMA_PREFIX + n])
         shift, scale = state["vae_factors"]
         self.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
@@ -265,7 +278,7 @@ class SFTTrainer(Trainer):
                 set_lr(self.opt, cfg.optim, self.step - cfg.vae.steps, cfg.steps)
             self.opt.step()
             if stage == "transformer" and self.ema:
-                self.ema.update(self.policy.params)
+                self.ema.update(self.trained)
         if stage == "vae" and self.step + 1 == cfg.vae.steps:
             self._calibrate_vae()
             self._start_stage("transformer")
@@ -307,7 +320,7 @@ class SFTTrainer(Trainer):
         s4 = sigma.view(b, 1, 1, 1)
         noisy = (1 - s4) * x0 + s4 * noise
         pack = self.pipe._pack_latents
-        emb, pooled = self.sampler.encode(prompts)
+        emb, pooled = self.sampler.text_features(prompts) if self.text_params else self.sampler.encode(prompts)
         pred = self.sampler.velocity(pack(noisy, b, c, h, w), sigma, emb, pooled)
         target = pack(noise - x0, b, c, h, w)
         weight = compute_loss_weighting_for_sd3(cfg.weighting_scheme, sigma).float()
@@ -350,7 +363,7 @@ class SFTTrainer(Trainer):
         cfg = self.cfg
         if self.step <= cfg.vae.steps:
             return {}
-        with self.policy.swapped(self.ema.weights if self.ema else None):
+        with swapped_weights(self.trained, self.ema.weights if self.ema else None):
             h = sample_held_out(self.sampler, self.eval_prompts, cfg.eval_seeds, seed=20_000_003, rank=self.rank,
                                 world=self.world, batch=cfg.sample_batch)
         res = h.judged()
@@ -372,9 +385,10 @@ class SFTTrainer(Trainer):
         p = self.cfg.policy
         weights = self.ema.weights if self.ema else None
         dtype = resolve_export_dtype(p.export_dtype, self.cfg.model, self.cfg.dtype)
-        if self.policy.lora_rank:
+        if self.policy.lora_rank:  # the transformer's adapter (trained text encoders are in the pipeline only)
             self.policy.save(self.out / "lora", weights, dtype=dtype)
-        save_pipeline(self.pipe, self.policy, weights, self.out / "pipeline", dtype)
+        with swapped_weights(self.text_params, weights):
+            save_pipeline(self.pipe, self.policy, weights, self.out / "pipeline", dtype)
         self._manifest(final)
         d = str(dtype).removeprefix("torch.")
         return (f"pipeline -> {self.out / 'pipeline'} ({d}; with stock diffusers: "

@@ -1,6 +1,7 @@
 """Captioned images: the (prompt, image) items a generator is fine-tuned on.
 
-Three sources (``source``): the streaming synthetic renderer (perfect scenes of a preset's split), the
+Three sources (``source``): the streaming synthetic renderer (perfect scenes of a preset's split, their captions
+optionally made web-like: relation words dropped or wrong, ``caption_drop`` / ``caption_wrong``), the
 ``chosen`` images of a pair set (SPEC §5), or a folder of images with ``metadata.jsonl``
 (``{"file_name": ..., "prompt": ...}`` per line). Item ``k`` of stream ``s`` is a pure function of
 (config, seed, s, k), so a run can put it on any rank and a resumed run draws it again identically.
@@ -25,10 +26,16 @@ class CaptionedDataConfig:
     preset: Literal["easy", "medium", "hard", "easy_grid"] = "easy"  # synthetic: the scene preset
     synth: dict[str, Any] = field(default_factory=dict)  # synthetic: SynthConfig overrides (size is image_size)
     split: Literal["train", "val", "test"] = "train"
+    # Web-like captions (synthetic scenes): the relation phrase dropped ("A red circle and a blue square.") or
+    # replaced by another direction, each with its probability; the image stays the scene's.
+    caption_drop: float = param(0.0, min=0.0, max=1.0, help="probability a caption loses its relation phrase")
+    caption_wrong: float = param(0.0, min=0.0, max=1.0, help="probability a caption names another direction")
 
     def check(self) -> None:
         if self.source != "synthetic" and not self.path:
             raise ConfigError("data.path", f"data.source={self.source} needs a folder")
+        if self.caption_drop + self.caption_wrong > 1:
+            raise ConfigError("data.caption_wrong", "caption_drop + caption_wrong exceed 1")
 
 
 def to_tensor(image, size: int) -> torch.Tensor:
@@ -71,6 +78,12 @@ class CaptionedItems:
             from .synth import scene_sample
 
             prompt, image, _ = scene_sample(self.synth, f"sft-{self.seed}-{stream}", k, self.data.split, spec=self.spec)
+            d = self.data
+            if d.caption_drop or d.caption_wrong:
+                from .captions import corrupt_caption
+
+                rng = np.random.default_rng([self.seed, stream, k, 3])
+                prompt = corrupt_caption(prompt, rng, drop=d.caption_drop, wrong=d.caption_wrong)
             return prompt, image
         from .pairs import load_image
 

@@ -18,27 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..vocab import OPPOSITE, RELATIONS
-
-
-def _phrase_pairs() -> list[tuple[str, str]]:
-    """(phrase, its opposite's phrase of the same index) for the four directions, longest first."""
-    pairs = []
-    for rel in ("left of", "right of", "above", "below"):
-        for a, b in zip(RELATIONS[rel], RELATIONS[OPPOSITE[rel]], strict=True):
-            pairs.append((a.replace("{a} ", "").replace(" {b}", ""), b.replace("{a} ", "").replace(" {b}", "")))
-    return sorted(pairs, key=lambda p: -len(p[0]))
-
-
-def flip_relation(prompt: str) -> str | None:
-    """``prompt`` with its one directional relation phrase replaced by the opposite's (None: no such phrase, or
-    more than one)."""
-    found = [(a, b) for a, b in _phrase_pairs() if f" {a} " in f" {prompt} "]
-    found = [(a, b) for a, b in found if not any(a != c and a in c for c, _ in found)]  # "above" inside "floats above"
-    if len(found) != 1:
-        return None
-    a, b = found[0]
-    return f" {prompt} ".replace(f" {a} ", f" {b} ", 1)[1:-1]
+from ..data.captions import flip_relation
 
 
 @torch.no_grad()

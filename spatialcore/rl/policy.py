@@ -76,22 +76,9 @@ class Policy:
                 raise RuntimeError("full fine-tuning built no reference copy (need_reference=False)")
             yield self._ref
 
-    @contextlib.contextmanager
     def swapped(self, weights: dict[str, torch.Tensor] | None):
         """Temporarily load ``weights`` (e.g. the EMA) into the trainable parameters."""
-        if not weights:
-            yield
-            return
-        saved = {n: p.detach().clone() for n, p in self.params.items()}
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(weights[n])
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for n, p in self.params.items():
-                    p.copy_(saved[n])
+        return swapped_weights(self.params, weights)
 
     def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None, *, merged: bool = False,
              dtype: torch.dtype | None = None) -> None:
@@ -178,6 +165,24 @@ def stored_dtype(model: str | Path) -> torch.dtype | None:
     with safe_open(str(file), "pt") as f:
         names = list(f.keys())
         return f.get_tensor(names[0]).dtype if names else None
+
+
+@contextlib.contextmanager
+def swapped_weights(params: dict[str, torch.Tensor], weights: dict[str, torch.Tensor] | None):
+    """Temporarily load ``weights`` (same names; None: nothing) into ``params``, restoring them on exit."""
+    if not weights:
+        yield
+        return
+    saved = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(weights[n])
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for n, p in params.items():
+                p.copy_(saved[n])
 
 
 def merged_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:

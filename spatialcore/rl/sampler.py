@@ -149,16 +149,22 @@ class FluxSampler:
         known = {p: self._text_cache[p] for p in dict.fromkeys(prompts) if p in self._text_cache}
         todo = [p for p in dict.fromkeys(prompts) if p not in known]
         if todo:
-            self._check_length(todo)
-            emb, pooled, _ = self.pipe.encode_prompt(todo, prompt_2=None, device=self.device,
-                                                     max_sequence_length=self.cfg.max_sequence_length)
-            known.update({p: (emb[i].to(self.dtype), pooled[i].to(self.dtype)) for i, p in enumerate(todo)})
+            emb, pooled = self.text_features(todo)
+            known.update({p: (emb[i], pooled[i]) for i, p in enumerate(todo)})
         for p, value in known.items():  # most recently used last
             self._text_cache[p] = value
             self._text_cache.move_to_end(p)
         while len(self._text_cache) > self.cfg.text_cache:
             self._text_cache.popitem(last=False)
         return torch.stack([known[p][0] for p in prompts]), torch.stack([known[p][1] for p in prompts])
+
+    def text_features(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(prompt_embeds, pooled) of ``prompts`` straight from the text encoders: no cache, and differentiable
+        when the encoders train (``sft train text_encoders=trainable``)."""
+        self._check_length(prompts)
+        emb, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.device,
+                                                 max_sequence_length=self.cfg.max_sequence_length)
+        return emb.to(self.dtype), pooled.to(self.dtype)
 
     def _check_length(self, prompts: list[str]) -> None:
         """A prompt longer than ``max_sequence_length`` T5 tokens would be cut silently: refuse it."""
