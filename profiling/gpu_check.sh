@@ -14,6 +14,10 @@
 #   native        build the native extension spatialcore._C (CMake + nvcc, sm_90a) and test/time it
 #   sample        `spatialcore bench sample`: FLUX.1-dev sampling eager vs compiled / float8 (rows are
 #                 written as they finish, so the budget keeps what ran)
+#   train_reward  the reference configs as a user launches them, with random weights of their shapes
+#   train_grpo    (random:qwen2.5-vl-7b, random:flux.1-dev): a few steps with evaluation, stopped after the
+#   train_sft     first checkpoint and resumed, then the export; per-phase peak memory and seconds per step
+#                 (not in the default STEPS: STEPS="env wheels shim train_reward train_grpo train_sft")
 # Each step gets its cap or what is left of the budget, whichever is less; the caps add up to at most
 # BUDGET (checked). Everything is written to $RES; at the end $OUT receives summary.md (every table)
 # and gpu_check.tgz (all logs, JSON and Markdown), two files, within the device tool's file limits.
@@ -53,8 +57,9 @@ fi
 
 # caps in priority order (seconds); CAPS="step=seconds ..." overrides some
 declare -A CAP=([env]=10 [wheels]=20 [shim]=10 [kernel_tests]=60 [kernel_bench]=110 [logprob]=25 [score]=45
-                [grpo]=60 [grpo_tiny]=40 [native]=50 [sample]=60)
-ORDER=(env wheels shim kernel_tests kernel_bench logprob score grpo_tiny grpo native sample)
+                [grpo]=60 [grpo_tiny]=40 [native]=50 [sample]=60 [train_reward]=120 [train_grpo]=240 [train_sft]=200)
+ORDER=(env wheels shim kernel_tests kernel_bench logprob score grpo_tiny grpo native sample train_reward train_grpo
+       train_sft)
 for kv in ${CAPS:-}; do
   [[ -n "${CAP[${kv%%=*}]:-}" ]] || { echo "gpu_check: CAPS names an unknown step '${kv%%=*}'"; exit 2; }
   CAP[${kv%%=*}]=${kv#*=}
@@ -174,6 +179,35 @@ if want sample; then
   fi
 fi
 
+train() {  # train STEP VERB CONFIG ARGS...: a reference config run as launched (stopped after its first step and
+           # resumed), its numbers in $RES/STEP.md; the run folder's large files (checkpoints, export) are not kept
+  local step=$1 verb=$2 config=$3; shift 3
+  stamp "$step"
+  local run=/tmp/sc-$step-$$
+  timeout "$(left "$step")" $SC "$verb" train --config "$config" "$@" stop_after=1 --out "$run" > "$RES/$step.log" 2>&1
+  echo "$step first start exit $?"
+  timeout "$(left "$step")" $SC "$verb" train --config "$config" "$@" --out "$run" >> "$RES/$step.log" 2>&1
+  echo "$step resume exit $?"; grep -E "resumed from|done:|Error|error" "$RES/$step.log" | tail -3
+  $PY -m spatialcore.profiling.run_report "$run" "$step: $verb train --config $config $*" > "$RES/$step.md" 2>>"$RES/$step.log"
+  cp "$run/metrics.jsonl" "$RES/$step.metrics.jsonl" 2>/dev/null; rm -rf "$run"
+}
+if [ "$SHAPE" = full ]; then
+  QWEN=random:qwen2.5-vl-7b; FLUX=random:flux.1-dev
+  REWARD_SIZE=(batch_size=16 micro_batch=4); GRPO_SIZE=(group_size=12 top_k=3 prompts_per_iter=1)
+  SFT_SIZE=(batch_size=8 micro_batch=4); GPU_ONLY=()
+else
+  QWEN=random:tiny-qwen; FLUX=random:tiny-flux
+  REWARD_SIZE=(batch_size=4 micro_batch=2 threads=2); GRPO_SIZE=(group_size=4 top_k=1 sampler.image_size=32 threads=2)
+  SFT_SIZE=(batch_size=4 micro_batch=2 image_size=32 threads=2); GPU_ONLY=(spatialscore.liger=false)
+fi
+# one GPU stands for one of the configs' 8 ranks: smaller global batches; sampling eager (compile: bench sample)
+want train_reward && train train_reward reward configs/reward/qwen2_5_vl_7b.yaml model=$QWEN data.source=stream:hard \
+  max_steps=3 optim.warmup_steps=1 eval_every=3 save_every=1 data.eval_pairs=8 data.num_workers=2 "${REWARD_SIZE[@]}" "${GPU_ONLY[@]}"
+want train_grpo && train train_grpo grpo configs/grpo/flux_dev_spatial.yaml model=$FLUX reward.spatialscore.model=$QWEN \
+  iterations=2 eval_every=2 eval_seeds=1 save_every=1 n_stream_prompts=64 sampler.compile=none "${GRPO_SIZE[@]}"
+want train_sft && train train_sft sft configs/sft/flux_dev_lora.yaml model=$FLUX data.source=synthetic data.preset=hard \
+  steps=2 eval_every=2 eval_seeds=1 save_every=1 sample_steps=8 "${SFT_SIZE[@]}"
+
 stamp "summary"
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) (rehearsal=$REHEARSAL, shape=$SHAPE, steps: $STEPS)"
@@ -185,7 +219,7 @@ stamp "summary"
     echo
   fi
   [ -f "$RES/kernels.md" ] && { cat "$RES/kernels.md"; echo; }
-  for s in logprob score grpo_tiny grpo sample; do
+  for s in logprob score grpo_tiny grpo sample train_reward train_grpo train_sft; do
     if [ -f "$RES/$s.md" ]; then cat "$RES/$s.md"; elif want "$s"; then echo "(no $s.md: see $s.log)"; fi
   done
 } > "$RES/summary.md"

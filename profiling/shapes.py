@@ -7,57 +7,20 @@ profile runs on the CPU in seconds with the same code path.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
 
-# Qwen2.5-VL-7B-Instruct's config.json (text + vision), minus the token ids (taken from the processor).
-QWEN_7B_TEXT = {"vocab_size": 152064, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                "num_attention_heads": 28, "num_key_value_heads": 4, "max_position_embeddings": 128000,
-                "rms_norm_eps": 1e-6,
-                "rope_parameters": {"rope_type": "default", "rope_theta": 1e6, "mrope_section": [16, 24, 24]}}
-QWEN_7B_VISION = {"depth": 32, "hidden_size": 1280, "intermediate_size": 3420, "num_heads": 16,
-                  "out_hidden_size": 3584, "patch_size": 14, "spatial_merge_size": 2, "temporal_patch_size": 2,
-                  "window_size": 112, "fullatt_block_indexes": [7, 15, 23, 31]}
-QWEN_7B_PIXELS = {"min_pixels": 3136, "max_pixels": 12845056}
-
-# FLUX.1-dev transformer/config.json and vae/config.json.
-FLUX_DEV_TRANSFORMER = {"patch_size": 1, "in_channels": 64, "num_layers": 19, "num_single_layers": 38,
-                        "attention_head_dim": 128, "num_attention_heads": 24, "joint_attention_dim": 4096,
-                        "pooled_projection_dim": 768, "guidance_embeds": True, "axes_dims_rope": (16, 56, 56)}
-FLUX_DEV_VAE = {"in_channels": 3, "out_channels": 3, "latent_channels": 16, "block_out_channels": (128, 256, 512, 512),
-                "down_block_types": ("DownEncoderBlock2D",) * 4, "up_block_types": ("UpDecoderBlock2D",) * 4,
-                "layers_per_block": 2, "norm_num_groups": 32, "sample_size": 1024, "use_quant_conv": False,
-                "use_post_quant_conv": False, "shift_factor": 0.1159, "scaling_factor": 0.3611}
-FLUX_DEV_TEXT = (512, 4096, 768)  # T5 tokens, T5 width, CLIP pooled width
-
-
-@contextlib.contextmanager
-def on_device(device: torch.device | str, dtype: torch.dtype):
-    """Construct modules directly on ``device`` in ``dtype`` (parameters and buffers)."""
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with torch.device(device):
-            yield
-    finally:
-        torch.set_default_dtype(old)
+from ..shapes import FLUX_DEV_TEXT, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE, QWEN_7B_PIXELS, on_device
 
 
 def qwen_config(processor, shape: str, tiny_dir: Path | None = None):
     """A Qwen2_5_VLConfig for ``shape`` ("7b" or "tiny") whose token ids match ``processor``."""
-    from transformers import AutoConfig, Qwen2_5_VLConfig
+    from transformers import AutoConfig
 
-    if shape == "tiny":
-        return AutoConfig.from_pretrained(tiny_dir / "reward")
-    ids = processor.tokenizer.get_vocab()
-    return Qwen2_5_VLConfig(
-        text_config={**QWEN_7B_TEXT, "bos_token_id": ids["<|endoftext|>"], "eos_token_id": ids["<|im_end|>"],
-                     "pad_token_id": ids["<|endoftext|>"]},
-        vision_config=dict(QWEN_7B_VISION), image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
+    from ..shapes import qwen_config as shaped
+
+    return AutoConfig.from_pretrained(tiny_dir / "reward") if shape == "tiny" else shaped(processor, "qwen2.5-vl-7b")
 
 
 def qwen_processor(tiny_dir: Path, shape: str):

@@ -124,3 +124,27 @@ def environment_report() -> dict[str, Any]:
     report["attention"] = attention_backends()
     report["gpus"] = [asdict(g) for g in gpu_facts()]
     return report
+
+
+class PhasePeaks:
+    """Per-phase peak of allocated GPU memory inside one training step: ``start(name)`` resets the allocator's peak,
+    ``stop()`` reads it as ``mem_<name>_gib``. On a CPU it records nothing (torch keeps no such counter there)."""
+
+    def __init__(self, device):
+        import torch
+
+        self.cuda = torch.device(device).type == "cuda"
+        self.device, self.peaks, self.name = device, {}, None
+
+    def start(self, name: str) -> None:
+        import torch
+
+        self.name = name
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+
+    def stop(self) -> None:
+        import torch
+
+        if self.cuda:
+            self.peaks[f"mem_{self.name}_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30

@@ -34,6 +34,14 @@ def require(value: str | None, key: str, kind: str, *, hub: bool = False) -> Non
     ``hub``, something that can only be a hub id)."""
     if value is None:
         return
+    if str(value).startswith("random:"):
+        from .shapes import FLUX_SHAPES, QWEN_SHAPES
+
+        shapes = FLUX_SHAPES if kind == "flux" else QWEN_SHAPES if kind in ("qwen", "spatialscore") else ()
+        if str(value)[len("random:"):] not in shapes:
+            raise ConfigError(key, f"{value}: random weights exist for " + (", ".join(f"random:{s}" for s in shapes)
+                                                                          if shapes else "no folder of this kind"))
+        return
     marker, what = KINDS[kind]
     path = Path(value)
     if not path.exists():

@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 
 # Metrics that measure time, not the optimisation: left out when two runs are compared.
-TIME_KEYS = {"time", "t_sample", "t_score", "t_train", "samples_per_s", "pairs_per_s", "elapsed_s", "gpu_mem_gib"}
+TIME_KEYS = {"time", "t_sample", "t_score", "t_train", "samples_per_s", "pairs_per_s", "elapsed_s", "gpu_mem_gib",
+             "mem_sample_gib", "mem_score_gib", "mem_train_gib"}
 GUARD = Path(__file__).with_name("dist_guard.py")
 
 

@@ -37,16 +37,20 @@ def test_rehearsal_of_the_cheapest_steps(tmp_path):
     repo = _checkout_copy(tmp_path / "repo")
     # SCALE stretches the caps: a loaded CI machine imports torch slowly, and what this checks is that
     # the steps work the device's way, not how fast (the device run's caps are checked below)
-    proc = _run(repo, tmp_path, STEPS="env wheels shim logprob", SCALE="12")
+    proc = _run(repo, tmp_path, STEPS="env wheels shim logprob train_reward", SCALE="12", BUDGET="200",
+                SPATIALCORE_CACHE=str(tmp_path / "cache"))
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
     assert f"spatialcore.kernels from {tmp_path / 'shim'}" in out, out[-3000:]
     assert "logprob exit 0" in out, out[-3000:]
+    # a reference config as launched (random weights of its shapes; tiny here), stopped after its first step and resumed
+    assert "train_reward first start exit 0" in out and "train_reward resume exit 0" in out, out[-3000:]
+    assert "[reward] resumed from step 1 " in out and "| starts (a resume adds one) | 2 |" in out, out[-3000:]
     summary = (tmp_path / "out" / "summary.md").read_text()
     assert "recompute stored log-probs" in summary and "micro-batch 1" in summary
     with tarfile.open(tmp_path / "out" / "gpu_check.tgz") as tar:
         names = {Path(n).name for n in tar.getnames()}
-    assert {"logprob.json", "logprob.md", "logprob.log", "summary.md"} <= names
+    assert {"logprob.json", "logprob.md", "logprob.log", "summary.md", "train_reward.md", "train_reward.log"} <= names
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_check.tgz", "summary.md"]
 
 

@@ -82,15 +82,14 @@ LAYERS = [
     # the base: configs, logs, process groups, checkpoints and run folders, paths, plots
     ["spatialcore.errors", "spatialcore.atomic", "spatialcore.config", "spatialcore.vocab", "spatialcore.paths",
      "spatialcore.logs", "spatialcore.phases", "spatialcore.plots", "spatialcore.gpu", "spatialcore.dist",
-     "spatialcore.checkpoint", "spatialcore.run_folder"],
+     "spatialcore.checkpoint", "spatialcore.run_folder", "spatialcore.tiny", "spatialcore.shapes"],
     ["spatialcore.kernels"],      # fused math with plain references
     ["spatialcore.data"],         # synthetic scenes, pair sets, the pixel oracle, prompt and image lists
     ["spatialcore.reward"],       # SpatialScore: model, preprocessing, pair evaluation
     ["spatialcore.rl"],           # Flux sampler, policy, reward functions
     ["spatialcore.eval"],         # the judge of generators, held-out samples, the eval report
     ["spatialcore.trainers"],     # the loop and the trainers
-    ["spatialcore.tiny", "spatialcore.demo", "spatialcore.export", "spatialcore.sample",
-     "spatialcore.config_reference"],  # what the commands run
+    ["spatialcore.demo", "spatialcore.export", "spatialcore.sample", "spatialcore.config_reference"],  # commands
     ["spatialcore.profiling"],    # measurement
     ["spatialcore.cli"],          # the command line
 ]

@@ -41,7 +41,7 @@ import torch
 
 from ..config import ConfigError, param
 from ..dist import all_reduce_grads, gather_by_index, is_main
-from ..gpu import sdpa_for_training
+from ..gpu import PhasePeaks, sdpa_for_training
 from ..logs import info
 from ..phases import phase
 from ..rl.policy import PolicyConfig
@@ -394,6 +394,9 @@ class GRPOTrainer(Trainer):
             raise ConfigError("prompts_per_iter", f"prompts_per_iter x group_size = {self.n_total} samples per "
                                                   f"iteration cannot be split evenly over {self.world} ranks")
         self.mine = list(range(self.rank, self.n_total, self.world))  # sample n lives on rank n % world
+        if "spatialscore" in cfg.reward.parts() and cfg.reward.spatialscore.liger and self.device.type != "cuda":
+            raise ConfigError("reward.spatialscore.liger", "liger-kernel's Triton kernels need a CUDA GPU (this run is "
+                                                           f"on {self.device.type}): reward.spatialscore.liger=false")
 
     @property
     def total_steps(self) -> int:
@@ -500,23 +503,30 @@ class GRPOTrainer(Trainer):
         prompts = [pool[groups[n // cfg.group_size]] for n in self.mine]
         seeds = iteration_seeds(cfg, self.step, groups, self.mine)
 
+        peaks = PhasePeaks(self.device)  # on CUDA: each phase's peak allocation (the KL reference forward in train)
+        peaks.start("sample")
         with phase("sample"), self.policy.swapped(self.objective.sampling_weights()):
             traj = self._sample(prompts, seeds, init_seeds(cfg, self.step, groups, self.mine))
+        peaks.stop()
         t1 = time.perf_counter()
+        peaks.start("score")
         with torch.no_grad(), phase("score"):
             rewards, rank_by, parts = self._score(traj.images, prompts)
         n_bad = self._check_rewards(rewards)
+        peaks.stop()
         t2 = time.perf_counter()
 
+        peaks.start("train")
         with phase("advantages"):
             res = group_advantages(rewards, top_k=self.top_k, rank_by=rank_by, drop_zero_std=cfg.drop_zero_std,
                                    **self.preset)
         n_kept = int(res.keep.sum())
         lr, stats = self._update(traj, res.advantages.reshape(-1), res.keep.reshape(-1), steps, n_kept)
+        peaks.stop()
         t3 = time.perf_counter()
         return {**_reward_record(rewards, res, n_kept, n_bad), **parts, "group_prompts": [pool[g] for g in groups],
                 **stats, "t_sample": t1 - t0, "t_score": t2 - t1, "t_train": t3 - t2,
-                "samples_per_s": self.n_total / (t3 - t0), "lr": lr}
+                "samples_per_s": self.n_total / (t3 - t0), "lr": lr, **peaks.peaks}
 
     def _sample(self, prompts: list[str], seeds: list[int], inits: list[int] | None) -> Trajectory:
         chunk = self.cfg.sample_batch or max(1, len(prompts))

@@ -118,7 +118,7 @@ def _trainable(model) -> dict[str, torch.Tensor]:
     return {n: p for n, p in model.named_parameters() if p.requires_grad}
 
 
-def _build_model(cfg: RewardTrainConfig, dtype: torch.dtype):
+def _build_model(cfg: RewardTrainConfig, dtype: torch.dtype, device: str | torch.device = "cpu"):
     from ..reward.model import LoraSpec, SpatialScore
 
     m = cfg.spatialscore
@@ -128,7 +128,7 @@ def _build_model(cfg: RewardTrainConfig, dtype: torch.dtype):
         return model
     lora = LoraSpec(rank=m.lora_rank, alpha=m.lora_alpha) if m.lora_rank else None
     return SpatialScore.from_backbone(cfg.model, attention=m.attention, dtype=dtype, lora=lora,
-                                      variance_head=m.variance_head)
+                                      variance_head=m.variance_head, device=device)
 
 
 class RewardTrainer(Trainer):
@@ -140,6 +140,9 @@ class RewardTrainer(Trainer):
         from ..dist import split_batch
 
         self.micro, self.accum = split_batch(self.cfg.batch_size, self.cfg.micro_batch, self.world)
+        if self.cfg.spatialscore.liger and self.device.type != "cuda":
+            raise ConfigError("spatialscore.liger", "liger-kernel's Triton kernels need a CUDA GPU (this run is on "
+                                                    f"{self.device.type}): spatialscore.liger=false")
 
     @property
     def total_steps(self) -> int:
@@ -180,7 +183,7 @@ class RewardTrainer(Trainer):
 
         cfg = self.cfg
         dtype = getattr(torch, cfg.dtype)
-        model = _build_model(cfg, dtype)
+        model = _build_model(cfg, dtype, self.device)
         if cfg.init_from:
             info(f"initialised from {cfg.init_from}", who="reward")
         model = model.to(self.device)

@@ -405,7 +405,7 @@ class SFTTrainer(Trainer):
         from ..config import to_dict
 
         # a base model built by `spatialcore tiny` carries its build config one folder up
-        tiny = Path(self.cfg.model).parent / "tiny.yaml"
+        tiny = Path(self.cfg.model).parent / "tiny.yaml" if not self.cfg.model.startswith("random:") else Path("-")
         record = {"command": "spatialcore " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["sft"] else None,
                   "config": to_dict(self.cfg), "seed": self.cfg.seed, "commit": self.commit,
                   "base_model_tiny_config": yaml.safe_load(tiny.read_text()) if tiny.is_file() else None,

@@ -151,7 +151,7 @@ class Trainer:
 
     def write(self, rec: dict, bar=None) -> None:
         """Rank 0: the record to metrics.jsonl (and the integrations), the progress bar, the log line."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # the allocator's peak since it was last reset (a trainer may reset it per phase)
             rec["gpu_mem_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         if not self.metrics:
             return

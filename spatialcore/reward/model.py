@@ -83,13 +83,21 @@ class SpatialScore(nn.Module):
     # ------------------------------------------------------------------ construction
     @classmethod
     def from_backbone(cls, path: str | os.PathLike, *, attention: str = "sdpa", dtype: torch.dtype | None = None,
-                      lora: LoraSpec | None = None, variance_head: bool) -> SpatialScore:
+                      lora: LoraSpec | None = None, variance_head: bool, device: str | torch.device = "cpu"
+                      ) -> SpatialScore:
         """A fresh head on a Qwen2.5-VL checkpoint (local folder or hub id)."""
         from transformers import AutoProcessor, Qwen2_5_VLModel
 
+        from ..shapes import random_qwen_backbone, random_shape
+
         attention = resolve_attention(attention)
-        backbone = Qwen2_5_VLModel.from_pretrained(path, attn_implementation=attention, dtype=dtype)
-        processor = AutoProcessor.from_pretrained(path)
+        shape = random_shape(path)
+        if shape:
+            info(f"{path}: the {shape} backbone with random weights (its scores mean nothing)", who="reward")
+            backbone, processor = random_qwen_backbone(shape, device=device, dtype=dtype, attention=attention)
+        else:
+            backbone = Qwen2_5_VLModel.from_pretrained(path, attn_implementation=attention, dtype=dtype)
+            processor = AutoProcessor.from_pretrained(path)
         if lora is not None:
             backbone = _wrap_lora(backbone, lora)
         info(f"backbone {path}: {sum(p.numel() for p in backbone.parameters()):,} parameters, "
@@ -99,11 +107,17 @@ class SpatialScore(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, attention: str | None = None,
-                        dtype: torch.dtype | None = None) -> SpatialScore:
+                        dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> SpatialScore:
         """Load a folder written by :meth:`save_pretrained`."""
         from safetensors.torch import load_file
         from transformers import AutoProcessor, Qwen2_5_VLModel
 
+        from ..shapes import random_shape, seeded
+
+        if random_shape(path):  # a random SpatialScore: random backbone and head, plain Bradley-Terry
+            with seeded(1):
+                return cls.from_backbone(path, attention=attention or "sdpa", dtype=dtype, variance_head=False,
+                                         device=device)
         path = Path(path)
         meta = read_meta(path)
         attention = resolve_attention(attention or meta["attention"])
@@ -113,7 +127,12 @@ class SpatialScore(nn.Module):
         else:
             from peft import PeftModel
 
-            base = Qwen2_5_VLModel.from_pretrained(meta["base"], attn_implementation=attention, dtype=dtype)
+            if random_shape(meta["base"]):  # the same random base as at training (a fixed seed)
+                from ..shapes import random_qwen_backbone
+
+                base = random_qwen_backbone(random_shape(meta["base"]), device="cpu", dtype=dtype, attention=attention)[0]
+            else:
+                base = Qwen2_5_VLModel.from_pretrained(meta["base"], attn_implementation=attention, dtype=dtype)
             backbone = PeftModel.from_pretrained(base, path / "adapter")
         processor = AutoProcessor.from_pretrained(path / "processor")
         model = cls(backbone, processor, base=meta["base"], attention=attention, lora=lora,

@@ -140,6 +140,8 @@ def stock_loading(base: str, policy: Path, dtype: torch.dtype, *, lora: bool) ->
     """How stock diffusers loads an exported policy onto its base: one dtype for every component (diffusers loads
     its own models in float32 and transformers its text encoders in their stored dtype unless told one)."""
     d = f"dtype=torch.{str(dtype).removeprefix('torch.')}"
+    if str(base).startswith("random:"):
+        return f"none (the base, {base}, exists only as random weights built by spatialcore)"
     if lora:
         return f"pipe = FluxPipeline.from_pretrained('{base}', {d}); pipe.load_lora_weights('{policy}')"
     return (f"FluxPipeline.from_pretrained('{base}', transformer=FluxTransformer2DModel.from_pretrained("

@@ -95,7 +95,7 @@ class SpatialScoreReward:
         self.form, self.sigma_weight = form, sigma_weight
         from ..reward.model import SpatialScore
 
-        self.model = SpatialScore.from_pretrained(path, dtype=dtype).to(device).eval()
+        self.model = SpatialScore.from_pretrained(path, dtype=dtype, device=device).to(device).eval()
         for p in self.model.parameters():
             p.requires_grad_(False)
         if quantize != "none":

@@ -95,10 +95,22 @@ class Trajectory:
 
 
 def load_pipeline(path: str | Path, *, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+    """A Flux pipeline folder or hub id, or ``random:SHAPE`` (``spatialcore.shapes``: the real architecture with
+    random weights, built on ``device``)."""
     from diffusers import FluxPipeline
     from diffusers.utils import logging as diffusers_logging
 
+    from ..shapes import random_flux_pipeline, random_shape
+
     diffusers_logging.disable_progress_bar()
+    shape = random_shape(path)
+    if shape:
+        from ..logs import info
+
+        info(f"{path}: the {shape} architecture with random weights (nothing it draws means anything)", who="flux")
+        pipe = random_flux_pipeline(shape, device=device, dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
     pipe = FluxPipeline.from_pretrained(path, dtype=dtype)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -161,6 +173,9 @@ class FluxSampler:
     def text_features(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(prompt_embeds, pooled) of ``prompts`` straight from the text encoders: no cache, and differentiable
         when the encoders train (``sft train text_encoders=trainable``)."""
+        random_text = getattr(self.pipe, "random_text", None)  # a random:flux.1-dev pipeline's stand-in encoders
+        if random_text is not None:
+            return random_text(prompts, self.cfg.max_sequence_length, self.device, self.dtype)
         self._check_length(prompts)
         emb, pooled, _ = self.pipe.encode_prompt(prompts, prompt_2=None, device=self.device,
                                                  max_sequence_length=self.cfg.max_sequence_length)
