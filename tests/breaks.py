@@ -172,6 +172,11 @@ BREAKS = [
     ("captions: a wrong caption keeps the relation (the replacement draws from all four directions)",
      "spatialcore/data/captions.py", "    other = [d for d in DIRECTIONS if d != rel]", "    other = list(DIRECTIONS)",
      [T + "test_sft.py::test_web_like_captions_drop_or_replace_the_relation_at_their_rates"]),
+    ("the saddle guard never restarts", "trainers/reward.py", "        if not d.saddle_guard or self.stage == 0:",
+     "        if True:", [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
+    ("no ramp after a stage switch", "trainers/reward.py",
+     "        if self.warm_from >= 0 and cfg.data.stage_warmup and", "        if False and cfg.data.stage_warmup and",
+     [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
 ]
 
 

@@ -508,3 +508,62 @@ def test_the_trainers_rate_is_the_schedules_at_every_step(tiny_dir, easy_pairs, 
     lrs = [r["lr"] for r in records(tmp_path / "r") if "lr" in r]
     assert lrs == [cfg.optim.lr * lr_factor(cfg.optim, s, 6) for s in range(6)]
     assert lrs[0] == cfg.optim.lr / 2 and lrs[1] == lrs[2] == cfg.optim.lr and lrs[5] < lrs[4] < lrs[3] < lrs[2]
+
+
+@pytest.mark.parametrize("guard", [True, False])
+def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeypatch, capfd, guard):
+    """A model forced onto the constant-output saddle right after a stage switch (every trainable weight and the
+    optimizer's moments zeroed: all gradients are then exactly 0, loss log 2, margin 0, a fixed point) recovers
+    when the guard restarts the stage from its first step's weights; with the guard off it stays there."""
+    from spatialcore.trainers import reward as reward_mod
+
+    real = reward_mod.RewardTrainer.after_evaluation
+
+    def collapse_at_the_switch(self, ev):
+        stage = self.stage
+        real(self, ev)
+        if self.stage == 1 and stage == 0:  # the switch just happened (and its first weights were saved)
+            with torch.no_grad():
+                for p in self.params.values():
+                    p.zero_()
+            self.opt.state.clear()
+
+    monkeypatch.setattr(reward_mod.RewardTrainer, "after_evaluation", collapse_at_the_switch)
+    cfg = load_config(RewardTrainConfig, None, [
+        f"model={tiny_dir / 'reward'}", "data.source=stream:easy", "data.curriculum=[{relation_types: [left of], "
+        "advance_at: 0.0}]", "max_steps=12", "optim.warmup_steps=1", "eval_every=2", "save_every=100",
+        "data.eval_pairs=8", "batch_size=4", "log_every=1", "threads=1", f"data.saddle_guard={str(guard).lower()}",
+        "data.stage_warmup=2", f"out={tmp_path / 'r'}"])
+    train(cfg)
+    margins = [(r["step"], r["eval_mean_margin"]) for r in records(tmp_path / "r") if "eval_mean_margin" in r]
+    assert [s for s, _ in margins] == [2, 4, 6, 8, 10, 12]
+    assert all(m == 0.0 for _, m in margins[1:3]), margins  # the collapse: exactly constant output
+    from spatialcore.trainers.optim import lr_factor
+
+    lrs = {r["step"]: r["lr"] for r in records(tmp_path / "r") if "lr" in r}
+    full = {s: cfg.optim.lr * lr_factor(cfg.optim, s - 1, 12) for s in lrs}
+    assert lrs[3] == full[3] / 2 and lrs[4] == full[4]  # the ramp after the switch (stage_warmup=2)
+    assert (lrs[7] == full[7] / 2) == guard  # and after the restart
+    err = capfd.readouterr().err
+    if guard:
+        assert "saddle guard: stage 2 sat at constant output" in err and "restart 1 of 2" in err
+        assert all(abs(m) > 1e-3 for _, m in margins[3:]), margins
+    else:
+        assert "saddle guard" not in err and all(m == 0.0 for _, m in margins[3:]), margins
+
+
+def test_sigma_separates_the_mistakes_by_value():
+    """The AUROC of the pair's sigma for wrong pairs and the accuracy per sigma quartile, on hand-made scores: wrong
+    pairs with the larger sigma give 1, the smaller 0, and an exact tie of mu is neither right nor wrong."""
+    from spatialcore.reward.evaluate import pair_metrics
+
+    mu_w, mu_l = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.5]), torch.tensor([0.0, 0.0, 1.0, 1.0, 0.5])
+    n = torch.tensor([1, 1, 2, 2, 1])
+    var = torch.tensor([0.01, 0.04, 1.0, 0.25, 9.0]) / 2  # var_w = var_l: sigma = 0.1, 0.2, 1.0, 0.5, (tie)
+    m = pair_metrics(mu_w, var, mu_l, var, n)
+    assert m["sigma_auroc"] == 1.0 and m["accuracy_by_sigma"] == [1.0, 1.0, 0.0, 0.0]
+    assert m["sigma_mean"] == pytest.approx((0.1 + 0.2 + 1.0 + 0.5) / 4)
+    other = torch.tensor([1.0, 0.25, 0.01, 0.04, 9.0]) / 2  # now the right pairs are the uncertain ones
+    flipped = pair_metrics(mu_w, other, mu_l, other, n)
+    assert flipped["sigma_auroc"] == 0.0
+    assert "sigma_auroc" not in pair_metrics(mu_w, torch.zeros(5), mu_l, torch.zeros(5), n)  # no sigma, no claim

@@ -60,6 +60,15 @@ class PairDataConfig:
     eval_pairs: int = param(512, min=1, help="held-out pairs per evaluation")
     num_workers: int = param(0, min=0)
     shuffle_prompts: bool = False  # control: pair each image with another pair's prompt
+    # A confident model that meets a new stage can fall onto the constant-output saddle (loss log 2, margin ~0) and
+    # stay there. Two defences: the rate ramps up again after every switch, and a stage whose held-out margin stays
+    # below saddle_margin for saddle_patience evaluations restarts from its first step's weights and optimizer
+    # (saved at the switch) on fresh pairs, with the ramp again, at most saddle_restarts times per stage.
+    stage_warmup: int = param(0, min=0, help="steps over which the rate ramps from 0 back up after a stage switch")
+    saddle_guard: bool = param(True, help="restart a stage that collapses to constant output (curriculum only)")
+    saddle_margin: float = param(1e-3, min=0.0, help="|held-out mean margin| below this is the saddle")
+    saddle_patience: int = param(2, min=1, help="evaluations in a row at the saddle before a restart")
+    saddle_restarts: int = param(2, min=0, help="restarts at most per stage")
 
     @property
     def streaming(self) -> bool:
@@ -154,6 +163,7 @@ class RewardTrainer(Trainer):
         self._init_data()
         self._init_model()
         self.epoch, self.consumed, self.stage = 0, 0, 0
+        self.warm_from, self.at_saddle, self.restarts = -1, 0, 0  # the stage's ramp start, saddle streak, restarts
         self._batches = None
 
     def _init_data(self) -> None:
@@ -223,7 +233,8 @@ class RewardTrainer(Trainer):
             tensors, optim = _fsdp_full(self.model, self.opt)
         else:
             tensors, optim = _trainable(self.model), self.opt.state_dict()
-        return tensors, {"optimizer": optim, "epoch": self.epoch, "consumed": self.consumed, "stage": self.stage}
+        return tensors, {"optimizer": optim, "epoch": self.epoch, "consumed": self.consumed, "stage": self.stage,
+                         "warm_from": self.warm_from, "at_saddle": self.at_saddle, "restarts": self.restarts}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         from .optim import set_lr
@@ -242,6 +253,8 @@ class RewardTrainer(Trainer):
         # the rate is the schedule's at this step, also where no optimizer state was loaded (FSDP2 with SGD)
         set_lr(self.opt, self.cfg.optim, self.step, self.cfg.max_steps)
         self.epoch, self.consumed, self.stage = state["epoch"], state["consumed"], state["stage"]
+        self.warm_from, self.at_saddle, self.restarts = (state.get("warm_from", -1), state.get("at_saddle", 0),
+                                                         state.get("restarts", 0))
 
     # ------------------------------------------------------------------ data
 
@@ -306,6 +319,11 @@ class RewardTrainer(Trainer):
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         lr = set_lr(self.opt, cfg.optim, self.step, cfg.max_steps)
+        if self.warm_from >= 0 and cfg.data.stage_warmup and self.step - self.warm_from < cfg.data.stage_warmup:
+            ramp = (self.step - self.warm_from + 1) / cfg.data.stage_warmup  # after a stage switch or restart
+            for g in self.opt.param_groups:
+                g["lr"] *= ramp
+            lr *= ramp
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self._advance_data()
@@ -330,8 +348,13 @@ class RewardTrainer(Trainer):
         return {"stage": self.stage, **{f"eval_{k}": v for k, v in self.table.items() if k != "calibration"}}
 
     def after_evaluation(self, ev: dict) -> None:
-        """A stage that reaches its ``advance_at`` (or its ``max_stage_steps``) hands over to the next."""
+        """The saddle guard (a collapsed stage restarts), then: a stage that reaches its ``advance_at`` (or its
+        ``max_stage_steps``) hands over to the next, whose first weights are kept for the guard."""
         d = self.cfg.data
+        if len(self.stages) == 1:
+            return
+        if self._guard(ev):
+            return
         if self.stage == len(self.stages) - 1:
             return
         rules = self.stages[self.stage]
@@ -340,7 +363,38 @@ class RewardTrainer(Trainer):
         if cleared or in_stage >= rules.get("max_stage_steps", float("inf")):
             why = "" if cleared else f" (stage {self.stage + 1} not cleared in its {in_stage} steps)"
             self.stage, self.consumed, self._batches = self.stage + 1, 0, None
+            self.warm_from, self.at_saddle, self.restarts = self.step, 0, 0
             info(f"curriculum: stage {self.stage + 1}/{len(self.stages)} from step {self.step}{why}", who="reward")
+            if d.saddle_guard:
+                from ..checkpoint import write_checkpoint
+
+                tensors, state = self.state_dict()
+                write_checkpoint(self._stage_start(self.stage), self.step, tensors, state)
+
+    def _stage_start(self, stage: int) -> Path:
+        return self.out / "stage_starts" / f"stage_{stage:02d}"
+
+    def _guard(self, ev: dict) -> bool:
+        """A stage (after the first) whose held-out margin stays at ~0 restarts from its first step's weights and
+        optimizer on fresh pairs, with the ramp; True when it did."""
+        d = self.cfg.data
+        if not d.saddle_guard or self.stage == 0:
+            return False
+        self.at_saddle = self.at_saddle + 1 if abs(ev["eval_mean_margin"]) < d.saddle_margin else 0
+        if self.at_saddle < d.saddle_patience or self.restarts >= d.saddle_restarts:
+            return False
+        from ..checkpoint import load_checkpoint, resume_checkpoint
+
+        path = resume_checkpoint(self._stage_start(self.stage))
+        tensors, state = load_checkpoint(path)
+        keep = (self.epoch, self.consumed, self.stage, self.restarts + 1)  # the data position moves on: fresh pairs
+        self.load_state_dict(tensors, state)
+        self.epoch, self.consumed, self.stage, self.restarts = keep
+        self.warm_from, self.at_saddle = self.step, 0
+        info(f"saddle guard: stage {self.stage + 1} sat at constant output (held-out margin "
+             f"{ev['eval_mean_margin']:.1e} for {d.saddle_patience} evaluations): restarted from its first step's "
+             f"weights ({path.name}), restart {self.restarts} of {d.saddle_restarts}", who="reward")
+        return True
 
     def final_result(self) -> dict:
         """The task's held-out table (evaluated again when the run ended before the curriculum's last stage)."""

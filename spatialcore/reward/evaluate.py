@@ -122,7 +122,7 @@ def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 10, types: lis
             calib.append({"p_lo": float(lo), "p_hi": float(hi), "n": int(m.sum()), "predicted": float(p[m].mean()),
                           "observed": float(win[m].mean())})
     ece = sum(c["n"] * abs(c["predicted"] - c["observed"]) for c in calib) / max(1, len(p))
-    return {
+    return {**_sigma_metrics(var_w + var_l, win),
         "pairs": len(mu_w),
         "accuracy": pairwise_accuracy(mu_w, mu_l),
         "accuracy_1": pairwise_accuracy(mu_w[one], mu_l[one]) if one.any() else float("nan"),
@@ -133,6 +133,30 @@ def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 10, types: lis
         "calibration": calib,
         **({"by_type": by_perturbation_type(mu_w, mu_l, types)} if types is not None else {}),
     }
+
+
+def sigma_auroc(sigma: torch.Tensor, wrong: torch.Tensor) -> float:
+    """P(sigma of a wrong pair > sigma of a right one), ties counting 1/2 (Mann-Whitney): 0.5 when sigma says nothing
+    about the model's mistakes, 1 when every wrong pair is less certain than every right one; NaN without both."""
+    a, b = sigma[wrong].double(), sigma[~wrong].double()
+    if not len(a) or not len(b):
+        return float("nan")
+    greater = (a[:, None] > b[None, :]).double().mean()
+    return float(greater + 0.5 * (a[:, None] == b[None, :]).double().mean())
+
+
+def _sigma_metrics(var: torch.Tensor, win: torch.Tensor, quantiles: int = 4) -> dict:
+    """Whether the Gaussian head's sigma predicts the model's mistakes: the AUROC of the pair's sigma
+    (sqrt(var_w + var_l)) for wrong pairs, and the accuracy per sigma quantile (lowest sigma first); {} when the
+    model has no sigma. Exact ties of mu are left out (neither right nor wrong)."""
+    if not bool((var > 0).any()):
+        return {}
+    sigma, decided = var.sqrt(), win != 0.5
+    sigma, wrong, win = sigma[decided], win[decided] == 0, win[decided]
+    order = torch.argsort(sigma, stable=True)
+    parts = [part for part in torch.tensor_split(order, quantiles) if len(part)]
+    return {"sigma_auroc": sigma_auroc(sigma, wrong), "sigma_mean": float(sigma.mean()),
+            "accuracy_by_sigma": [float(win[part].mean()) for part in parts]}
 
 
 def _fmt(x: float) -> str:
@@ -147,6 +171,9 @@ def format_table(metrics: dict, name: str = "SpatialScore") -> str:
         f"| {name} | {f(metrics['accuracy'])} | {f(metrics['accuracy_1'])} | {f(metrics['accuracy_2_3'])} | "
         f"{metrics['mean_margin']:.3f} | {metrics['ece']:.3f} |",
         f"\n({metrics['pairs']} pairs: {metrics['pairs_1']} with 1 perturbation, {metrics['pairs_2_3']} with 2-3)",
+        *([f"sigma (mean {metrics['sigma_mean']:.3g}) for the model's mistakes: AUROC {f(metrics['sigma_auroc'])}; "
+           "accuracy by sigma quartile (lowest first) " + " / ".join(f(a) for a in metrics["accuracy_by_sigma"])]
+          if "sigma_auroc" in metrics else []),
     ])
 
 
