@@ -32,7 +32,7 @@ from typing import Literal
 
 import torch
 
-from .launch import launch_settings, resolve_backend, tl, triton
+from .launch import compiled, launch_settings, resolve_backend, tl, triton
 
 StdMode = Literal["group", "batch", "none"]
 StatsOver = Literal["kept", "group"]
@@ -303,7 +303,7 @@ def group_advantages(rewards: torch.Tensor, group_size: int | None = None, *, st
         raise ValueError(f"top_k must be an int in [1, G={G}] or None, got {top_k!r}")
     if eps < 0 or (clip is not None and clip <= 0):
         raise ValueError("eps must be >= 0 and clip > 0")
-    backend = resolve_backend(backend, r, extra=("cuda",))
+    backend = resolve_backend(backend, r, family="advantages", extra=("cuda",))
     kwargs = dict(std=std, unbiased=unbiased, eps=eps, clip=clip, top_k=top_k, stats_over=stats_over,
                   drop_zero_std=drop_zero_std, zero_std_tol=zero_std_tol)
     if rank_by is not None:
@@ -328,6 +328,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int | None = None, *, st
 def _dispatch(r: torch.Tensor, backend: str, kwargs: dict):
     if backend == "torch":
         return group_advantages_reference(r, **kwargs)
+    if backend == "compiled":
+        return compiled(group_advantages_reference)(r, **kwargs)
     if backend == "triton":
         return _launch_triton(r.contiguous(), **kwargs)
     from . import native  # "cuda"

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .launch import resolve_backend, tl, triton
+from .launch import compiled, resolve_backend, tl, triton
 
 KL_CONVENTIONS = ("flow_grpo", "exact")
 
@@ -185,11 +185,11 @@ def flow_grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
         raise ValueError(f"clip_range must be > 0, got {clip_range}")
     if kl_beta and (kl_mean_new is None or kl_mean_ref is None or kl_std is None):
         raise ValueError("kl_beta > 0 needs kl_mean_new, kl_mean_ref and kl_std")
-    backend = resolve_backend(backend, logp_new)
+    backend = resolve_backend(backend, logp_new, family="grpo_loss")
     kl_args = dict(kl_mean_new=kl_mean_new, kl_mean_ref=kl_mean_ref, kl_std=kl_std, kl_beta=kl_beta)
-    if backend == "torch":
-        return flow_grpo_loss_reference(logp_new, logp_old, advantages, keep, clip_range,
-                                        **(kl_args if kl_beta else {}))
+    if backend in ("torch", "compiled"):
+        fn = flow_grpo_loss_reference if backend == "torch" else compiled(flow_grpo_loss_reference)
+        return fn(logp_new, logp_old, advantages, keep, clip_range, **(kl_args if kl_beta else {}))
     new = logp_new.reshape(B, -1)
     T = new.shape[1]
     loss, out = _GRPOLossTriton.apply(new.contiguous(), logp_old.reshape(B, -1).detach().contiguous(),

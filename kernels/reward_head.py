@@ -28,7 +28,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .launch import launch_settings, resolve_backend, tl, triton
+from .launch import compiled, launch_settings, resolve_backend, tl, triton
 
 PI_OVER_8 = math.pi / 8
 
@@ -218,8 +218,10 @@ def reward_head(hidden: torch.Tensor, last_index: torch.Tensor, weight: torch.Te
         raise ValueError(f"weight must be [2, H={H}] and bias [2], got {tuple(weight.shape)} and {tuple(bias.shape)}")
     if not last_index.is_cuda and B and (int(last_index.min()) < 0 or int(last_index.max()) >= T):
         raise ValueError(f"last_index values must be in [0, T={T})")
-    if resolve_backend(backend, hidden) == "torch":
-        return reward_head_reference(hidden, last_index, weight, bias)
+    backend = resolve_backend(backend, hidden, family="reward_head")
+    if backend in ("torch", "compiled"):
+        fn = reward_head_reference if backend == "torch" else compiled(reward_head_reference)
+        return fn(hidden, last_index, weight, bias)
     if hidden.stride(2) != 1:
         hidden = hidden.contiguous()
     return _RewardHeadTriton.apply(hidden, last_index.long().contiguous(), weight.contiguous(), bias.contiguous())
@@ -239,8 +241,10 @@ def pair_loss(mu_w: torch.Tensor, log_var_w: torch.Tensor | None, mu_l: torch.Te
         raise ValueError("log_var_w and log_var_l must be shaped like mu_w")
     if mu_w.shape[0] == 0:
         raise ValueError("pair_loss needs at least one pair")
-    if resolve_backend(backend, mu_w) == "torch":
-        return pair_loss_reference(mu_w, log_var_w, mu_l, log_var_l)
+    backend = resolve_backend(backend, mu_w, family="reward_head")
+    if backend in ("torch", "compiled"):
+        fn = pair_loss_reference if backend == "torch" else compiled(pair_loss_reference)
+        return fn(mu_w, log_var_w, mu_l, log_var_l)
     c = [None if t is None else t.contiguous() for t in (mu_w, log_var_w, mu_l, log_var_l)]
     return _PairLossTriton.apply(*c)
 

@@ -40,7 +40,7 @@ import math
 
 import torch
 
-from .launch import launch_settings, resolve_backend, tl, triton
+from .launch import compiled, launch_settings, resolve_backend, tl, triton
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 MODE_NOISE, MODE_RNG, MODE_PREV = 0, 1, 2
@@ -285,9 +285,11 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
     _check_sigmas(sigma, sigma_next)
     if cps and not torch.is_tensor(sigma_next) and sigma_next == 0:
         raise ValueError("CPS has no noise at sigma_next=0 (no density); use ode_step for the last step")
-    if resolve_backend(backend, x) == "torch":
-        return sde_step_reference(x, v, sigma, sigma_next, noise_level, noise, prev_sample, sigma_max=sigma_max,
-                                  cps=cps, generator=generator, logprob=logprob)
+    backend = resolve_backend(backend, x, family="sde_step")
+    if backend in ("torch", "compiled"):
+        fn = sde_step_reference if backend == "torch" else compiled(sde_step_reference)
+        return fn(x, v, sigma, sigma_next, noise_level, noise, prev_sample, sigma_max=sigma_max, cps=cps,
+                  generator=generator, logprob=logprob)
     B = x.shape[0]
     t = _per_sample(sigma, B, x.device, "sigma")
     tn = _per_sample(sigma_next, B, x.device, "sigma_next")

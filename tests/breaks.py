@@ -177,6 +177,9 @@ BREAKS = [
     ("no ramp after a stage switch", "trainers/reward.py",
      "        if self.warm_from >= 0 and cfg.data.stage_warmup and", "        if False and cfg.data.stage_warmup and",
      [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
+    ("auto picks the Triton SDE step on CUDA (measured slower than the compiled reference)", "kernels/launch.py",
+     '"sde_step": "compiled",', '"sde_step": "triton",',
+     [T + "test_kernel_launch.py::test_auto_on_cuda_is_the_faster_measured_path"]),
 ]
 
 
