@@ -148,3 +148,9 @@ class PhasePeaks:
 
         if self.cuda:
             self.peaks[f"mem_{self.name}_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+
+
+def value_of(t) -> float:
+    """A scalar tensor's value as a float; 0.0 for a meta tensor (a memory plan replays a step on the meta device,
+    where there are shapes but no numbers)."""
+    return 0.0 if getattr(t, "is_meta", False) else float(t)

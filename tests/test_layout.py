@@ -89,7 +89,8 @@ LAYERS = [
     ["spatialcore.rl"],           # Flux sampler, policy, reward functions
     ["spatialcore.eval"],         # the judge of generators, held-out samples, the eval report
     ["spatialcore.trainers"],     # the loop and the trainers
-    ["spatialcore.demo", "spatialcore.export", "spatialcore.sample", "spatialcore.config_reference"],  # commands
+    ["spatialcore.demo", "spatialcore.export", "spatialcore.sample", "spatialcore.config_reference",
+     "spatialcore.plan"],  # what the commands run
     ["spatialcore.profiling"],    # measurement
     ["spatialcore.cli"],          # the command line
 ]

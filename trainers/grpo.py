@@ -41,7 +41,7 @@ import torch
 
 from ..config import ConfigError, param
 from ..dist import all_reduce_grads, gather_by_index, is_main
-from ..gpu import PhasePeaks, sdpa_for_training
+from ..gpu import PhasePeaks, sdpa_for_training, value_of
 from ..logs import info
 from ..phases import phase
 from ..rl.policy import PolicyConfig
@@ -304,7 +304,7 @@ def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch
         for j in steps:
             lp, mean, std = sampler.step_logprob(lat, j, sigmas, e, pool)
             stored = old_logp[rows, j]
-            stats["logp_drift"] = max(stats["logp_drift"], float((lp.detach() - stored).abs().max()))
+            stats["logp_drift"] = max(stats["logp_drift"], value_of((lp.detach() - stored).abs().max()))
             old = lp.detach() if on_policy else stored
             kl_args = {}
             if kl_beta > 0:
@@ -315,10 +315,10 @@ def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch
             res = flow_grpo_loss(lp, old, a, ones, clip_range, **kl_args)
             with phase("backward"):
                 (res.loss * w).backward()
-            stats["loss"] += float(res.loss.detach()) * w
-            stats["clip_fraction"] += float(res.clip_fraction) * w
-            stats["approx_kl"] += float(res.approx_kl) * w
-            stats["kl"] += float(res.kl) * w if res.kl is not None else 0.0
+            stats["loss"] += value_of(res.loss.detach()) * w
+            stats["clip_fraction"] += value_of(res.clip_fraction) * w
+            stats["approx_kl"] += value_of(res.approx_kl) * w
+            stats["kl"] += value_of(res.kl) * w if res.kl is not None else 0.0
     return stats
 
 

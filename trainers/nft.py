@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from ..config import param
+from ..gpu import value_of
 from ..phases import phase
 
 
@@ -139,8 +140,8 @@ class NFTObjective:
                                 kl_beta=cfg.kl_beta).mean()
                 with phase("backward"):
                     (loss * w).backward()
-                stats["loss"] += float(loss.detach()) * w
-        stats["r_mean"] = float(r_all[idx].sum()) / n_kept  # this rank's share of the mean over kept samples
+                stats["loss"] += value_of(loss.detach()) * w
+        stats["r_mean"] = value_of(r_all[idx].sum()) / n_kept  # this rank's share of the mean over kept samples
         return stats
 
     def after_update(self, step: int) -> None:

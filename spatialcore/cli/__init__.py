@@ -19,10 +19,10 @@ import argparse
 import sys
 
 from ..config import ConfigError
-from . import bench, config, data, demo, eval, export, grpo, info, reward, sample, sft, tiny
+from . import bench, config, data, demo, eval, export, grpo, info, plan, reward, sample, sft, tiny
 from .common import EXIT_CONFIG
 
-VERBS = (tiny, demo, data, reward, grpo, sft, eval, sample, export, bench, info, config)
+VERBS = (tiny, demo, data, reward, grpo, sft, eval, sample, export, plan, bench, info, config)
 
 
 def build_parser() -> argparse.ArgumentParser:
