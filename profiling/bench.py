@@ -9,10 +9,11 @@ the device; ``--shape tiny``: the tiny models, any device, seconds):
 * ``sample`` Flux sampling, seconds per image: eager vs ``torch.compile`` (regional, full) vs
   compile + float8 for the ODE sampler; eager vs regional compile for the RL sampler (LoRA, SDE
   window with log-probs). Compile time is reported separately from the steady state.
-* ``grpo``   one full Spatial-RL step per rank at the reference setup: sample -> decode -> score ->
-  advantages -> LoRA forward/backward on the kept samples -> optimizer; time split, peak memory,
-  samples/s and MFU of the training forward/backward (FLOPs counted by torch's FlopCounterMode on
-  the same step, peak = the device's dense bf16 tensor-core rate).
+* ``grpo``   the GRPO trainer's own ``train_step`` from a config (default the reference
+  ``configs/grpo/flux_dev_spatial.yaml`` on random weights of its shapes) as rank 0 of ``ranks``
+  sees it: time split (sample / score / train), per-phase peak memory as the trainer records it,
+  samples/s and MFU of training (FLOPs of one micro-step counted by torch's FlopCounterMode and
+  scaled, peak = the device's dense bf16 tensor-core rate).
 * ``kernels`` the kernel microbenchmarks (pytest-benchmark, CUDA events over CUDA graphs).
 * ``logprob`` how far the training recomputation of a stored SDE log-prob is from the sampler's own
   number (the first PPO ratio is exp of that difference): the RL sampler at the reference setup
@@ -253,117 +254,152 @@ def _float8(module) -> None:
 # ----------------------------------------------------------------------------- grpo
 
 
-def bench_grpo(tiny_dir: Path, device: torch.device, *, shape: str, steps: int, window: int, size: int,
-               group_size: int, local_samples: int, top_k: int, train_timesteps: int, micro_batch: int,
-               lora_rank: int, reps: int, checkpointing: bool = True) -> tuple[list[Row], dict]:
-    """One Spatial-RL step as one rank of the reference setup sees it (its share of the samples;
-    the other ranks' rewards are stood in by random numbers so the group statistics are real)."""
-    from torch.utils.flop_counter import FlopCounterMode
+def bench_grpo(device: torch.device, *, config: str | None, ranks: int, config_set: list[str], reps: int,
+               flop_count: bool = True) -> tuple[list[Row], dict]:
+    """The Spatial-RL trainer's own ``train_step`` (``grpo train``'s code, built from ``config`` with the ``config_set``
+    overrides) as rank 0 of ``ranks`` sees it: its share of the samples (sample n lives on rank n % ranks); the
+    other ranks' rewards are stood in by random numbers, so the group statistics and the kept count are real and
+    the step trains what rank 0 would. The all-reduce of the gradients (one rank here) is not part of the time.
 
-    from ..kernels import ADVANTAGE_PRESETS, group_advantages
-    from ..phases import phase
-    from ..reward.model import SpatialScore
-    from ..rl.policy import Policy
-    from ..rl.sampler import FluxSampler, SamplerConfig
-    from ..trainers.grpo import policy_gradient
-    from .shapes import build_flux_pipeline, build_qwen, qwen_processor, random_text
+    Training FLOPs: one micro-step (``micro_batch`` kept rows at one trained timestep, forward + backward with the
+    recomputation of gradient checkpointing, the KL reference forward where ``kl_beta`` > 0) counted by
+    ``FlopCounterMode``, then collected, and scaled by each timed step's kept rows x trained timesteps; MFU =
+    those FLOPs / the step's training seconds / the device's dense bf16 peak."""
+    import gc
+    import shutil
+    import tempfile
 
-    dtype = default_dtype(device)
-    attention = sdpa_for_training(device)
+    from ..config import ConfigError, load_config
+    from ..trainers.grpo import GRPOTrainConfig
+
+    if config and not Path(config).is_file() and (Path(__file__).resolve().parents[1] / config).is_file():
+        config = str(Path(__file__).resolve().parents[1] / config)  # the checkout's configs/ from anywhere
+    if not config or not Path(config).is_file():
+        raise ConfigError("config", f"{config}: give the GRPO config to time (config=FILE)")
+    run_dir = Path(tempfile.mkdtemp(prefix="spatialcore-bench-grpo-"))
+    cfg = load_config(GRPOTrainConfig, config, [*config_set, f"out={run_dir / 'run'}", "run=fresh", "report_to=[]",
+                                                "save_grids=false"])
+    cfg.check()
+    n_total = cfg.prompts_per_iter * cfg.group_size
+    if ranks < 1 or n_total % ranks:
+        raise ConfigError("ranks", f"prompts_per_iter x group_size = {n_total} samples cannot be split over {ranks} "
+                                   "ranks")
+    cuda, gib = device.type == "cuda", 2**30
+
     t_build = time.perf_counter()
-    pipe = build_flux_pipeline(tiny_dir, "flux-dev" if shape == "full" else "tiny", device, dtype)
-    policy = Policy(pipe.transformer, lora_rank=lora_rank)
-    if checkpointing:
-        pipe.transformer.enable_gradient_checkpointing()
-    sampler = FluxSampler(pipe, SamplerConfig(steps=steps, image_size=size, window_size=window))
-    processor = qwen_processor(tiny_dir, "7b" if shape == "full" else "tiny")
-    qwen = build_qwen(processor, "7b" if shape == "full" else "tiny", device, dtype, tiny_dir)
-    reward = SpatialScore(qwen.model, processor, base="random", attention="sdpa", lora=None, variance_head=False)
-    reward.head.to(device)
-    prompt = "the red circle is to the left of the blue square, the green star is above the yellow ring"
-    random_text(sampler, [prompt], "flux-dev" if shape == "full" else "tiny")
-    opt = torch.optim.AdamW(list(policy.params.values()), lr=1e-4)
-    preset = {k: v for k, v in ADVANTAGE_PRESETS["spatial_rl"].items()}
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    g = torch.Generator().manual_seed(0)
-    steps_trained = list(range(train_timesteps))
-    info = {"shape": shape, "steps": steps, "sde_window": window, "image": size, "group_size": group_size,
-            "samples_per_rank": local_samples, "top_k": top_k, "train_timesteps": train_timesteps,
-            "micro_batch": micro_batch, "lora_rank": lora_rank, "gradient_checkpointing": checkpointing,
-            "policy_parameters": sum(p.numel() for p in pipe.transformer.parameters()),
-            "trainable": policy.n_trainable, "reward_parameters": sum(p.numel() for p in qwen.parameters()),
-            "sdpa_backends": attention}
-    splits: dict[str, list[float]] = {k: [] for k in ("sample", "score", "advantages", "train", "step")}
-    # one line per stage on stderr: a run stopped by a time limit still says how far it got
-    log_line(f"models built in {time.perf_counter() - t_build:.1f} s", who="bench grpo")
-    cuda = device.type == "cuda"
-    gib = 2**30
     if cuda:
-        info["resident_gib"] = torch.cuda.memory_allocated(device) / gib  # weights, LoRA, buffers after the build
         torch.cuda.reset_peak_memory_stats(device)
-    phase_peak: dict[str, float] = {}  # the highest allocation inside each phase (GiB), over all steps
-
-    def mark(t: list[float]) -> None:
+    tr = one_rank_of(ranks)(cfg)
+    if tr.device != device:
+        raise ConfigError("--device", f"the trainer runs on {tr.device} (torchrun/CUDA decide it), not {device}")
+    log_line(f"trainer built in {time.perf_counter() - t_build:.1f} s", who="bench grpo")
+    info = {"config": str(config), "overrides": list(config_set), "ranks": ranks, "samples_per_rank": len(tr.mine),
+            "objective": cfg.objective, "group_size": cfg.group_size, "prompts_per_iter": cfg.prompts_per_iter,
+            "top_k": tr.top_k, "steps": cfg.sampler.steps, "sde_window": list(cfg.sampler.window()),
+            "image": cfg.sampler.image_size, "train_timesteps": cfg.train_timesteps, "micro_batch": cfg.micro_batch,
+            "kl_beta": cfg.kl_beta, "dtype": cfg.dtype, "lora_rank": cfg.policy.lora_rank,
+            "gradient_checkpointing": cfg.policy.gradient_checkpointing, "sampler_compile": cfg.sampler.compile,
+            "policy_parameters": sum(p.numel() for p in tr.sampler.pipe.transformer.parameters()),
+            "trainable": tr.policy.n_trainable}
+    if cuda:
+        info["sdpa_backends"] = sdpa_for_training(device)
+        info["resident_gib"] = torch.cuda.memory_allocated(device) / gib
+    splits: dict[str, list[float]] = {k: [] for k in ("sample", "score", "train", "step")}
+    peaks: dict[str, float] = {}
+    kept: list[int] = []
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for rep in range(reps + 1):  # the first step warms up (allocator, kernels, compilation) and is not counted
         sync()
-        t.append(time.perf_counter())
-        if cuda:
-            name = ("sample", "score", "advantages", "train")[len(t) - 2]
-            phase_peak[name] = max(phase_peak.get(name, 0.0), torch.cuda.max_memory_allocated(device) / gib)
-            torch.cuda.reset_peak_memory_stats(device)
-
-    for rep in range(reps + 1):  # the first step warms up (allocator, kernels) and is not counted
-        t = [time.perf_counter()]
-        with phase("sample"):
-            traj = sampler.sample([prompt] * local_samples, [rep * 1000 + i for i in range(local_samples)])
-        mark(t)
-        with torch.no_grad(), phase("score"):
-            r_local, _ = reward.score([prompt] * local_samples, traj.images, batch_size=local_samples)
-        mark(t)
-        others = torch.randn(group_size - local_samples, generator=g)
-        with phase("advantages"):
-            res = group_advantages(torch.cat([r_local, others]).view(1, group_size), top_k=top_k, **preset)
-        keep = res.keep[0, :local_samples].to(device)
-        if not keep.any():  # make sure the step trains something
-            keep[0] = True
-        adv = res.advantages[0, :local_samples].to(device)
-        n_kept = max(1, int(res.keep.sum()))
-        mark(t)
-        opt.zero_grad(set_to_none=True)
-        args = (sampler, policy, traj.latents, traj.log_probs, traj.prompt_embeds, traj.pooled, adv, keep,
-                steps_trained, traj.sigmas)
-        kw = {"n_kept_global": n_kept, "clip_range": 1e-4, "kl_beta": 0.0, "on_policy": True, "micro_batch": micro_batch}
-        policy_gradient(*args, **kw)
-        with phase("optimizer"):
-            opt.step()
-        mark(t)
-        log_line(f"step {rep} ({'warm-up' if rep == 0 else 'timed'}): " + ", ".join(
-            f"{k} {b - a:.2f} s" for k, a, b in zip(("sample", "score", "advantages", "train"), t, t[1:], strict=False)),
-            who="bench grpo")
+        t0 = time.perf_counter()
+        rec = tr.train_step()
+        sync()
+        total = time.perf_counter() - t0
+        tr.step += 1
+        log_line(f"step {rep} ({'warm-up' if rep == 0 else 'timed'}): sample {rec['t_sample']:.2f} s, score "
+                 f"{rec['t_score']:.2f} s, train {rec['t_train']:.2f} s ({tr.kept_local} kept on this rank)",
+                 who="bench grpo")
         if rep == 0:
-            info["kept_on_rank"] = int(keep.sum())
+            info["warmup_step_s"] = total
             continue
-        for k, a, b in zip(("sample", "score", "advantages", "train"), t, t[1:], strict=False):
-            splits[k].append(b - a)
-        splits["step"].append(t[-1] - t[0])
-    opt.zero_grad(set_to_none=True)
-    with FlopCounterMode(display=False) as counter:
-        policy_gradient(*args, **kw)
-    flops = counter.get_total_flops()
-    opt.zero_grad(set_to_none=True)
-    med = {k: statistics.median(v) for k, v in splits.items()}
-    info["train_flops"] = flops
-    # the FLOP-counting re-run of the training step is not part of the step: its peak is reported apart
-    info["flop_count_peak_gib"] = torch.cuda.max_memory_allocated(device) / gib if cuda else None
-    info["peak_memory_gib"] = max(phase_peak.values()) if cuda else None
-    info.update({f"peak_{k}_gib": v for k, v in phase_peak.items()})
+        for k in ("sample", "score", "train"):
+            splits[k].append(rec[f"t_{k}"])
+        splits["step"].append(total)
+        kept.append(tr.kept_local)
+        for k, v in rec.items():
+            if k.startswith("mem_"):
+                peaks[k] = max(peaks.get(k, 0.0), v)
+    info["kept_on_rank"] = kept
+    info.update(peaks)
+    info["peak_memory_gib"] = max(peaks.values()) if peaks else None
     peak = peak_tflops(torch.cuda.get_device_name(device)) if cuda else None
     info["peak_tflops_bf16"] = peak
-    info["train_tflops"] = flops / med["train"] / 1e12
-    info["mfu"] = info["train_tflops"] / peak if peak else None
-    rows = [Row("grpo step", k, med[k], min(splits[k]), max(splits[k]), unit="s",
-                per=local_samples if k == "step" else 1, extra={"share_of_step": med[k] / med["step"]})
-            for k in splits]
-    return rows, info
+    if flop_count and kept:
+        per_row_step = _micro_step_flops(tr, cuda, device)
+        info["flops_per_row_timestep"] = per_row_step
+        T = len(tr.trained_steps)
+        flops = [per_row_step * k * T for k in kept]
+        info["train_flops"] = statistics.median(flops)
+        rates = [f / t for f, t in zip(flops, splits["train"], strict=True)]
+        info["train_tflops"] = statistics.median(rates) / 1e12
+        info["mfu"] = info["train_tflops"] / peak if peak else None
+        info["flop_count_peak_gib"] = torch.cuda.max_memory_allocated(device) / gib if cuda else None
+    del tr
+    gc.collect()
+    shutil.rmtree(run_dir, ignore_errors=True)
+    med = {k: statistics.median(v) for k, v in splits.items()}
+    return [Row("grpo step (the trainer's train_step)", k, med[k], min(splits[k]), max(splits[k]), unit="s",
+                per=info["samples_per_rank"] if k == "step" else 1,
+                extra={"share_of_step": med[k] / med["step"]}) for k in splits], info
+
+
+def one_rank_of(ranks: int):
+    """The GRPO trainer as rank 0 of ``ranks`` (:func:`bench_grpo`): its samples, the others' rewards stood in by
+    random numbers; it keeps the last trajectory, its kept rows and trained timesteps for the FLOP count."""
+    from ..trainers.grpo import GRPOTrainer
+
+    class OneRankOf(GRPOTrainer):
+        def plan(self) -> None:
+            super().plan()
+            self.mine = list(range(0, self.n_total, ranks))
+            self.stand_in = torch.Generator().manual_seed(0)
+
+        def _score(self, images, prompts):
+            local = self.reward_fn(images, prompts).float().cpu()
+            full = torch.randn(self.n_total, generator=self.stand_in)
+            full[self.mine] = local
+            return full.view(self.cfg.prompts_per_iter, self.cfg.group_size), None, {}
+
+        def _update(self, traj, adv_all, keep_all, steps, n_kept):
+            self.kept_local, self.trained_steps, self.last_traj = int(keep_all[self.mine].sum()), list(steps), traj
+            return super()._update(traj, adv_all, keep_all, steps, n_kept)
+
+    return OneRankOf
+
+
+def _micro_step_flops(tr, cuda: bool, device: torch.device) -> float:
+    """FLOPs of one kept row at one trained timestep: one micro-step of the objective (``micro_batch`` rows of the
+    last trajectory at its first trained timestep) under ``FlopCounterMode``, divided by its rows. Its gradients are
+    dropped and its graph collected before anything else runs (the counter's module tracker keeps the recomputed
+    blocks' activations alive through reference cycles until a collection)."""
+    import gc
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    traj, n = tr.last_traj, len(tr.mine)
+    rows = min(tr.cfg.micro_batch or n, n)
+    keep = torch.zeros(n, dtype=torch.bool, device=tr.device)
+    keep[:rows] = True
+    adv = torch.linspace(-1.0, 1.0, n, device=tr.device)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    with FlopCounterMode(display=False) as counter:
+        tr.objective.accumulate(traj, adv, keep, rows, tr.step, 0, tr.trained_steps[:1])
+    tr.opt.zero_grad(set_to_none=True)
+    tr.last_traj = None
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return counter.get_total_flops() / rows
 
 
 # ----------------------------------------------------------------------------- kernels

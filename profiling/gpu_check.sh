@@ -10,7 +10,8 @@
 #   logprob       stored sampling log-probs vs the training recomputation in bf16 (micro-batches 1, 3, G)
 #   score         `spatialcore bench score`: Qwen2.5-VL-7B-shaped SpatialScore vs the stock path
 #   grpo_tiny     `spatialcore bench grpo` at tiny shapes on the GPU (seconds: the project's code path on CUDA)
-#   grpo          `spatialcore bench grpo`: one Spatial-RL step, FLUX.1-dev + Qwen2.5-VL-7B shapes
+#   grpo          `spatialcore bench grpo`: the trainer's own step on the reference config (FLUX.1-dev +
+#                 Qwen2.5-VL-7B shapes, random weights) as rank 0 of 8 sees it
 #   native        build the native extension spatialcore._C (CMake + nvcc, sm_90a) and test/time it
 #   sample        `spatialcore bench sample`: FLUX.1-dev sampling eager vs compiled / float8 (rows are
 #                 written as they finish, so the budget keeps what ran)

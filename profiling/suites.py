@@ -26,10 +26,17 @@ SUITE_DEFAULTS = {
                 "lora_rank": 32}),
     "logprob": ({"size": 32, "steps": 4, "window": 2, "group_size": 6, "micro_batches": [1, 3, 6]},
                 {"size": 512, "steps": 16, "window": 8, "group_size": 6, "micro_batches": [1, 3, 6]}),
-    "grpo": ({"steps": 4, "window": 2, "size": 32, "group_size": 8, "local_samples": 4, "top_k": 2,
-              "train_timesteps": 2, "micro_batch": 2, "lora_rank": 4},
-             {"steps": 16, "window": 8, "size": 512, "group_size": 24, "local_samples": 6, "top_k": 6,
-              "train_timesteps": 4, "micro_batch": 2, "lora_rank": 32}),
+    # the trainer's own step from a config: keys the suite does not know are the config's (key=value overrides)
+    "grpo": ({"config": "configs/grpo/flux_dev_spatial.yaml", "ranks": 4,
+              "config_set": ["model=random:tiny-flux", "reward.spatialscore.model=random:tiny-qwen", "dtype=float32",
+                             "n_stream_prompts=16", "sampler.compile=none", "sampler.steps=4", "sampler.window_size=2",
+                             "sampler.image_size=32", "group_size=8", "top_k=2",
+                             "train_timesteps=2", "sample_batch=0", "reward.batch=4"]},
+             {"config": "configs/grpo/flux_dev_spatial.yaml", "ranks": 8,
+              # the reference config as 8 ranks run it; compilation left out of the default (its minutes would not
+              # fit a GPU window's step): sampler.compile=regional times the compiled sampler after its warm-up step
+              "config_set": ["model=random:flux.1-dev", "reward.spatialscore.model=random:qwen2.5-vl-7b",
+                             "n_stream_prompts=64", "sampler.compile=none"]}),
 }
 
 
@@ -39,6 +46,9 @@ def suite_params(suite: str, shape: str, overrides: list[str]) -> dict:
     params = dict(SUITE_DEFAULTS.get(suite, ({}, {}))[shape == "full"])
     for item in overrides:
         key, _, value = item.partition("=")
+        if key not in params and "config_set" in params:
+            params["config_set"] = [*params["config_set"], item]  # a key of the suite's trainer config
+            continue
         if key not in params:
             raise ConfigError(key, f"unknown {suite} parameter (known: {', '.join(params)})")
         params[key] = json.loads(value) if value[:1] in "[{0123456789-" or value in ("true", "false") else value
@@ -54,6 +64,8 @@ def suite_runner(suite: str, shape: str, device: torch.device, *, tiny: str | No
     if shape == "full" and device.type != "cuda":
         raise ConfigError("shape", "full-size shapes need a CUDA GPU (use --shape tiny on the CPU)")
     params = suite_params(suite, shape, overrides)
+    if suite == "grpo":  # the trainer's own models (random:SHAPE or the config's)
+        return lambda: bench.bench_grpo(device, reps=reps, **params)
     tiny_dir = Path(tiny) if tiny else None
     if tiny_dir is None:
         from ..tiny import TinyConfig, build_tiny
@@ -67,6 +79,4 @@ def suite_runner(suite: str, shape: str, device: torch.device, *, tiny: str | No
         return lambda: bench.bench_score(tiny_dir, device, shape=size, reps=reps, warmup=warmup, **params)
     if suite == "sample":
         return lambda: bench.bench_sample(tiny_dir, device, shape=size, reps=reps, warmup=warmup, emit=emit, **params)
-    if suite == "grpo":
-        return lambda: bench.bench_grpo(tiny_dir, device, shape=size, reps=reps, **params)
     return lambda: bench.bench_kernels(out)

@@ -37,11 +37,41 @@ def test_bench_suite_writes_json_and_markdown(suite, tiny_dir, tmp_path):
         assert [r["name"] for r in rows] == ["micro-batch 1", "micro-batch 3", "micro-batch 6"]
         assert rows[-1]["bitwise"] and rows[-1]["max_abs_logp_diff"] == 0.0
         assert all(r["max_abs_logp_diff"] <= 5e-7 and r["bitwise"] == (r["max_abs_logp_diff"] == 0.0) for r in rows)
-    if suite == "grpo":
+    if suite == "grpo":  # the trainer's own step on the reference config at tiny shapes, rank 0 of 4
         info = data["info"]
-        assert info["train_flops"] > 0 and info["train_tflops"] > 0 and info["mfu"] is None  # no peak on CPU
-        names = [r["name"] for r in rows]
-        assert names == ["sample", "score", "advantages", "train", "step"]
+        assert info["config"].endswith("configs/grpo/flux_dev_spatial.yaml") and info["ranks"] == 4
+        assert info["samples_per_rank"] == 4 and info["kl_beta"] > 0 and info["gradient_checkpointing"]
+        kept = sorted(info["kept_on_rank"])  # 2 timed steps: the median is the mean of the two
+        assert info["train_flops"] == info["flops_per_row_timestep"] * 2 * (kept[0] + kept[1]) / 2
+        assert info["train_tflops"] > 0 and info["mfu"] is None  # no peak on CPU
+        assert [r["name"] for r in rows] == ["sample", "score", "train", "step"]
+
+
+def test_grpo_flop_count_of_one_micro_step_scales_to_the_whole_update(tmp_path, monkeypatch):
+    """The bench counts one micro-step (micro_batch rows, one timestep) and scales it: the scaled number equals
+    FlopCounterMode around the whole update of the same trajectory (every kept row of the rank, every trained
+    timestep), counted here independently."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from spatialcore.config import load_config
+    from spatialcore.profiling.bench import _micro_step_flops, one_rank_of
+    from spatialcore.profiling.suites import SUITE_DEFAULTS
+    from spatialcore.trainers.grpo import GRPOTrainConfig
+
+    tiny = SUITE_DEFAULTS["grpo"][0]
+    cfg = load_config(GRPOTrainConfig, "configs/grpo/flux_dev_spatial.yaml",
+                      [*tiny["config_set"], f"out={tmp_path / 'run'}", "report_to=[]", "sampler.image_size=16"])
+    tr = one_rank_of(2)(cfg)  # 8 samples on this rank, micro-batches of 2
+    tr.train_step()
+    traj, steps, n = tr.last_traj, tr.trained_steps, len(tr.mine)
+    with FlopCounterMode(display=False) as whole:
+        tr.objective.accumulate(traj, torch.linspace(-1, 1, n), torch.ones(n, dtype=torch.bool), n, 1, 0, steps)
+    tr.opt.zero_grad(set_to_none=True)
+    per_row_step = _micro_step_flops(tr, False, torch.device("cpu"))
+    assert n == 8 and len(steps) == 2 and tr.cfg.micro_batch == 2
+    assert per_row_step * n * len(steps) == whole.get_total_flops() > 0
+    assert tr.last_traj is None and all(p.grad is None for p in tr.params.values())  # nothing of the count stays
 
 
 def test_profile_grpo_writes_trace_phases_and_nvml_note(tiny_dir, tmp_path):
