@@ -120,6 +120,23 @@ def test_sampling_is_a_function_of_the_seed(pipe):
     assert not torch.allclose(a.final[0], a.final[1])
 
 
+def test_a_single_row_duplicates_only_the_conditioning_not_the_tokens(pipe):
+    """A batch of one runs its conditioning linears on two identical rows (test_sampling_is_a_function_of_the_seed)
+    but its image and text tokens once: its FLOPs are half of two rows' plus one more row of conditioning, a sliver.
+    (The whole transformer on two rows would make them equal to two rows'.)"""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    s = FluxSampler(pipe, SamplerConfig(steps=2, image_size=64))
+    emb, pooled = s.encode([LEFT, RIGHT])
+    x = s.noise([1, 2])[0]
+    counts = {}
+    for b in (1, 2):
+        with torch.no_grad(), FlopCounterMode(display=False) as c:
+            s.velocity(x[:b], 0.5, emb[:b], pooled[:b])
+        counts[b] = c.get_total_flops()
+    assert counts[2] / 2 < counts[1] < 0.6 * counts[2], counts
+
+
 def test_first_inner_step_has_ratio_one_and_later_steps_use_stored(pipe, monkeypatch):
     policy = Policy(pipe.transformer, lora_rank=4)
     s = FluxSampler(pipe, SamplerConfig(steps=4, image_size=32))

@@ -15,6 +15,7 @@ guidance embedding (CFG-free, one transformer call per step). Images are decoded
 
 from __future__ import annotations
 
+import contextlib
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -196,22 +197,27 @@ class FluxSampler:
         """Velocity for packed latents ``x [B, L, C]`` at ``sigma`` (the pipeline's t / 1000) from the
         sampler's transformer, or from ``transformer`` (e.g. a frozen reference copy)."""
         B = x.shape[0]
+        model = transformer or self.transformer
         if B == 1:
-            # A single row takes the BLAS matrix-vector path in the conditioning embedders, whose
-            # summation order differs from the matrix-matrix kernel of any larger batch: run it as two
-            # identical rows so that a sample's numbers (and a recomputed log-prob) never depend on the
-            # size of the batch it is in.
-            return self.velocity(x.expand(2, *x.shape[1:]), sigma, emb.expand(2, *emb.shape[1:]),
-                                 pooled.expand(2, *pooled.shape[1:]), transformer)[:1]
+            # A single row takes the BLAS matrix-vector path in the conditioning linears (timestep, guidance and
+            # pooled-text embedders, every block's modulation), whose summation order differs from the
+            # matrix-matrix kernel of any larger batch: those linears see two identical rows, so a sample's
+            # numbers (and a recomputed log-prob) never depend on the size of the batch it is in. The image and
+            # text tokens are not duplicated (their linears have L rows either way).
+            with conditioning_rows_padded(model):
+                return self._forward(model, x, sigma, emb, pooled)
+        return self._forward(model, x, sigma, emb, pooled)
+
+    def _forward(self, model, x, sigma, emb, pooled) -> torch.Tensor:
+        B = x.shape[0]
         t = sigma if torch.is_tensor(sigma) else torch.tensor(float(sigma))
         t = t.to(device=x.device, dtype=x.dtype).expand(B)
         guidance = None
         if self.transformer.config.guidance_embeds:
             guidance = torch.full((B,), self.cfg.guidance, device=x.device, dtype=torch.float32)
         txt_ids = torch.zeros(emb.shape[1], 3, device=x.device, dtype=x.dtype)
-        return (transformer or self.transformer)(hidden_states=x, timestep=t, guidance=guidance, pooled_projections=pooled,
-                                encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=self.img_ids,
-                                return_dict=False)[0]
+        return model(hidden_states=x, timestep=t, guidance=guidance, pooled_projections=pooled,
+                     encoder_hidden_states=emb, txt_ids=txt_ids, img_ids=self.img_ids, return_dict=False)[0]
 
     def noise(self, seeds: list[int], init_seeds: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Initial latents ``[B, L, C]`` and per-step SDE noise ``[B, steps, L, C]``, one generator per sample;
@@ -287,6 +293,40 @@ class FluxSampler:
                                             sigma_max=float(self.sigmas[1]), cps=self.cfg.sde_type == "cps",
                                             logprob=self.cfg.logprob())
         return lp, mean, std
+
+
+_ROW_PAD = {"on": False}  # inside FluxSampler.velocity of a single row (conditioning_rows_padded)
+
+
+def _pad_rows(module, args):
+    x = args[0] if args else None
+    if _ROW_PAD["on"] and torch.is_tensor(x) and x.dim() == 2 and x.shape[0] == 1:
+        return (torch.cat([x, x]), *args[1:])
+    return None
+
+
+def _unpad_rows(module, args, out):
+    if _ROW_PAD["on"] and torch.is_tensor(out) and out.dim() == 2 and out.shape[0] == 2:
+        return out[:1]
+    return None
+
+
+@contextlib.contextmanager
+def conditioning_rows_padded(model: torch.nn.Module):
+    """While active, every ``nn.Linear`` of ``model`` that gets a one-row matrix (the conditioning path of a batch
+    of one: in a Flux transformer every other linear sees ``[B, L, D]`` tokens) computes it as two identical rows
+    and returns the first: the matrix-matrix kernel, whose numbers do not depend on the row count, instead of the
+    matrix-vector one. The hooks are added once per linear and do nothing outside this context."""
+    for m in model.modules():  # every call: an adapter added since has new linears
+        if isinstance(m, torch.nn.Linear) and not getattr(m, "_sc_row_padding", False):
+            m.register_forward_pre_hook(_pad_rows)
+            m.register_forward_hook(_unpad_rows)
+            m._sc_row_padding = True
+    _ROW_PAD["on"] = True
+    try:
+        yield
+    finally:
+        _ROW_PAD["on"] = False
 
 
 def compile_transformer(transformer, mode: str, *, cuda_graphs: bool = False) -> None:
