@@ -51,6 +51,8 @@ CONFIG_FILES = {
     "grpo/tiny_cpu_spatialscore.yaml": "GRPO on the random tiny Flux rewarded by the `easy` SpatialScore",
     "grpo/flux_dev_spatial.yaml": "reference: FLUX.1-dev, SpatialScore-7B reward, G = 24, LoRA r32, Top-k, 512², "
                                   "8 GPUs",
+    "grpo/flux_dev_full.yaml": "the reference with full fine-tuning of FLUX.1-dev, the policy sharded with FSDP2 "
+                               "(8 GPUs)",
     "demo/smoke.yaml": "every stage of the demo in about a minute (numbers meaningless)",
     "prompts/easy_grid_examples.txt": "a prompts file (one per line) for `sample --prompts-file` / `prompts_file:`",
 }

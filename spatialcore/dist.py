@@ -82,6 +82,11 @@ def all_gather(tensor: torch.Tensor) -> list[torch.Tensor]:
     return parts
 
 
+def max_over_ranks(value: int) -> int:
+    """The largest of every rank's ``value`` (a collective; ``value`` itself without a process group)."""
+    return int(max(t.item() for t in all_gather(torch.tensor([value], dtype=torch.int64))))
+
+
 def mean(value: float) -> float:
     """Average a Python number over ranks (identity without a process group)."""
     if not dist.is_initialized():

@@ -374,7 +374,31 @@ def plan_grpo(cfg, world: int, gpu_gib: float) -> Plan:
                                               + max(t.numel() * t.element_size() for t in policy.params.values()))
     plan.notes.append(f"this rank: {mine} samples per iteration in calls of {chunk}, about {kept} kept "
                       f"(top_k {top_k or 'off'}) in micro-batches of {mb}")
+    if cfg.parallel == "fsdp2" and world > 1:
+        _shard_policy(plan, pipe.transformer, world)
     return plan
+
+
+def _shard_policy(plan: Plan, transformer, world: int) -> None:
+    """``parallel: fsdp2``: the policy's weights, reference copy, EMA, optimizer state and gradients divided over the
+    ranks (the replay counted them whole), plus the blocks FSDP2 gathers while they run: the running one and the
+    prefetched next in every phase, and in the update one block's whole gradient before its reduce-scatter."""
+    keys = [k for k in plan.resident if k.startswith(("policy transformer", "LoRA weights", "reference copy",
+                                                      "optimizer state", "gradients", "EMA"))]
+    whole = {k: plan.resident[k] for k in keys}
+    grads = "gradients (during the update)"
+    saved = sum(v for k, v in whole.items() if k != grads) * (world - 1) // world
+    block = max(_nbytes(list(b.parameters())) for b in [*transformer.transformer_blocks,
+                                                         *transformer.single_transformer_blocks])
+    for k in keys:
+        plan.resident[k] = math.ceil(whole[k] / world)
+    for name in plan.phases:
+        plan.phases[name] += 2 * block - saved
+    plan.phases["train"] += block - whole[grads] * (world - 1) // world
+    plan.notes.append(f"FSDP2 over {world} ranks: the policy's weights, reference copy, EMA, optimizer state and "
+                      f"gradients divided by {world}; two blocks gathered at a time ({2 * block / GIB:.2f} GiB), one "
+                      "block's whole gradient in the update; checkpoints and the export gather one tensor at a time "
+                      "(the export's whole transformer goes to rank 0's host memory)")
 
 
 def _nft_replay(sampler, policy, traj, mb: int, old, kl_beta: float) -> None:

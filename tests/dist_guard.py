@@ -18,7 +18,8 @@ import torch.distributed as dist
 from spatialcore.dist import backend_for, served_devices
 
 COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast", "reduce",
-               "gather", "scatter", "all_to_all_single", "reduce_scatter")
+               "gather", "scatter", "all_to_all_single", "reduce_scatter",
+               "all_gather_single", "reduce_scatter_single")  # the last two: FSDP2's (torch >= 2.14)
 calls: Counter = Counter()
 
 

@@ -77,6 +77,81 @@ def test_grpo_same_gradient_on_one_rank_two_nodes_and_with_accumulation(tiny_dir
         assert moved > 1e-2 and rel <= REL, (name, rel, moved)
 
 
+FSDP_RUN = {"prompts": [LEFT, RIGHT], "group_size": 4, "prompts_per_iter": 2, "top_k": 1, "iterations": 2,
+            "eval_every": 2, "eval_seeds": 1, "save_every": 1, "save_grids": False, "sampler.steps": 4,
+            "sampler.image_size": 32, "micro_batch": 1, "threads": 1}
+
+
+def test_grpo_fsdp2_full_fine_tuning_equals_one_rank_and_resumes_across_rank_counts(tiny_dir, tmp_path):
+    """Full fine-tuning with the KL reference copy and the EMA, sharded over 2 ranks (FSDP2), = one process
+    (plain SGD, no clipping: a gradient averaged instead of summed would move the weights half as far), through a
+    checkpoint written by 2 sharded ranks and resumed by 1 process, and the other way round; the exported (EMA)
+    transformer is the same."""
+    from diffusers import FluxTransformer2DModel
+
+    overrides = {**FSDP_RUN, "model": str(tiny_dir / "flux"), "policy.lora_rank": 0, "policy.ema_decay": 0.5,
+                 "kl_beta": 0.05, "optim.name": "sgd", "optim.grad_clip": 0, "optim.lr": 200.0}
+
+    def run(name, **extra):
+        return cli_args({**overrides, "out": str(tmp_path / name), "parallel": "fsdp2", **extra})
+
+    grpo_mod.train(load_config(GRPOTrainConfig, None, run("one")))
+    guard = tmp_path / "guard"
+    torchrun(["grpo", "train", *run("two_then_one"), "stop_after=1"], guard_log=guard)
+    assert not (tmp_path / "two_then_one" / "policy").exists()
+    grpo_mod.train(load_config(GRPOTrainConfig, None, run("two_then_one")))
+    grpo_mod.train(load_config(GRPOTrainConfig, None, run("one_then_two", stop_after=1)))
+    torchrun(["grpo", "train", *run("one_then_two")], guard_log=guard)
+    calls = _guarded(guard, 2)
+    assert calls.get("reduce_scatter_single", 0) > 0 and calls.get("all_gather_single", 0) > 0, calls
+
+    base = dict(FluxTransformer2DModel.from_pretrained(tiny_dir / "flux" / "transformer").state_dict())
+    one = records(tmp_path / "one")
+    w_one = load_file(tmp_path / "one" / "policy" / "transformer" / "diffusion_pytorch_model.safetensors")
+    for name in ("two_then_one", "one_then_two"):
+        recs = records(tmp_path / name)
+        for step in (1, 2):
+            a = [r for r in one if r["step"] == step and "grad_norm" in r][0]
+            b = [r for r in recs if r["step"] == step and "grad_norm" in r][0]
+            _close(a["grad_norm"], b["grad_norm"], f"{name} step {step} grad_norm")
+        w = load_file(tmp_path / name / "policy" / "transformer" / "diffusion_pytorch_model.safetensors")
+        rel, moved = relative_difference(w_one, w, base)
+        assert moved > 1e-2 and rel <= REL, (name, rel, moved)
+
+
+def test_grpo_fsdp2_lora_with_a_rank_that_kept_nothing(tiny_dir, tmp_path):
+    """A rank whose samples were all filtered out still joins every gather and reduction of the sharded policy
+    (micro-batches of weight 0), and the result is the replicated run's: LoRA, AdamW, EMA, stopped after the first
+    iteration and resumed (the sharded optimizer state through the checkpoint); the LoRA file and the merged
+    transformer the same as ddp's. The reward puts both ends of every group on rank 0; the evaluation gives rank 0
+    one sampler call more than rank 1 (rank 1 draws a throw-away sample in step)."""
+    reward = tmp_path / "ends_on_rank0.py"
+    reward.write_text("import os\nimport torch\n\n\ndef reward(images, prompts):\n"
+                      "    if os.environ.get('RANK', '0') == '0':\n"
+                      "        return torch.tensor([1.0, -1.0] * len(images))[:len(images)]\n"
+                      "    return torch.zeros(len(images))\n")
+    overrides = {**FSDP_RUN, "model": str(tiny_dir / "flux"), "policy.lora_rank": 4, "policy.ema_decay": 0.5,
+                 "policy.export_merged": True, "reward.name": "python", "reward.python.function": f"{reward}:reward",
+                 "optim.lr": 1e-2, "sample_batch": 1,  # 3 held-out samples in calls of 1: 2 calls on rank 0, 1 on rank 1
+                 "eval_prompts": [LEFT, RIGHT, "the blue square is above the red circle"]}
+
+    def run(name, **extra):
+        return cli_args({**overrides, "out": str(tmp_path / name), **extra})
+
+    torchrun(["grpo", "train", *run("ddp")])
+    torchrun(["grpo", "train", *run("fsdp2", parallel="fsdp2"), "stop_after=1"])
+    torchrun(["grpo", "train", *run("fsdp2", parallel="fsdp2")])
+    for rec_a, rec_b in zip(records(tmp_path / "ddp"), records(tmp_path / "fsdp2"), strict=False):
+        if "kept_fraction" in rec_a:
+            assert rec_a["kept_fraction"] == rec_b["kept_fraction"] == 0.5
+            _close(rec_a["grad_norm"], rec_b["grad_norm"], f"step {rec_a['step']} grad_norm")
+    for file in ("pytorch_lora_weights.safetensors", "transformer/diffusion_pytorch_model.safetensors"):
+        a, b = load_file(tmp_path / "ddp" / "policy" / file), load_file(tmp_path / "fsdp2" / "policy" / file)
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6, msg=f"{file} {k}")
+
+
 # ----------------------------------------------------------------------------- SpatialScore
 
 

@@ -81,7 +81,7 @@ def test_no_import_cycles():
 LAYERS = [
     # the base: configs, logs, process groups, checkpoints and run folders, paths, plots
     ["spatialcore.errors", "spatialcore.atomic", "spatialcore.config", "spatialcore.vocab", "spatialcore.paths",
-     "spatialcore.logs", "spatialcore.phases", "spatialcore.plots", "spatialcore.gpu", "spatialcore.dist",
+     "spatialcore.logs", "spatialcore.phases", "spatialcore.plots", "spatialcore.gpu", "spatialcore.dist", "spatialcore.fsdp",
      "spatialcore.checkpoint", "spatialcore.run_folder", "spatialcore.tiny", "spatialcore.shapes"],
     ["spatialcore.kernels"],      # fused math with plain references
     ["spatialcore.data"],         # synthetic scenes, pair sets, the pixel oracle, prompt and image lists

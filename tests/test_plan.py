@@ -67,6 +67,33 @@ def test_resident_items_by_value():
     assert plan.to_dict()["peak_gib"] == max(plan.phases.values()) / GIB
 
 
+def test_fsdp2_divides_the_policy_state_and_adds_the_gathered_blocks():
+    """parallel=fsdp2 on 2 ranks, full fine-tuning with the KL reference copy and the EMA, float32: the transformer,
+    reference copy, Adam's moments, gradients and EMA (4, 4, 8, 4, 4 bytes per parameter) halve; every phase holds
+    that much less plus two gathered blocks, the update also half the gradients less plus one block's whole
+    gradient; nothing else changes."""
+    from diffusers import FluxTransformer2DModel
+
+    from spatialcore.plan import plan_grpo
+
+    extra = {"policy.ema_decay": 0.9, "kl_beta": 0.01}
+    ddp = plan_grpo(_grpo_tiny(**extra), world=2, gpu_gib=24)
+    fsdp = plan_grpo(_grpo_tiny(**extra, parallel="fsdp2"), world=2, gpu_gib=24)
+    tr = FluxTransformer2DModel.from_pretrained("assets/tiny_generator/transformer")
+    n = sum(p.numel() for p in tr.parameters())
+    block = max(4 * sum(p.numel() for p in b.parameters()) for b in [*tr.transformer_blocks,
+                                                                      *tr.single_transformer_blocks])
+    halved = {"policy transformer": 4 * n, "reference copy (KL, full fine-tuning)": 4 * n,
+              "optimizer state (adamw)": 8 * n, "gradients (during the update)": 4 * n, "EMA (float32)": 4 * n}
+    for k, v in ddp.resident.items():
+        assert fsdp.resident[k] == (v // 2 if k in halved else v), k
+        assert k not in halved or v == halved[k], k
+    saved = (4 + 4 + 8 + 4) * n // 2
+    for name, peak in ddp.phases.items():
+        want = peak - saved + 2 * block + (block - 4 * n // 2 if name == "train" else 0)
+        assert fsdp.phases[name] == want, name
+
+
 def test_the_evaluation_is_bounded_by_sample_batch():
     from spatialcore.plan import plan_grpo
 

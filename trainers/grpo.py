@@ -32,6 +32,7 @@ from fixed noise with the deterministic ODE (``eval.heldout``) and the mean rewa
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
@@ -142,6 +143,10 @@ class GRPOTrainConfig(RunConfig):
                "optimizer": "optim.name", "lr_schedule": "optim.schedule",
                **{k: f"optim.{k}" for k in ("lr", "min_lr_ratio", "weight_decay", "grad_clip")}}
 
+    parallel: Literal["ddp", "fsdp2"] = param(
+        "ddp", help="under torchrun: ddp, every rank holds the whole policy and the gradients are summed; fsdp2, the "
+                    "policy transformer (with its EMA, full fine-tuning's reference copy, gradients and optimizer "
+                    "state) sharded per block over the ranks: full fine-tuning of FLUX.1-dev")
     objective: Literal["grpo", "nft"] = param(
         "grpo", help="grpo: Flow-GRPO's clipped policy gradient on the SDE steps' log-probs; nft: DiffusionNFT's "
                      "forward-process loss on the clean samples of an old policy (nft.*)")
@@ -220,6 +225,11 @@ class GRPOTrainConfig(RunConfig):
             start, end = 0, self.sampler.steps  # it trains on the sampler's timesteps, not an SDE window
         elif self.sampler.noise_level <= 0:
             raise ConfigError("sampler.noise_level", "GRPO needs stochastic (SDE) steps: noise_level > 0")
+        if self.parallel == "fsdp2" and self.objective != "grpo":
+            raise ConfigError("parallel", f"parallel=fsdp2 runs objective grpo (objective {self.objective}: ddp)")
+        if self.parallel == "fsdp2" and self.sampler.compile != "none":
+            raise ConfigError("sampler.compile", "a sharded policy samples eagerly: sampler.compile=none with "
+                                                 "parallel=fsdp2")
         if self.warmup_iterations and not self.warmup_prompts:
             raise ConfigError("warmup_prompts", "warmup_iterations > 0 needs warmup_prompts")
         if self.optim.warmup_steps >= self.iterations:
@@ -277,34 +287,41 @@ def iteration_plan(cfg: GRPOTrainConfig, n_prompts: int, iteration: int, window:
 def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch.Tensor, emb: torch.Tensor,
                     pooled: torch.Tensor, adv: torch.Tensor, keep: torch.Tensor, steps: list[int],
                     sigmas: torch.Tensor, *, n_kept_global: int, clip_range: float, kl_beta: float,
-                    on_policy: bool, micro_batch: int, kl_convention: str = "flow_grpo") -> dict[str, float]:
+                    on_policy: bool, micro_batch: int, kl_convention: str = "flow_grpo",
+                    micro_steps: int | None = None, grad_scale: float = 1.0) -> dict[str, float]:
     """Accumulate the GRPO gradient of this rank's samples (``[B, ...]`` inputs, ``keep [B]`` bool)
     into ``.grad``. Only kept rows are forwarded; the others cost nothing.
 
     The loss is the mean over all ranks' kept samples and the trained steps: each micro-batch's
     mean loss is weighted by its share of the global kept count. ``on_policy``: the policy has not
     changed since sampling, so the old log-prob is the recomputed one (ratio exactly 1) and the
-    stored one only measures drift.
+    stored one only measures drift. ``micro_steps``: run exactly this many micro-batches (a sharded policy's
+    ranks must make the same forward and backward calls): the ones beyond this rank's kept rows forward its
+    first row with weight 0 (their gradient is zero; their gathers and reductions are the other ranks').
+    ``grad_scale`` multiplies what is backpropagated (FSDP2 averages gradients over ranks where this function's
+    weights expect a sum: the number of ranks).
     """
     from ..kernels import flow_grpo_loss, kl_std
 
     idx = keep.nonzero().squeeze(1)
     Bk = idx.numel()
     stats = {"clip_fraction": 0.0, "approx_kl": 0.0, "kl": 0.0, "logp_drift": 0.0, "loss": 0.0}
-    if Bk == 0:
-        return stats
-    mb = micro_batch or Bk
+    mb = micro_batch or max(Bk, 1)
+    chunks = [idx[s:s + mb] for s in range(0, Bk, mb)]
+    if micro_steps is not None:
+        chunks += [None] * (micro_steps - len(chunks))  # padding: weight 0
     T = len(steps)
     cps = sampler.cfg.sde_type == "cps"
-    for s in range(0, Bk, mb):
-        rows = idx[s:s + mb]
+    for chunk in chunks:
+        rows = chunk if chunk is not None else torch.zeros(1, dtype=torch.long, device=idx.device)
         lat, e, pool, a = traj_latents[rows], emb[rows], pooled[rows], adv[rows]
-        w = rows.numel() / n_kept_global / T
+        w = rows.numel() / n_kept_global / T if chunk is not None else 0.0
         ones = torch.ones(rows.numel(), dtype=torch.bool, device=adv.device)
         for j in steps:
             lp, mean, std = sampler.step_logprob(lat, j, sigmas, e, pool)
             stored = old_logp[rows, j]
-            stats["logp_drift"] = max(stats["logp_drift"], value_of((lp.detach() - stored).abs().max()))
+            if chunk is not None:
+                stats["logp_drift"] = max(stats["logp_drift"], value_of((lp.detach() - stored).abs().max()))
             old = lp.detach() if on_policy else stored
             kl_args = {}
             if kl_beta > 0:
@@ -314,7 +331,9 @@ def policy_gradient(sampler, policy, traj_latents: torch.Tensor, old_logp: torch
                 kl_args = {"kl_mean_new": mean, "kl_mean_ref": mean_ref, "kl_std": s_kl, "kl_beta": kl_beta}
             res = flow_grpo_loss(lp, old, a, ones, clip_range, **kl_args)
             with phase("backward"):
-                (res.loss * w).backward()
+                (res.loss * (w * grad_scale)).backward()
+            if chunk is None:
+                continue
             stats["loss"] += value_of(res.loss.detach()) * w
             stats["clip_fraction"] += value_of(res.clip_fraction) * w
             stats["approx_kl"] += value_of(res.approx_kl) * w
@@ -361,11 +380,18 @@ class GRPOObjective:
 
     def accumulate(self, traj: Trajectory, adv: torch.Tensor, keep: torch.Tensor, n_kept: int, iteration: int,
                    epoch: int, steps: list[int]) -> dict[str, float]:
+        from ..dist import max_over_ranks
+
         tr, cfg = self.trainer, self.trainer.cfg
+        micro_steps = None
+        if tr.fsdp:  # every rank the same number of micro-batches: the most any rank needs for its kept rows
+            mine = int(keep.sum())
+            micro_steps = max_over_ranks(math.ceil(mine / (cfg.micro_batch or mine)) if mine else 0)
         return policy_gradient(tr.sampler, tr.policy, traj.latents, traj.log_probs, traj.prompt_embeds, traj.pooled,
                                adv, keep, steps, traj.sigmas, n_kept_global=n_kept, clip_range=cfg.clip_range,
                                kl_beta=cfg.kl_beta, on_policy=epoch == 0, micro_batch=cfg.micro_batch,
-                               kl_convention=cfg.kl_convention)
+                               kl_convention=cfg.kl_convention, micro_steps=micro_steps,
+                               grad_scale=tr.world if tr.fsdp else 1.0)
 
     def after_update(self, step: int) -> None:
         pass
@@ -442,6 +468,9 @@ class GRPOTrainer(Trainer):
                              need_reference=kl > 0)
         if cfg.policy.gradient_checkpointing:
             pipe.transformer.enable_gradient_checkpointing()
+        self.fsdp = cfg.parallel == "fsdp2" and self.world > 1
+        if self.fsdp:
+            self.policy.shard()
         self.sampler = FluxSampler(pipe, cfg.sampler)
         self.reward_fn = make_reward(cfg.reward, self.device)
         self.oracle_fn = self.reward_fn if cfg.reward.name == "oracle" else make_reward(cfg.reward, self.device,
@@ -461,31 +490,47 @@ class GRPOTrainer(Trainer):
                  f"({self.policy.n_trainable:,} trainable), reward {cfg.reward.name}, G={cfg.group_size} x "
                  f"P={cfg.prompts_per_iter}, top_k={self.top_k or 'off'}, advantage {cfg.advantage}, objective "
                  f"{cfg.objective} ({f'SDE window [{w0}, {w1})' if cfg.objective == 'grpo' else 'ODE'} of "
-                 f"{cfg.sampler.steps} steps), {self.world} rank(s) x {len(self.mine)} samples, "
+                 f"{cfg.sampler.steps} steps), {self.world} rank(s) x {len(self.mine)} samples"
+                 f"{', policy sharded (FSDP2)' if self.fsdp else ''}, "
                  f"{len(self.train_prompts)} train / {len(self.eval_prompts)} eval prompts", who="grpo")
 
     # ------------------------------------------------------------------ checkpoint
 
     def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
-        tensors = {n: p.detach() for n, p in self.params.items()}
-        if self.ema:
-            tensors.update({f"ema.{n}": w for n, w in self.ema.weights.items()})
+        """Whole tensors whatever the sharding (a run resumes on any number of ranks, ``ddp`` or ``fsdp2``); under
+        FSDP2 a collective that leaves them on rank 0 only."""
+        if self.fsdp:
+            from ..fsdp import full_tensors, optimizer_state
+
+            keep = is_main()
+            tensors = full_tensors(self.params, keep=keep)
+            if self.ema:
+                tensors.update({f"ema.{n}": w for n, w in full_tensors(self.ema.weights, keep=keep).items()})
+            optimizer = optimizer_state(self.policy.transformer, self.opt)
+        else:
+            tensors = {n: p.detach() for n, p in self.params.items()}
+            if self.ema:
+                tensors.update({f"ema.{n}": w for n, w in self.ema.weights.items()})
+            optimizer = self.opt.state_dict()
         tensors.update(self.objective.state_dict())
-        return tensors, {"optimizer": self.opt.state_dict(), "bad_streak": self.bad_streak}
+        return tensors, {"optimizer": optimizer, "bad_streak": self.bad_streak}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
+        from ..fsdp import indexed_optimizer_state, load_into, load_optimizer_state, named_optimizer_state
+
         missing = [n for n in self.params if n not in tensors]
         if missing:
             raise ConfigError("out", f"{self.out} holds a checkpoint of another policy (it lacks {missing[0]}): "
                                      f"use a new out folder")
-        with torch.no_grad():
-            for n, p in self.params.items():
-                p.copy_(tensors[n])
-            if self.ema:
-                for n in self.params:
-                    self.ema.weights[n].copy_(tensors[f"ema.{n}"])
+        load_into(self.params, tensors)
+        if self.ema:
+            load_into(self.ema.weights, {n: tensors[f"ema.{n}"] for n in self.params})
         self.objective.load_state_dict(tensors)
-        self.opt.load_state_dict(state["optimizer"])
+        names = list(self.params)  # the optimizer's parameter order
+        if self.fsdp:
+            load_optimizer_state(self.policy.transformer, self.opt, named_optimizer_state(state["optimizer"], names))
+        else:
+            self.opt.load_state_dict(indexed_optimizer_state(state["optimizer"], names))
         self.bad_streak = state["bad_streak"]
 
     def can_save(self) -> bool:
@@ -585,10 +630,11 @@ class GRPOTrainer(Trainer):
                 self.opt.zero_grad(set_to_none=True)
                 stats = self.objective.accumulate(traj, adv, keep, n_kept, self.step, epoch, steps)
                 with phase("optimizer"):
-                    all_reduce_grads(self.params, self.world)
+                    if not self.fsdp:  # FSDP2 summed the gradients into each rank's shard in the backward
+                        all_reduce_grads(self.params, self.world)
                     gnorm = torch.nn.utils.clip_grad_norm_(list(self.params.values()), cfg.optim.grad_clip or float("inf"))
                     self.opt.step()
-                stats["grad_norm"] = float(gnorm)
+                stats["grad_norm"] = float(gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm)
             if self.ema:
                 self.ema.update(self.params)
         self.objective.after_update(self.step + 1)
@@ -604,7 +650,7 @@ class GRPOTrainer(Trainer):
         cfg = self.cfg
         with self.policy.swapped(self.ema.weights if self.ema else None):
             h = sample_held_out(self.sampler, self.eval_prompts, cfg.eval_seeds, seed=10_000_019, rank=self.rank,
-                                world=self.world, batch=cfg.sample_batch)
+                                world=self.world, batch=cfg.sample_batch, lockstep=self.fsdp)
         res = {"eval_reward": h.mean(self.reward_fn(h.images, h.prompts))}
         if self.oracle_ok and cfg.reward.name != "oracle":
             res["eval_oracle"] = h.mean(self.oracle_fn(h.images, h.prompts))
@@ -624,13 +670,20 @@ class GRPOTrainer(Trainer):
     # ------------------------------------------------------------------ the result
 
     def export(self, final: dict) -> str:
-        if not is_main():
-            return ""
         from ..rl.policy import resolve_export_dtype, stock_loading
 
         p, out = self.cfg.policy, self.out / "policy"
+        state = None
+        if self.fsdp:  # the whole transformer, with the (EMA) weights to export, gathered to rank 0 (a collective)
+            from ..fsdp import model_state
+
+            with self.policy.swapped(self.ema.weights if self.ema else None):
+                state = model_state(self.policy.transformer)
+        if not is_main():
+            return ""
         dtype = resolve_export_dtype(p.export_dtype, self.cfg.model, self.cfg.dtype)
-        self.policy.save(out, self.ema.weights if self.ema else None, merged=p.export_merged, dtype=dtype)
+        self.policy.save(out, None if self.fsdp else (self.ema.weights if self.ema else None), merged=p.export_merged,
+                         dtype=dtype, state=state)
         return (f"policy -> {out} ({str(dtype).removeprefix('torch.')}); with stock diffusers: "
                 f"{stock_loading(self.cfg.model, out, dtype, lora=bool(p.lora_rank))}")
 

@@ -439,43 +439,25 @@ def train(cfg: RewardTrainConfig) -> dict:
 
 def _fully_shard(model) -> None:
     """FSDP2: one shard group per language-model decoder layer and per vision block, then the rest."""
-    from torch.distributed.fsdp import fully_shard
+    from ..fsdp import shard
 
     backbone = model.backbone.get_base_model() if hasattr(model.backbone, "get_base_model") else model.backbone
-    for layer in backbone.language_model.layers:
-        fully_shard(layer)
-    for block in backbone.visual.blocks:
-        fully_shard(block)
-    fully_shard(model)
+    shard(model, [*backbone.language_model.layers, *backbone.visual.blocks])
 
 
 def _fsdp_full(model, opt) -> tuple[dict[str, torch.Tensor], dict | None]:
     """Full (unsharded) trainable weights and optimizer state on rank 0 (a collective: all ranks call)."""
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-    )
+    from ..fsdp import model_state, optimizer_state
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    full = get_model_state_dict(model, options=options)
-    names = set(_trainable(model))
-    tensors = {n: t for n, t in full.items() if n in names}
-    optim = get_optimizer_state_dict(model, opt, options=options) if opt is not None else None
-    return tensors, optim
+    tensors = model_state(model, set(_trainable(model)))
+    return tensors, optimizer_state(model, opt) if opt is not None else None
 
 
 def _fsdp_load(model, opt, tensors: dict[str, torch.Tensor], optim: dict) -> None:
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from ..fsdp import load_model_state, load_optimizer_state
 
-    options = StateDictOptions(full_state_dict=True, strict=False)
-    set_model_state_dict(model, tensors, options=options)
-    if optim.get("state"):  # plain SGD keeps no state (and torch cannot place an empty one on a device)
-        set_optimizer_state_dict(model, opt, optim_state_dict=optim, options=options)
+    load_model_state(model, tensors)
+    load_optimizer_state(model, opt, optim)
 
 
 def _unsharded_copy(cfg: RewardTrainConfig, tensors: dict[str, torch.Tensor]):

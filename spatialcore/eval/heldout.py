@@ -9,6 +9,7 @@ oracle finds the named objects and GenEval's position rule decides the relations
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,14 +59,20 @@ class HeldOut:
 
 @torch.no_grad()
 def sample_held_out(sampler, prompts: list[str], per_prompt: int, *, seed: int, rank: int = 0, world: int = 1,
-                    batch: int = 0) -> HeldOut:
+                    batch: int = 0, lockstep: bool = False) -> HeldOut:
     """This rank's share of ``prompts x per_prompt`` samples (module docstring) from ``sampler`` (a
-    :class:`~spatialcore.rl.sampler.FluxSampler` with the weights to evaluate already in place)."""
+    :class:`~spatialcore.rl.sampler.FluxSampler` with the weights to evaluate already in place). ``lockstep``: every
+    rank makes the same number of sampler calls (a sharded model's ranks gather its blocks together); a rank whose
+    share is short draws a throw-away sample for each call it lacks."""
     everyone = [p for p in prompts for _ in range(per_prompt)]
     mine = list(range(rank, len(everyone), world))
     my_prompts = [everyone[i] for i in mine]
     my_seeds = [seed + i for i in mine]
-    chunk = batch or max(1, len(mine))
+    most = math.ceil(len(everyone) / world)  # rank 0's share, the largest
+    chunk = batch or max(1, most if lockstep else len(mine))
     images = [sampler.sample(my_prompts[s:s + chunk], my_seeds[s:s + chunk], sde=False).images
               for s in range(0, len(mine), chunk)]
+    if lockstep:
+        for _ in range(math.ceil(most / chunk) - len(images)):
+            sampler.sample(everyone[:1], [seed], sde=False, decode=False)
     return HeldOut(torch.cat(images) if images else torch.empty(0, 3, 1, 1), my_prompts, len(everyone), rank, world)

@@ -58,6 +58,16 @@ class Policy:
         if not self.params:
             raise RuntimeError("the policy has no trainable parameters (no LoRA target matched?)")
 
+    def shard(self) -> None:
+        """FSDP2 over the process group: one shard group per dual- and single-stream block of the transformer and of
+        the reference copy (gradients averaged over ranks); the trainable parameters are the sharded ones from here on
+        (an optimizer or EMA must be built after this)."""
+        from ..fsdp import shard
+
+        for tr in [self.transformer] + ([self._ref] if self._ref is not None else []):
+            shard(tr, [*tr.transformer_blocks, *tr.single_transformer_blocks])
+        self.params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
+
     @property
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.params.values())
@@ -81,12 +91,13 @@ class Policy:
         return swapped_weights(self.params, weights)
 
     def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None, *, merged: bool = False,
-             dtype: torch.dtype | None = None) -> None:
+             dtype: torch.dtype | None = None, state: dict[str, torch.Tensor] | None = None) -> None:
         """LoRA: diffusers' LoRA file with its adapter config as metadata (so that
         ``FluxPipeline.load_lora_weights`` applies the trained alpha / rank scale), plus, with
         ``merged``, ``transformer/`` with the adapter folded into the weights; full fine-tuning:
         ``transformer/``. Either transformer loads with ``FluxTransformer2DModel.from_pretrained``. Tensors are
-        written in ``dtype`` (default: as trained)."""
+        written in ``dtype`` (default: as trained). ``state``: the transformer's whole state dict to write (a sharded
+        policy's, gathered) instead of the live module's."""
         from safetensors.torch import save_file
 
         def cast(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -100,19 +111,22 @@ class Policy:
             if not self.lora_rank:
                 (path / "transformer").mkdir(exist_ok=True)
                 self.transformer.save_config(path / "transformer")
-                save_file(cast(self.transformer.state_dict()), path / "transformer" / WEIGHTS_FILE)
+                save_file(cast(state if state is not None else self.transformer.state_dict()),
+                          path / "transformer" / WEIGHTS_FILE)
                 return
             from diffusers import FluxPipeline
             from peft.utils import get_peft_model_state_dict
 
             config = self.transformer.peft_config["default"].to_dict()
-            FluxPipeline.save_lora_weights(path, transformer_lora_layers=cast(get_peft_model_state_dict(self.transformer)),
-                                           safe_serialization=True, transformer_lora_adapter_metadata=config)
+            FluxPipeline.save_lora_weights(path, transformer_lora_layers=cast(get_peft_model_state_dict(
+                self.transformer, state_dict=state)), safe_serialization=True, transformer_lora_adapter_metadata=config)
             (path / "lora.json").write_text(json.dumps({"rank": self.lora_rank, "alpha": config["lora_alpha"]}) + "\n")
             if merged:
                 (path / "transformer").mkdir(exist_ok=True)
                 self.transformer.save_config(path / "transformer")
-                save_file(cast(merged_state_dict(self.transformer)), path / "transformer" / WEIGHTS_FILE)
+                folded = merged_state_dict(self.transformer) if state is None else merged_from_state(
+                    state, config["lora_alpha"] / config["r"])
+                save_file(cast(folded), path / "transformer" / WEIGHTS_FILE)
 
 
 def save_pipeline(pipe, policy: Policy, weights: dict[str, torch.Tensor] | None, out: Path, dtype: torch.dtype) -> None:
@@ -202,6 +216,21 @@ def merged_state_dict(transformer: torch.nn.Module) -> dict[str, torch.Tensor]:
             continue
         merged = value + deltas[key].to(value.dtype) if key in deltas else value
         out[key.replace(".base_layer.", ".")] = merged.detach().contiguous().cpu()
+    return out
+
+
+def merged_from_state(state: dict[str, torch.Tensor], scaling: float) -> dict[str, torch.Tensor]:
+    """:func:`merged_state_dict` from a whole state dict (a sharded policy's, gathered): each adapted linear's
+    ``base_layer.weight`` plus ``scaling`` x ``lora_B @ lora_A`` (computed in float32), under the plain name."""
+    out = {}
+    for key, value in state.items():
+        if ".lora_" in key:
+            continue
+        prefix = key[: -len("base_layer.weight")] if key.endswith(".base_layer.weight") else None
+        if prefix is not None and f"{prefix}lora_A.default.weight" in state:
+            a, b = state[f"{prefix}lora_A.default.weight"].float(), state[f"{prefix}lora_B.default.weight"].float()
+            value = (value.float() + scaling * (b @ a)).to(value.dtype)
+        out[key.replace(".base_layer.", ".")] = value.detach().contiguous().cpu()
     return out
 
 
