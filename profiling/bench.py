@@ -6,9 +6,11 @@ the device; ``--shape tiny``: the tiny models, any device, seconds):
 * ``score``  SpatialScore throughput, images/s at batch B: the stock path (stock processor on PIL
   images + ``Qwen2_5_VLForConditionalGeneration`` computing vocabulary logits) vs ours (no LM
   head, tensor preprocessing where the images live, SDPA, bf16 on GPU), then ours + float8.
-* ``sample`` Flux sampling, seconds per image: eager vs ``torch.compile`` (regional, full) vs
-  compile + float8 for the ODE sampler; eager vs regional compile for the RL sampler (LoRA, SDE
-  window with log-probs). Compile time is reported separately from the steady state.
+* ``sample`` Flux sampling, seconds per image: the project's eager sampler vs stock diffusers
+  (``FluxPipeline.__call__`` on the same weights, embeddings and latents) vs ``torch.compile`` (regional,
+  full) vs compile + float8 for the ODE sampler; eager vs regional compile for the RL sampler (LoRA, SDE
+  window with log-probs). Compile time (the first call) is reported apart from the steady state, and every
+  variant's largest pixel difference to the eager images.
 * ``grpo``   the GRPO trainer's own ``train_step`` from a config (default the reference
   ``configs/grpo/flux_dev_spatial.yaml`` on random weights of its shapes) as rank 0 of ``ranks``
   sees it: time split (sample / score / train), per-phase peak memory as the trainer records it,
@@ -189,7 +191,9 @@ def bench_sample(tiny_dir: Path, device: torch.device, *, shape: str, sizes: lis
                  ) -> tuple[list[Row], dict]:
     """ODE sampling at ``sizes`` for the plain variants; the RL sampler (LoRA, SDE window with
     log-probs) at ``rl_size`` for the ``rl-*`` variants. Each variant gets a freshly built
-    transformer (compilation and float8 change a module in place)."""
+    transformer with the same weights (compilation and float8 change a module in place). ``stock`` is diffusers'
+    own ``FluxPipeline.__call__`` on the same weights, text embeddings and initial latents. Every row of a group
+    reports the largest pixel difference of its images to the group's eager ones (same seeds)."""
     from ..rl.policy import Policy
     from ..rl.sampler import FluxSampler, SamplerConfig, compile_transformer
     from .shapes import build_flux_pipeline, fresh_transformer, random_text
@@ -199,9 +203,11 @@ def bench_sample(tiny_dir: Path, device: torch.device, *, shape: str, sizes: lis
     info = {"shape": shape, "dtype": str(dtype).replace("torch.", ""), "batch": batch,
             "parameters": sum(p.numel() for p in pipe.transformer.parameters())}
     prompts = ["the red circle is to the left of the blue square"] * batch
+    seeds = list(range(batch))
     rows: list[Row] = []
     plan = [(size, v) for size in sizes for v in variants if not v.startswith("rl")]
     plan += [(rl_size, v) for v in variants if v.startswith("rl")]
+    eager_images: dict[str, torch.Tensor] = {}
     for size, variant in plan:
         rl = variant.startswith("rl")
         pipe.transformer = fresh_transformer(pipe.transformer, tiny_dir, shape, device, dtype)
@@ -214,7 +220,7 @@ def bench_sample(tiny_dir: Path, device: torch.device, *, shape: str, sizes: lis
             group = f"sample {size}² {steps} ODE steps"
         sampler = FluxSampler(pipe, cfg)
         random_text(sampler, prompts[:1], shape)
-        if variant not in ("eager", "rl-eager"):
+        if variant not in ("eager", "rl-eager", "stock"):
             try:
                 if "fp8" in variant:
                     _float8(pipe.transformer)
@@ -226,21 +232,44 @@ def bench_sample(tiny_dir: Path, device: torch.device, *, shape: str, sizes: lis
                     emit(rows, info)
                 continue
 
-        def call(sampler=sampler, rl=rl):
-            return sampler.sample(prompts, list(range(batch)), sde=rl)
+        if variant == "stock":
+            call = _stock_call(pipe, sampler, prompts, seeds)
+        else:
+            def call(sampler=sampler, rl=rl):
+                return sampler.sample(prompts, seeds, sde=rl).images
 
         t0 = time.perf_counter()
-        call()
+        images = call()
         if device.type == "cuda":
             torch.cuda.synchronize()
         first = time.perf_counter() - t0
         med = time_call(call, reps=reps, warmup=warmup, device=device)
+        extra = {"first_call_s": first}
+        if variant in ("eager", "rl-eager"):
+            eager_images[group] = images.float().cpu()
+        elif group in eager_images:
+            extra["max_abs_image_diff_vs_eager"] = float((images.float().cpu() - eager_images[group]).abs().max())
         rows.append(Row(group, variant, *med, unit="s/batch", per=batch, baseline=variant in ("eager", "rl-eager"),
-                        extra={"first_call_s": first}))
+                        extra=extra))
         torch._dynamo.reset()
         if emit is not None:  # long suites: results so far survive a time limit
             emit(rows, info)
     return rows, info
+
+
+def _stock_call(pipe, sampler, prompts: list[str], seeds: list[int]) -> Callable[[], torch.Tensor]:
+    """diffusers' ``FluxPipeline.__call__`` with the sampler's text embeddings, initial latents, schedule length,
+    guidance and size: the stock path on the same inputs (images ``[B, 3, H, W]`` in [0, 1])."""
+    emb, pooled = sampler.encode(prompts)
+    latents = sampler.noise(seeds)[0]
+    cfg = sampler.cfg
+
+    def call():
+        return pipe(prompt_embeds=emb, pooled_prompt_embeds=pooled, latents=latents, height=cfg.image_size,
+                    width=cfg.image_size, num_inference_steps=cfg.steps, guidance_scale=cfg.guidance,
+                    max_sequence_length=emb.shape[1], output_type="pt").images
+
+    return call
 
 
 def _float8(module) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..shapes import FLUX_DEV_TEXT, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE, QWEN_7B_PIXELS, on_device
+from ..shapes import FLUX_DEV_TEXT, FLUX_DEV_TRANSFORMER, FLUX_DEV_VAE, QWEN_7B_PIXELS, on_device, seeded
 
 
 def qwen_config(processor, shape: str, tiny_dir: Path | None = None):
@@ -53,7 +53,7 @@ def build_flux_pipeline(tiny_dir: Path, shape: str, device, dtype):
     pipe = load_pipeline(tiny_dir / "flux", dtype=dtype, device=device)
     if shape == "tiny":
         return pipe
-    with on_device(device, dtype):
+    with seeded(0), on_device(device, dtype):  # the same weights as every fresh_transformer
         transformer = FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
         vae = AutoencoderKL(**FLUX_DEV_VAE)
     return FluxPipeline(scheduler=pipe.scheduler, vae=vae.eval(), text_encoder=pipe.text_encoder,
@@ -62,7 +62,7 @@ def build_flux_pipeline(tiny_dir: Path, shape: str, device, dtype):
 
 
 def fresh_transformer(old, tiny_dir: Path, shape: str, device, dtype):
-    """A newly built transformer of the same shape (the old one is freed first)."""
+    """A newly built transformer of the same shape and weights (the old one is freed first)."""
     from diffusers import FluxTransformer2DModel
 
     del old
@@ -70,7 +70,7 @@ def fresh_transformer(old, tiny_dir: Path, shape: str, device, dtype):
         torch.cuda.empty_cache()
     if shape == "tiny":
         return FluxTransformer2DModel.from_pretrained(tiny_dir / "flux" / "transformer", dtype=dtype).to(device)
-    with on_device(device, dtype):
+    with seeded(0), on_device(device, dtype):
         return FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)
 
 

@@ -32,6 +32,10 @@ def test_bench_suite_writes_json_and_markdown(suite, tiny_dir, tmp_path):
         assert data["info"]["logits_shape"][-1] == 512  # the stock path computes vocabulary logits
         fp8 = next(r for r in rows if "float8" in r["name"])
         assert fp8["status"].startswith("skipped: ") and "8.9" in fp8["status"]
+    if suite == "sample":  # stock diffusers on the same weights and inputs: the same images (float32 rounding)
+        stock = next(r for r in rows if r["name"] == "stock")
+        assert stock["max_abs_image_diff_vs_eager"] <= 5e-6 and stock["speedup_vs_baseline"] > 0
+        assert [r["name"] for r in rows] == ["eager", "stock", "rl-eager"]
     if suite == "logprob":  # fp32 on CPU: the sampler's number, bit for bit in its own layout (6 rows);
         # a few ulp at other row counts where the CPU's GEMM depends on them (an AMD EPYC's: 1 ulp)
         assert [r["name"] for r in rows] == ["micro-batch 1", "micro-batch 3", "micro-batch 6"]
