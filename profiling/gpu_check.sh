@@ -174,7 +174,7 @@ fi
 if want sample; then
   if [ "$SHAPE" = full ]; then
     suite sample sample --shape "$SHAPE" --reps 2 --warmup 0 'sizes=[1024]' \
-      'variants=["eager","compile-regional","rl-eager","rl-compile","compile-fp8-graphs","compile-full","compile-fp8"]'
+      'variants=["eager","stock","compile-regional","rl-eager","rl-compile","compile-fp8-graphs","compile-full","compile-fp8"]'
   else
     suite sample sample --shape "$SHAPE" "${DEVICE[@]}" --reps 1 --warmup 0
   fi
