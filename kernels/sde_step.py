@@ -31,7 +31,10 @@ Flow-GRPO, so gradients reach v (and x) through ``mean``:
 
 Forward reads x, v and the noise (or draws it in-kernel with Philox when none is given, which
 saves a full write+read of a noise tensor) or prev_sample; writes x', mean and one partial
-log-prob sum per block. Backward reads mean, x' and the incoming gradients and writes dv/dx.
+log-prob sum per block (a [B, D / BLOCK] grid: every SM busy whatever B); a second launch sums
+each sample's partials in a fixed order and writes log p and std, so a step is two launches with
+no PyTorch epilogue (scalar sigmas go to the kernels as floats: no tensors are built for them).
+Backward reads mean, x' and the incoming gradients and writes dv/dx.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ import math
 
 import torch
 
-from .launch import compiled, launch_settings, resolve_backend, tl, triton
+from .launch import compiled, launch_settings, next_power_of_2, resolve_backend, tl, triton
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 MODE_NOISE, MODE_RNG, MODE_PREV = 0, 1, 2
@@ -113,10 +116,15 @@ def sde_step_reference(x, v, sigma, sigma_next, noise_level, noise=None, prev_sa
 if triton is not None:
 
     @triton.jit
-    def _coefficients(SIG, SIGN, SMAX, b, a, CPS: tl.constexpr):
-        """(c1, c2, std) of the module docstring for sample b (float32 scalars)."""
-        t = tl.load(SIG + b)
-        tn = tl.load(SIGN + b)
+    def _coefficients(SIG, SIGN, SMAX, t_f, tn_f, smax_f, b, a, CPS: tl.constexpr, PER_SAMPLE: tl.constexpr):
+        """(c1, c2, std) of the module docstring for sample b (float32 scalars); the sigmas are per-sample
+        tensors (PER_SAMPLE) or the scalars t_f, tn_f, smax_f shared by the batch (no tensor is built for them)."""
+        if PER_SAMPLE:
+            t = tl.load(SIG + b)
+            tn = tl.load(SIGN + b)
+        else:
+            t = t_f
+            tn = tn_f
         dt = tn - t
         if CPS:
             std = tn * tl.sin(a * 1.5707963267948966)
@@ -124,7 +132,10 @@ if triton is not None:
             c1 = (1.0 - tn) + k
             c2 = -t * (1.0 - tn) + (1.0 - t) * k
         else:
-            smax = tl.load(SMAX + b)
+            if PER_SAMPLE:
+                smax = tl.load(SMAX + b)
+            else:
+                smax = smax_f
             denom = tl.where(t >= 1.0, 1.0 - smax, 1.0 - t)
             s = a * tl.sqrt(t / denom)
             c1 = 1.0 + s * s * dt / (2.0 * t)
@@ -133,13 +144,14 @@ if triton is not None:
         return c1, c2, std
 
     @triton.jit
-    def _sde_fwd_kernel(X, V, NOISE, PREV, MEAN, PART, SIG, SIGN, SMAX, D, S, a, seed,
-                        MODE: tl.constexpr, CPS: tl.constexpr, MSE: tl.constexpr, BLOCK: tl.constexpr):
+    def _sde_fwd_kernel(X, V, NOISE, PREV, MEAN, PART, SIG, SIGN, SMAX, t_f, tn_f, smax_f, D, S, a, seed,
+                        MODE: tl.constexpr, CPS: tl.constexpr, MSE: tl.constexpr, PER_SAMPLE: tl.constexpr,
+                        BLOCK: tl.constexpr):
         """mean = c1 x + c2 v; x' = mean + std * eps (MODE 0: given eps, 1: Philox eps, 2: x' given);
         PART[b, s] = w_b * sum over this block of -(x' - mean)^2, w = 1 (MSE) or 1 / (2 std^2)."""
         b = tl.program_id(0)
         s = tl.program_id(1)
-        c1, c2, std = _coefficients(SIG, SIGN, SMAX, b, a, CPS)
+        c1, c2, std = _coefficients(SIG, SIGN, SMAX, t_f, tn_f, smax_f, b, a, CPS, PER_SAMPLE)
         offs = s * BLOCK + tl.arange(0, BLOCK)
         mask = offs < D
         row = b.to(tl.int64) * D
@@ -164,13 +176,30 @@ if triton is not None:
             tl.store(PART + b * S + s, -tl.sum(diff * diff, axis=0) / (2.0 * std * std))
 
     @triton.jit
-    def _sde_bwd_kernel(MEAN, PREV, GMEAN, GPREV, GLP, GX, GV, SIG, SIGN, SMAX, D, a,
+    def _sde_logprob_kernel(PART, LP, STD, SIG, SIGN, SMAX, t_f, tn_f, smax_f, D, S, a, CPS: tl.constexpr,
+                            MSE: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK_S: tl.constexpr):
+        """Per sample b: log p = sum_s PART[b, s] / D (- log std - log(2 pi) / 2 for the Gaussian), and std: the
+        epilogue in one launch, summed in a fixed order (the same number every run)."""
+        b = tl.program_id(0)
+        _, _, std = _coefficients(SIG, SIGN, SMAX, t_f, tn_f, smax_f, b, a, CPS, PER_SAMPLE)
+        total = 0.0
+        for start in range(0, S, BLOCK_S):
+            offs = start + tl.arange(0, BLOCK_S)
+            total += tl.sum(tl.load(PART + b * S + offs, mask=offs < S, other=0.0), axis=0)
+        lp = total / D
+        if not MSE:
+            lp = lp - tl.log(std) - 0.9189385332046727
+        tl.store(LP + b, lp)
+        tl.store(STD + b, std)
+
+    @triton.jit
+    def _sde_bwd_kernel(MEAN, PREV, GMEAN, GPREV, GLP, GX, GV, SIG, SIGN, SMAX, t_f, tn_f, smax_f, D, a,
                         HAS_GMEAN: tl.constexpr, HAS_GPREV: tl.constexpr, NEED_GX: tl.constexpr,
-                        CPS: tl.constexpr, MSE: tl.constexpr, BLOCK: tl.constexpr):
+                        CPS: tl.constexpr, MSE: tl.constexpr, PER_SAMPLE: tl.constexpr, BLOCK: tl.constexpr):
         """g = gmean + gprev + glogp_b 2 w_b (x' - mean) / D;  gv = c2 g,  gx = c1 g."""
         b = tl.program_id(0)
         s = tl.program_id(1)
-        c1, c2, std = _coefficients(SIG, SIGN, SMAX, b, a, CPS)
+        c1, c2, std = _coefficients(SIG, SIGN, SMAX, t_f, tn_f, smax_f, b, a, CPS, PER_SAMPLE)
         offs = s * BLOCK + tl.arange(0, BLOCK)
         mask = offs < D
         row = b.to(tl.int64) * D
@@ -195,8 +224,11 @@ def _settings(D: int) -> tuple[int, int]:
 
 
 class _SDEStepTriton(torch.autograd.Function):
+    """Two launches forward (the step with per-block partial sums, then the per-sample epilogue), one backward; the
+    sigmas are ``sig = (t, tn, smax)``: three ``[B]`` float32 tensors, or three floats shared by the batch."""
+
     @staticmethod
-    def forward(ctx, x, v, t, tn, smax, noise, prev_in, a, cps, seed, mse):
+    def forward(ctx, x, v, sig, noise, prev_in, a, cps, seed, mse):
         B = x.shape[0]
         D = x.numel() // B
         block, warps = _settings(D)
@@ -204,16 +236,17 @@ class _SDEStepTriton(torch.autograd.Function):
         mode = MODE_PREV if prev_in is not None else (MODE_NOISE if noise is not None else MODE_RNG)
         mean = torch.empty(x.shape, dtype=torch.float32, device=x.device)
         part = torch.empty((B, S), dtype=torch.float32, device=x.device)
+        lp_std = torch.empty((2, B), dtype=torch.float32, device=x.device)
         prev = prev_in if prev_in is not None else torch.empty_like(x)
-        dummy = mean
+        ptrs, floats, per_sample = _sigma_args(sig, mean)
         _sde_fwd_kernel[(B, S)](
-            x, v, noise if noise is not None else dummy, prev, mean, part, t, tn, smax, D, S, float(a), seed,
-            MODE=mode, CPS=cps, MSE=mse, BLOCK=block, num_warps=warps)
-        _, _, std = step_coefficients(t, tn, a, smax, cps)
-        log_prob = part.sum(1) / D
-        if not mse:
-            log_prob = log_prob - torch.log(std) - LOG_SQRT_2PI
-        ctx.save_for_backward(mean, prev, t, tn, smax)
+            x, v, noise if noise is not None else mean, prev, mean, part, *ptrs, *floats, D, S, float(a), seed,
+            MODE=mode, CPS=cps, MSE=mse, PER_SAMPLE=per_sample, BLOCK=block, num_warps=warps)
+        _sde_logprob_kernel[(B,)](part, lp_std[0], lp_std[1], *ptrs, *floats, D, S, float(a), CPS=cps, MSE=mse,
+                                  PER_SAMPLE=per_sample, BLOCK_S=min(1024, next_power_of_2(S)))
+        log_prob, std = lp_std[0], lp_std[1]
+        ctx.save_for_backward(mean, prev, *(ptrs if per_sample else ()))
+        ctx.floats, ctx.per_sample = floats, per_sample
         ctx.a, ctx.cps, ctx.mse, ctx.sampled, ctx.dtypes = a, cps, mse, prev_in is None, (x.dtype, v.dtype)
         ctx.mark_non_differentiable(std)
         out_prev = prev if prev_in is None else torch.empty(0, device=x.device)
@@ -223,7 +256,9 @@ class _SDEStepTriton(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_prev, g_lp, g_mean, _g_std):
-        mean, prev, t, tn, smax = ctx.saved_tensors
+        mean, prev, *ptrs = ctx.saved_tensors
+        if not ctx.per_sample:
+            ptrs = [mean] * 3
         B = mean.shape[0]
         D = mean.numel() // B
         block, warps = _settings(D)
@@ -236,10 +271,17 @@ class _SDEStepTriton(torch.autograd.Function):
             g_lp = torch.zeros(B, dtype=torch.float32, device=mean.device)
         _sde_bwd_kernel[(B, S)](
             mean, prev, g_mean.contiguous() if g_mean is not None else mean,
-            g_prev.contiguous() if has_gprev else mean, g_lp.float().contiguous(), gx, gv, t, tn, smax, D,
+            g_prev.contiguous() if has_gprev else mean, g_lp.float().contiguous(), gx, gv, *ptrs, *ctx.floats, D,
             float(ctx.a), HAS_GMEAN=g_mean is not None, HAS_GPREV=has_gprev, NEED_GX=need_gx, CPS=ctx.cps,
-            MSE=ctx.mse, BLOCK=block, num_warps=warps)
-        return (gx if need_gx else None), gv, None, None, None, None, None, None, None, None, None
+            MSE=ctx.mse, PER_SAMPLE=ctx.per_sample, BLOCK=block, num_warps=warps)
+        return (gx if need_gx else None), gv, None, None, None, None, None, None, None
+
+
+def _sigma_args(sig, dummy: torch.Tensor) -> tuple[list, list[float], bool]:
+    """(the kernels' three sigma pointers, their three float stand-ins, PER_SAMPLE)."""
+    if all(torch.is_tensor(t) for t in sig):
+        return list(sig), [0.0, 0.0, 0.0], True
+    return [dummy] * 3, [float(t) for t in sig], False
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -291,15 +333,18 @@ def sde_step_logprob(x: torch.Tensor, v: torch.Tensor, sigma, sigma_next, noise_
         return fn(x, v, sigma, sigma_next, noise_level, noise, prev_sample, sigma_max=sigma_max, cps=cps,
                   generator=generator, logprob=logprob)
     B = x.shape[0]
-    t = _per_sample(sigma, B, x.device, "sigma")
-    tn = _per_sample(sigma_next, B, x.device, "sigma_next")
-    smax = _per_sample(sigma_next if sigma_max is None else sigma_max, B, x.device, "sigma_max")
+    smax = sigma_next if sigma_max is None else sigma_max
+    if any(torch.is_tensor(t) for t in (sigma, sigma_next, smax)):  # else the kernels take the floats themselves
+        sig = (_per_sample(sigma, B, x.device, "sigma"), _per_sample(sigma_next, B, x.device, "sigma_next"),
+               _per_sample(smax, B, x.device, "sigma_max"))
+    else:
+        sig = (float(sigma), float(sigma_next), float(smax))
     seed = 0
     if noise is None and prev_sample is None:
         device = generator.device if generator is not None else "cpu"
         seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator, device=device).item())
     prev, log_prob, mean, std = _SDEStepTriton.apply(
-        x.contiguous(), v.contiguous(), t, tn, smax, None if noise is None else noise.contiguous(),
+        x.contiguous(), v.contiguous(), sig, None if noise is None else noise.contiguous(),
         None if prev_sample is None else prev_sample.contiguous(), float(noise_level), bool(cps), seed,
         logprob == "mse")
     if prev_sample is not None:

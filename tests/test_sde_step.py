@@ -89,11 +89,30 @@ def test_triton_matches_reference_mse_logprob(shape):
     _triton_vs_reference(torch.float32, shape, True, "mse")
 
 
-def _triton_vs_reference(dtype, shape, cps, logprob):
+@pytest.mark.parametrize("cps,logprob", [(False, "gaussian"), (True, "mse")])
+def test_triton_matches_reference_with_sigmas_shared_by_the_batch(cps, logprob):
+    """Python-float sigmas go to the kernels as floats (no per-sample tensors): several samples, several blocks."""
+    _triton_vs_reference(torch.float32, (3, 4096 + 7), cps, logprob, shared=True)
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_triton_first_step_uses_sigma_max(shared):
+    """At sigma = 1 the SDE's denominator is 1 - sigma_max: per-sample tensors and shared floats alike."""
+    g = torch.Generator().manual_seed(5)
+    x, v, noise = (torch.randn(3, 64, generator=g) for _ in range(3))
+    sig = (1.0, 0.75, 0.95) if shared else (torch.ones(3), torch.full((3,), 0.75), torch.full((3,), 0.95))
+    outs = [sde_step_logprob(x, v, sig[0], sig[1], 0.7, noise, sigma_max=sig[2], backend=b) for b in ("triton", "torch")]
+    for a, b in zip(outs[0], outs[1], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    default = sde_step_logprob(x, v, sig[0], sig[1], 0.7, noise, backend="torch")  # sigma_max = sigma_next
+    assert not torch.allclose(default[3], outs[1][3])
+
+
+def _triton_vs_reference(dtype, shape, cps, logprob, shared=False):
     g = torch.Generator().manual_seed(sum(shape))
     x, v, noise = (torch.randn(shape, generator=g).to(dtype) for _ in range(3))
     B = shape[0]
-    sigma = torch.linspace(1.0, 0.5, B) if B > 1 else 0.9
+    sigma = torch.linspace(1.0, 0.5, B) if B > 1 and not shared else 0.9
     sigma_next = (sigma - 0.1) if torch.is_tensor(sigma) else 0.75
     out_t = sde_step_logprob(x, v, sigma, sigma_next, 0.7, noise, cps=cps, logprob=logprob, backend="triton")
     out_r = sde_step_logprob(x, v, sigma, sigma_next, 0.7, noise, cps=cps, logprob=logprob, backend="torch")
@@ -136,7 +155,8 @@ def test_gradcheck_reference_float64():
 @pytest.mark.parametrize("given_prev", [False, True])
 @pytest.mark.parametrize("cps,logprob", [(False, "gaussian"), (True, "gaussian"), (True, "mse")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_gradients_match_reference(given_prev, cps, logprob, dtype):
+@pytest.mark.parametrize("shared", [False, True])
+def test_triton_gradients_match_reference(given_prev, cps, logprob, dtype, shared):
     g = torch.Generator().manual_seed(2)
     shape = (3, 5, 7)
     x0, v0, noise, prev = (torch.randn(shape, generator=g).to(dtype) for _ in range(4))
@@ -145,7 +165,8 @@ def test_triton_gradients_match_reference(given_prev, cps, logprob, dtype):
     for backend in ("torch", "triton"):
         x = x0.clone().requires_grad_(True)
         v = v0.clone().requires_grad_(True)
-        p, lp, mean, _ = sde_step_logprob(x, v, torch.tensor([0.9, 0.7, 1.0]), torch.tensor([0.8, 0.5, 0.95]), 0.8,
+        sig = (0.9, 0.8) if shared else (torch.tensor([0.9, 0.7, 1.0]), torch.tensor([0.8, 0.5, 0.95]))
+        p, lp, mean, _ = sde_step_logprob(x, v, *sig, 0.8,
                                           noise=None if given_prev else noise,
                                           prev_sample=prev if given_prev else None, cps=cps, logprob=logprob,
                                           backend=backend)
