@@ -20,8 +20,9 @@ from the rewards. "Off" is spelled one way: ``top_k=None`` (every valid sample k
 Statistics are accumulated in float64 (a group of equal rewards gives exactly A = 0 whatever
 the summation order); outputs are float32.
 
-Backends: ``torch`` (the readable reference below), ``triton`` (one launch: a program per
-group; the batch-std mode runs as a single program that first reduces the whole batch),
+Backends: ``torch`` (the readable reference below), ``triton`` (one launch: small groups several
+per program as one [groups, G] tile, larger ones a program per group; the batch-std mode runs as a
+single program that first reduces the whole batch),
 ``cuda`` (the native extension ``spatialcore._C``, warp per group, when built).
 """
 
@@ -231,6 +232,73 @@ if triton is not None:
             tl.store(STD + g, std.to(tl.float32))
 
 
+    @triton.jit
+    def _group_advantages_rows_kernel(
+        R, A, KEEP, MEAN, STD,
+        P, G, top_k, eps, clip, zero_std_tol,
+        ROWS: tl.constexpr, BLOCK_G: tl.constexpr,
+        HAS_TOPK: tl.constexpr, STATS_KEPT: tl.constexpr, UNBIASED: tl.constexpr, SCALE_NONE: tl.constexpr,
+        HAS_CLIP: tl.constexpr, DROP_ZERO: tl.constexpr,
+    ):
+        """The same advantages for ROWS groups at once, a [ROWS, BLOCK_G] tile per program (small groups: one
+        program per group of 16 would leave most of a program idle; 65,536 groups are 65,536 launches' worth of
+        programs). Ranks compare every pair of a row in a [ROWS, BLOCK_G, BLOCK_G] tile; scale "group" or "none"
+        (the batch std needs every group first: the one-program kernel above)."""
+        rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+        cols = tl.arange(0, BLOCK_G)
+        row_ok = rows < P
+        m2 = row_ok[:, None] & (cols[None, :] < G)
+        ptrs = rows[:, None].to(tl.int64) * G + cols[None, :]
+        r = tl.load(R + ptrs, mask=m2, other=float("nan")).to(tl.float32)
+        valid = m2 & (tl.abs(r) < float("inf"))
+        n_valid = tl.sum(valid.to(tl.int32), axis=1)
+        if HAS_TOPK:
+            ri = r[:, :, None]
+            rj = r[:, None, :]
+            ahead = (rj > ri) | ((rj == ri) & (cols[None, None, :] < cols[None, :, None]))
+            rank = tl.sum((ahead & valid[:, None, :]).to(tl.int32), axis=2)
+            kept = valid & ((rank < top_k) | (rank >= n_valid[:, None] - top_k))
+        else:
+            kept = valid
+        if STATS_KEPT:
+            T = kept
+        else:
+            T = valid
+        cnt = tl.sum(T.to(tl.int32), axis=1)
+        r64 = r.to(tl.float64)
+        mean = tl.sum(tl.where(T, r64, 0.0), axis=1) / cnt
+        d = tl.where(T, r64 - mean[:, None], 0.0)
+        denom = (cnt - 1) if UNBIASED else cnt
+        var = tl.sum(d * d, axis=1) / tl.maximum(denom, 1).to(tl.float64)
+        std = tl.where(cnt >= 2, tl.sqrt(var), 0.0)
+        if SCALE_NONE:
+            scale = tl.full((ROWS,), 1.0, tl.float64)
+        else:
+            scale = std + eps
+        adv = tl.where(kept, (r64 - mean[:, None]) / scale[:, None], 0.0)
+        if HAS_CLIP:
+            adv = tl.minimum(tl.maximum(adv, -clip), clip)
+        if DROP_ZERO:
+            spread = std > zero_std_tol
+            adv = tl.where(spread[:, None], adv, 0.0)
+            kept = kept & spread[:, None]
+        tl.store(A + ptrs, adv.to(tl.float32), mask=m2)
+        tl.store(KEEP + ptrs, kept.to(tl.int8), mask=m2)
+        tl.store(MEAN + rows, mean.to(tl.float32), mask=row_ok)
+        tl.store(STD + rows, std.to(tl.float32), mask=row_ok)
+
+
+ROW_TILE = 4096  # elements of the rows kernel's largest tile (its pairwise compare for Top-k)
+
+
+def rows_per_program(P: int, block_g: int, top_k: bool) -> int:
+    """Groups per program of the rows kernel (1: the one-group kernel serves better, e.g. large groups)."""
+    from .launch import next_power_of_2
+
+    per_row = block_g * block_g if top_k else block_g
+    return max(1, min(ROW_TILE // per_row, next_power_of_2(P)))
+
+
 def _launch_triton(r: torch.Tensor, *, std: str, unbiased: bool, eps: float, clip: float | None,
                    top_k: int | None, stats_over: str, drop_zero_std: bool, zero_std_tol: float):
     P, G = r.shape
@@ -243,6 +311,14 @@ def _launch_triton(r: torch.Tensor, *, std: str, unbiased: bool, eps: float, cli
     block_g, warps = launch_settings(G, min_block=2, wide=128)
     chunk = min(block_g, max(2, 4096 // block_g))  # keep the [BLOCK_G, CHUNK] compare tile <= 4096
     scale_mode = {"group": 0, "batch": 1, "none": 2}[std]
+    rows = rows_per_program(P, block_g, top_k is not None)
+    if scale_mode != 1 and rows > 1:
+        _group_advantages_rows_kernel[(triton.cdiv(P, rows),)](
+            r, adv, keep, mean, sd, P, G, int(top_k or 0), float(eps), float(clip or 0.0), float(zero_std_tol),
+            ROWS=rows, BLOCK_G=block_g, HAS_TOPK=top_k is not None, STATS_KEPT=stats_over == "kept",
+            UNBIASED=unbiased, SCALE_NONE=scale_mode == 2, HAS_CLIP=clip is not None, DROP_ZERO=drop_zero_std,
+            num_warps=4)
+        return adv, keep.view(torch.bool), mean, sd
     grid = 1 if scale_mode == 1 else P
     _group_advantages_kernel[(grid,)](
         r, adv, keep, mean, sd, P, G, int(top_k or 0), float(eps), float(clip or 0.0), float(zero_std_tol),

@@ -21,7 +21,8 @@ both are the step's std.
 
 The surrogate is launch-bound (B*T is a few hundred numbers), so the Triton path is one
 program that counts the kept samples, computes the loss, the diagnostics and the gradient
-w.r.t. ``logp_new`` in a single launch; backward is one multiply. The KL term is a
+w.r.t. ``logp_new`` in a single launch that writes every returned tensor (no copy or cast after it);
+backward is one multiply. The KL term is a
 bandwidth-bound reduction over latents done with PyTorch ops in both backends.
 """
 
@@ -98,9 +99,10 @@ def flow_grpo_loss_reference(logp_new, logp_old, advantages, keep, clip_range, *
 if triton is not None:
 
     @triton.jit
-    def _grpo_loss_kernel(NEW, OLD, ADV, KEEP, GRAD, OUT, B, T, clip, BLOCK: tl.constexpr):
-        """One program: OUT = [policy_loss, clip_fraction, approx_kl, n_kept];
-        GRAD[b, t] = dloss/dlogp_new (see module docstring)."""
+    def _grpo_loss_kernel(NEW, OLD, ADV, KEEP, GRAD, OUT, LOSS, NKEPT, B, T, clip, BLOCK: tl.constexpr):
+        """One program: LOSS = policy loss, OUT = [policy_loss, clip_fraction, approx_kl], NKEPT = n_kept (int64);
+        GRAD[b, t] = dloss/dlogp_new (see module docstring). Every output the caller returns is written here, so
+        the forward is this one launch."""
         offs = tl.arange(0, BLOCK)
         n = tl.zeros((), dtype=tl.int32)
         for b0 in range(0, B, BLOCK):
@@ -129,10 +131,11 @@ if triton is not None:
             akl += tl.sum(tl.where(kept, 0.5 * d * d, 0.0), axis=0)
             g = tl.where(kept & (un >= cl), un, 0.0) / denom
             tl.store(GRAD + i, g, mask=m)
+        tl.store(LOSS, loss / denom)
         tl.store(OUT + 0, loss / denom)
         tl.store(OUT + 1, clipped_n / denom)
         tl.store(OUT + 2, akl / denom)
-        tl.store(OUT + 3, n.to(tl.float32))
+        tl.store(NKEPT, n.to(tl.int64))
 
 
 class _GRPOLossTriton(torch.autograd.Function):
@@ -140,15 +143,18 @@ class _GRPOLossTriton(torch.autograd.Function):
     def forward(ctx, new, old, adv, keep, clip):
         B, T = new.shape
         grad = torch.empty((B, T), dtype=torch.float32, device=new.device)
-        out = torch.empty(4, dtype=torch.float32, device=new.device)
-        _grpo_loss_kernel[(1,)](new, old, adv, keep, grad, out, B, T, float(clip), BLOCK=256, num_warps=4)
+        out = torch.empty(3, dtype=torch.float32, device=new.device)
+        loss = torch.empty((), dtype=torch.float32, device=new.device)
+        n_kept = torch.empty((), dtype=torch.int64, device=new.device)
+        _grpo_loss_kernel[(1,)](new, old, adv, keep, grad, out, loss, n_kept, B, T, float(clip), BLOCK=256,
+                                num_warps=4)
         ctx.save_for_backward(grad)
         ctx.dtype = new.dtype
-        ctx.mark_non_differentiable(out)
-        return out[0].clone(), out
+        ctx.mark_non_differentiable(out, n_kept)
+        return loss, out, n_kept
 
     @staticmethod
-    def backward(ctx, g_loss, _g_out):
+    def backward(ctx, g_loss, _g_out, _g_n):
         (grad,) = ctx.saved_tensors
         return (grad * g_loss).to(ctx.dtype), None, None, None, None
 
@@ -192,7 +198,7 @@ def flow_grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
         return fn(logp_new, logp_old, advantages, keep, clip_range, **(kl_args if kl_beta else {}))
     new = logp_new.reshape(B, -1)
     T = new.shape[1]
-    loss, out = _GRPOLossTriton.apply(new.contiguous(), logp_old.reshape(B, -1).detach().contiguous(),
+    loss, out, n_kept = _GRPOLossTriton.apply(new.contiguous(), logp_old.reshape(B, -1).detach().contiguous(),
                                       advantages.contiguous(), keep.contiguous().view(torch.int8), clip_range)
     policy = loss.detach()
     kl = torch.zeros((), dtype=torch.float32, device=new.device)
@@ -201,4 +207,4 @@ def flow_grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
         kl_full = (_kl_per_sample(kl_mean_new, kl_mean_ref, kl_std, (B, T)) * w).sum() / (keep.sum() * T).clamp(min=1)
         loss = loss + kl_beta * kl_full
         kl = kl_full.detach()
-    return GRPOLoss(loss, policy, kl, out[1], out[2], out[3].long())
+    return GRPOLoss(loss, policy, kl, out[1], out[2], n_kept)

@@ -206,6 +206,15 @@ BREAKS = [
     ("bench grpo: the FLOPs not scaled by the trained timesteps", "profiling/bench.py",
      "        flops = [per_row_step * k * T for k in kept]", "        flops = [per_row_step * k for k in kept]",
      [T + "test_bench_profile.py::test_bench_suite_writes_json_and_markdown[grpo]"]),
+    ("advantages rows kernel: each program starts at its own index, not its tile's", "kernels/advantages.py",
+     "rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)", "rows = tl.program_id(0) + tl.arange(0, ROWS)",
+     [T + "test_advantages.py::test_many_small_groups_several_per_program"]),
+    ("GRPO loss kernel: the kept count off by one", "kernels/grpo_loss.py",
+     "tl.store(NKEPT, n.to(tl.int64))", "tl.store(NKEPT, (n + 1).to(tl.int64))",
+     [T + "test_grpo_loss.py"]),
+    ("SDE step kernel: sigmas shared by the batch ignore sigma_max at the first step", "kernels/sde_step.py",
+     "                smax = smax_f", "                smax = tn_f",
+     [T + "test_sde_step.py::test_triton_first_step_uses_sigma_max"]),
 ]
 
 

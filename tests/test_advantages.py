@@ -233,6 +233,20 @@ def test_preset_spatial_rl_formula():
         assert res.keep[g].sum() == 2 * k
 
 
+@pytest.mark.parametrize("G,top_k", [(7, 2), (16, 4), (16, None), (3, 1)])
+def test_many_small_groups_several_per_program(G, top_k):
+    """Enough groups that the rows kernel spreads them over several programs, the last one partly empty."""
+    from spatialcore.kernels.advantages import rows_per_program
+    from spatialcore.kernels.launch import launch_settings
+
+    rows = rows_per_program(10**6, launch_settings(G, min_block=2, wide=128)[0], top_k is not None)
+    assert rows > 1
+    P = 3 * rows + 5
+    r = make_rewards(P, G, seed=G, ties=True, bad=True, flat_group=True)
+    for kw in (dict(top_k=top_k), dict(top_k=top_k, std="none", clip=1.0, stats_over="group", drop_zero_std=True)):
+        check(r, "triton", **kw)
+
+
 def test_random_fuzz_against_oracle():
     rng = random.Random(0)
     for trial in range(12):
