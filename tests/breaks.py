@@ -215,6 +215,9 @@ BREAKS = [
     ("SDE step kernel: sigmas shared by the batch ignore sigma_max at the first step", "kernels/sde_step.py",
      "                smax = smax_f", "                smax = tn_f",
      [T + "test_sde_step.py::test_triton_first_step_uses_sigma_max"]),
+    ("eval: the order of a directional relation judged without its sign", "spatialcore/eval/report.py",
+     "order += int(d[want_axis] * sign > 0)", "order += int(d[want_axis] > 0)",
+     [T + "test_eval.py::test_axis_and_order_separates_a_swapped_pair_from_a_wrong_axis"]),
 ]
 
 

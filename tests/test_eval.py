@@ -227,3 +227,24 @@ def test_the_judge_calls_every_rendered_scene_correct(preset, size):
         if not judge(image, task_from_prompt(prompt), det).correct:
             wrong.append(prompt)
     assert not wrong, wrong[:3]
+
+
+def test_axis_and_order_separates_a_swapped_pair_from_a_wrong_axis():
+    """By value on hand-placed boxes: right axis and order, right axis swapped, a vertical pair for a horizontal
+    relation... (image y downwards), and instances left out (an object missing, a relation without an axis)."""
+    from spatialcore.eval.judge import Verdict
+    from spatialcore.eval.report import axis_and_order
+
+    def box(cx, cy):
+        return [[cx - 1.0, cy - 1.0, cx + 1.0, cy + 1.0]]
+
+    two = [Wanted("circle", "red"), Wanted("square", "blue")]
+    cases = [("left of", (2, 5), (8, 5), True), ("left of", (8, 5), (2, 5), True), ("above", (5, 2), (5, 8), True),
+             ("below", (2, 5), (8, 6), True), ("right of", (9, 5), (1, 5), False), ("next to", (2, 5), (8, 5), True)]
+    tasks, verdicts = [], []
+    for rel, a, b, found in cases:
+        tasks.append(Task(prompt=rel, objects=two, relations=[(rel, (0, 1))]))
+        verdicts.append(Verdict(found=[True, found], relations=[None], boxes=[box(*a), box(*b) if found else []]))
+    assert axis_and_order(tasks, verdicts) == {"n": 4, "axis_right": 3 / 4, "order_right_given_axis": 2 / 3}
+    assert axis_and_order(tasks[4:], verdicts[4:]) == {"n": 0, "axis_right": None, "order_right_given_axis": None}
+    assert summarize(tasks, verdicts)["axis_and_order"]["n"] == 4
