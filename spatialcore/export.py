@@ -7,7 +7,8 @@ run's ``config.yaml`` says which trainer wrote it:
   ``FluxPipeline.load_lora_weights`` on the base model; ``--merged`` adds ``transformer/`` with the adapter
   folded in) or, for full fine-tuning, ``transformer/``;
 * ``sft train``: a complete pipeline (``FluxPipeline.from_pretrained``), with the VAE and its latent factors
-  when the run trained them.
+  when the run trained them, the text encoders when they trained (``text_encoders=trainable``), and
+  ``spatialcore_run.json`` (the run's resolved config and step: ``spatialcore eval`` reads its sampling settings).
 
 Weights are written in the run's ``policy.export_dtype`` (by default the dtype the base model is stored in).
 
@@ -16,11 +17,12 @@ The EMA weights are exported when the run kept them (``--no-ema``: the raw weigh
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
-from .config import ConfigError, load_config
+from .config import ConfigError, load_config, to_dict
 
 
 def _locate(path: Path) -> tuple[Path, Path]:
@@ -84,6 +86,15 @@ def _export_sft(run: Path, tensors: dict, state: dict, out: Path, *, ema: bool) 
         pipe.vae.load_state_dict({k[len(VAE_PREFIX):]: v for k, v in tensors.items() if k.startswith(VAE_PREFIX)})
         shift, scale = state["vae_factors"]
         pipe.vae.register_to_config(shift_factor=shift, scaling_factor=scale)
+    with torch.no_grad():  # text encoders trained with the transformer (text_encoders=trainable)
+        for name in ("text_encoder", "text_encoder_2"):
+            module = getattr(pipe, name)
+            names = [f"{name}.{n}" for n, _ in module.named_parameters()]
+            if names[0] in tensors:
+                module.load_state_dict({n[len(name) + 1:]: w for n, w in _weights(names, tensors, "", ema).items()},
+                                       strict=False)
     weights = _weights(policy.params, tensors, TRANSFORMER_PREFIX, ema)
     save_pipeline(pipe, policy, weights, out, resolve_export_dtype(cfg.policy.export_dtype, cfg.model, cfg.dtype))
+    record = {"exported_from": str(run), "config": to_dict(cfg), "seed": cfg.seed, "steps": state["step"], "ema": ema}
+    (out / "spatialcore_run.json").write_text(json.dumps(record, indent=2) + "\n")  # eval's sampling settings
     return f"pipeline -> {out}"

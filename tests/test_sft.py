@@ -224,3 +224,13 @@ def test_trainable_text_encoders_train_resume_and_export(tiny_dir, tmp_path):
     t5 = {k.removeprefix("text_encoder_2."): v for k, v in ckpt["a"].items() if k.startswith("text_encoder_2.")}
     assert t5 and all(torch.equal(t5[k], exported[k]) for k in t5)
     assert ckpt["a"].keys() == ckpt["b"].keys() and all(torch.equal(ckpt["a"][k], ckpt["b"][k]) for k in ckpt["a"])
+    # `spatialcore export` of a checkpoint holds the trained encoders too, and the settings eval samples with
+    from spatialcore.eval.report import trained_settings
+    from spatialcore.export import export
+
+    export(tmp_path / "a", tmp_path / "again")
+    for part in ("text_encoder", "text_encoder_2"):
+        mine = load_file(tmp_path / "a" / "pipeline" / part / "model.safetensors")
+        again = load_file(tmp_path / "again" / part / "model.safetensors")
+        assert mine.keys() == again.keys() and all(torch.equal(mine[k], again[k]) for k in mine), part
+    assert trained_settings(tmp_path / "again") == trained_settings(tmp_path / "a" / "pipeline") != {}
