@@ -21,7 +21,7 @@ demo: $(STAMP)
 	$(VENV)/bin/spatialcore demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider profiling/benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
