@@ -219,7 +219,7 @@ BREAKS = [
      "order += int(d[want_axis] * sign > 0)", "order += int(d[want_axis] > 0)",
      [T + "test_eval.py::test_axis_and_order_separates_a_swapped_pair_from_a_wrong_axis"]),
     ("probe: the label is not the subject (every other prompt)", "spatialcore/eval/probe.py",
-     "label.append(float(first == colour))", "label.append(float(j % 2))",
+     "label.append(float(objects[0].colour == colour))", "label.append(float(j % 2))",
      [T + "test_probe.py::test_the_committed_generators_text_path_knows_the_subject"]),
     ("export: an sft checkpoint's trained text encoders left out", "spatialcore/export.py",
      "            if names[0] in tensors:", "            if False:",

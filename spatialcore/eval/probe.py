@@ -24,6 +24,8 @@ def subject_probe(pipe, prompts: list[str], *, colour: str = "red", batch: int =
                   max_sequence_length: int = 32) -> dict:
     """Held-out accuracy of the probe on the T5 token of ``colour`` and on the pooled CLIP vector (module
     docstring); prompts naming ``colour`` once among its T5 tokens, with another object, are used."""
+    from .judge import task_from_prompt
+
     tok = pipe.tokenizer_2
     word = tok(" " + colour, add_special_tokens=False).input_ids[-1]
     t5, pooled, label = [], [], []
@@ -35,13 +37,12 @@ def subject_probe(pipe, prompts: list[str], *, colour: str = "red", batch: int =
                       return_tensors="pt").input_ids
             for j, p in enumerate(chunk):
                 at = (ids[j] == word).nonzero()
-                words = p.lower().split()
-                if len(at) != 1 or sum(w in ("red", "blue", "green", "yellow") for w in words) < 2:
+                objects = task_from_prompt(p).objects  # in the prompt's order: the subject first
+                if len(at) != 1 or len(objects) < 2 or not all(o.colour for o in objects):
                     continue
-                first = next(w for w in words if w in ("red", "blue", "green", "yellow"))
                 t5.append(emb[j, at[0, 0]].float())
                 pooled.append(pool[j].float())
-                label.append(float(first == colour))
+                label.append(float(objects[0].colour == colour))
     if len(label) < 8:
         raise ValueError(f"only {len(label)} prompts name {colour!r} once beside another coloured object")
     y = torch.tensor(label)
