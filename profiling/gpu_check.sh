@@ -30,6 +30,8 @@
 #   CAPS="kernel_tests=120 grpo=90"                      other caps for some steps (the wanted steps' caps
 #                                                        must still add up to at most BUDGET)
 #   BLOCKING_STEPS="grpo"                                run those bench steps with CUDA_LAUNCH_BLOCKING=1
+#   PLAN_ONLY=1                                          print the plan (steps, caps, budget) and stop:
+#                                                        check a STEPS/CAPS choice before spending device time
 #
 # The project is not installed: `shim` links spatialcore/, kernels/, trainers/ and profiling/ into one
 # import root and PYTHONSAFEPATH=1 keeps the checkout (the current directory) off sys.path, where its
@@ -76,6 +78,10 @@ stamp() { echo "[gpu_check +$(( $(date +%s) - t0 ))s] $*"; }
 # left STEP: seconds STEP may take: its cap, or what is left of the budget if less.
 left() { local rest=$(( BUDGET - ($(date +%s) - t0) )); (( rest < 5 )) && rest=5; (( rest < CAP[$1] )) && echo $rest || echo "${CAP[$1]}"; }
 stamp "plan: ${STEPS} (caps ${total}s of a ${BUDGET}s budget, x${SCALE}; rehearsal=${REHEARSAL}; results in $RES)"
+if [ "${PLAN_ONLY:-0}" = 1 ]; then
+  for s in "${ORDER[@]}"; do want "$s" && echo "  $s: cap ${CAP[$s]}s"; done
+  exit 0
+fi
 
 if want env; then
   stamp "env"

@@ -15,7 +15,7 @@ from .config import load_config, to_commented_yaml
 # when asked for (the CLI lists the names without importing the trainers).
 CONFIG_KINDS = {"grpo": "trainers.grpo:GRPOTrainConfig", "reward": "trainers.reward:RewardTrainConfig",
                 "sft": "trainers.sft:SFTTrainConfig", "demo": "demo:DemoConfig", "tiny": "tiny:TinyConfig",
-                "synth": "data.synth:SynthConfig"}
+                "synth": "data.synth:SynthConfig", "text-sides": "trainers.text_sides:TextSidesConfig"}
 
 
 def config_class(kind: str) -> type:
@@ -88,7 +88,8 @@ TITLES = {"grpo": "Spatial-RL: `spatialcore grpo train`", "reward": "SpatialScor
           "demo": "the demo: `spatialcore demo` (its `reward` and `grpo` sections are the two trainers' configs, "
                   "defaults from configs/reward/tiny_cpu_grid.yaml and configs/grpo/tiny_cpu_grid.yaml)",
           "tiny": "tiny checkpoints: `spatialcore tiny`",
-          "synth": "synthetic pairs: `spatialcore data synth` (the `--difficulty` preset replaces some defaults)"}
+          "synth": "synthetic pairs: `spatialcore data synth` (the `--difficulty` preset replaces some defaults)",
+          "text-sides": "a miniature generator's T5 pretrained on the objects' sides: `spatialcore sft text-sides`"}
 
 
 def render() -> str:

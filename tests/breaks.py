@@ -227,6 +227,19 @@ BREAKS = [
     ("export: no spatialcore_run.json beside an exported sft checkpoint", "spatialcore/export.py",
      '    (out / "spatialcore_run.json").write_text', '    (out / "ignored.json").write_text',
      [T + "test_sft.py::test_trainable_text_encoders_train_resume_and_export"]),
+    ("text-sides: the other object labelled with the relation too (the exclusive-or gone)", "trainers/text_sides.py",
+     "(((ca, ka), rels[0].type), ((cb, kb), _OPPOSITE[rels[0].type]))", "(((ca, ka), rels[0].type), ((cb, kb), rels[0].type))",
+     [T + "test_text_sides.py::test_each_object_word_is_labelled_with_its_objects_side"]),
+    ("text-sides: the relation words labelled too", "trainers/text_sides.py",
+     "                if s < b and e > a:  # the token overlaps the noun phrase",
+     "                if s < b + 12 and e > a:  # the token overlaps the noun phrase",
+     [T + "test_text_sides.py::test_each_object_word_is_labelled_with_its_objects_side"]),
+    ("text-sides: the copy keeps the input's T5 (nothing saved)", "trainers/text_sides.py",
+     "    shutil.rmtree(tmp / \"text_encoder_2\")\n    t5.to(saved_dtype).save_pretrained(tmp / \"text_encoder_2\")",
+     "    pass", [T + "test_text_sides.py::test_the_copy_changes_only_the_t5_and_loads_with_stock_diffusers"]),
+    ("text-sides: written in float32 whatever the pipeline's dtype", "trainers/text_sides.py",
+     "t5.to(saved_dtype).save_pretrained", "t5.float().save_pretrained",
+     [T + "test_text_sides.py::test_the_copy_changes_only_the_t5_and_loads_with_stock_diffusers"]),
 ]
 
 

@@ -15,7 +15,7 @@ from spatialcore.cli import build_parser, main
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 ORDER = ["tiny", "data synth", "data validate", "data stats", "reward train", "reward eval", "sample", "reward score",
-         "grpo train", "grpo compare", "sft train", "eval", "export", "plan", "bench", "profile", "info", "config show", "demo"]
+         "grpo train", "grpo compare", "sft train", "sft text-sides", "eval", "export", "plan", "bench", "profile", "info", "config show", "demo"]
 
 
 def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):

@@ -57,7 +57,8 @@ def test_rehearsal_of_the_cheapest_steps(tmp_path):
 def test_step_caps_must_fit_the_budget(tmp_path):
     proc = _run(ROOT, tmp_path, BUDGET="100", STEPS="env kernel_bench")
     assert proc.returncode == 2 and "add up to 120s, over BUDGET=100s" in proc.stdout, proc.stdout
-    proc = _run(ROOT, tmp_path, BUDGET="100", STEPS="env kernel_bench", CAPS="kernel_bench=80")
-    assert proc.returncode != 2 or "over BUDGET" not in proc.stdout, proc.stdout
+    proc = _run(ROOT, tmp_path, BUDGET="100", STEPS="env kernel_bench", CAPS="kernel_bench=80", PLAN_ONLY="1")
+    assert proc.returncode == 0 and "caps 360s of a 400s budget, x4" in proc.stdout, proc.stdout
+    assert "  env: cap 40s\n  kernel_bench: cap 320s\n" in proc.stdout, proc.stdout
     proc = _run(ROOT, tmp_path, STEPS="env", CAPS="kernel_test=80")
     assert proc.returncode == 2 and "unknown step 'kernel_test'" in proc.stdout, proc.stdout

@@ -71,7 +71,8 @@ def test_stored_logprobs_equal_recomputation_bit_for_bit(pipe, sde_type, window,
     traj = s.sample(prompts, seeds)
     w0, w1 = cfg.window()
     assert traj.log_probs.shape == (G, w1 - w0) and traj.latents.shape[1] == w1 - w0 + 1
-    for mb in (1, 3, G):
+    # compiled: no 3-row layout (each row count is one more compilation of every block; 1 and G cover both cases)
+    for mb in (1, 3, G) if compile == "none" else (1, G):
         for j in range(w1 - w0):
             for start in range(0, G, mb):
                 rows = slice(start, start + mb)
