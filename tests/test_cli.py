@@ -132,16 +132,28 @@ def test_no_deprecation_warnings_from_our_calls(tiny_dir, tmp_path):
 def test_grpo_compare_plots_and_names_what_is_missing(tmp_path, capsys):
     from spatialcore.cli import main
 
-    for name, values in (("a", [0.1, 0.3]), ("b", [0.2, 0.2])):
+    for name, values in (("a", [0.1, 0.15, 0.25]), ("a2", [0.2, 0.35]), ("b", [0.2, 0.2])):
         (tmp_path / name).mkdir()
         (tmp_path / name / "metrics.jsonl").write_text("".join(
             json.dumps({"step": 10 * i, "elapsed_s": 5.0 * i, "eval_relation_acc": v}) + "\n"
             for i, v in enumerate(values)))
+        (tmp_path / name / "config.yaml").write_text("group_size: 4\nprompts_per_iter: 2\n")
     out = tmp_path / "cmp.png"
-    assert main(["grpo", "compare", f"top-k={tmp_path / 'a'}", str(tmp_path / "b"), "--key", "eval_relation_acc",
-                 "--out", str(out)]) == 0
+    assert main(["grpo", "compare", f"top-k={tmp_path / 'a'}", f"top-k={tmp_path / 'a2'}", str(tmp_path / "b"),
+                 "--key", "eval_relation_acc", "--gain", "0.1", "--out", str(out)]) == 0
     assert out.stat().st_size > 0
-    capsys.readouterr()
+    table = capsys.readouterr().out
+    assert table.split("\n", 1)[1] == out.with_suffix(".md").read_text()
+    # 8 samples an iteration; a gains 0.1 at step 20 (160 samples, 10 s), a2 at step 10 (80, 5 s), b never
+    assert "| top-k | a | 0.100 | 0.250 | 160 | 10 |" in table, table
+    assert "| top-k | a2 | 0.200 | 0.350 | 80 | 5 |" in table, table
+    assert "| b | b | 0.200 | 0.200 | not reached | not reached |" in table, table
+    assert "| **top-k** | mean of the 2 of 2 that reached it | 0.150 | 0.300 | 120 | 8 |" in table, table
+    (tmp_path / "late").mkdir()
+    (tmp_path / "late" / "metrics.jsonl").write_text(json.dumps({"step": 5, "elapsed_s": 1.0, "eval_reward": 0.1}))
+    (tmp_path / "late" / "config.yaml").write_text("group_size: 4\nprompts_per_iter: 2\n")
+    assert main(["grpo", "compare", str(tmp_path / "late"), "--gain", "0.1", "--out", str(out)]) == 2
+    assert "not 0" in capsys.readouterr().err
     assert main(["grpo", "compare", str(tmp_path / "a"), "--out", str(out)]) == 2  # no eval_reward records
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "--key" in err and "eval_reward" in err, err

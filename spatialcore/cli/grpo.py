@@ -25,16 +25,20 @@ def add(sub) -> None:
                           "eval_seeds=1 eval_every=1 --out runs/grpo-quick-ss"])
     add_trainer_args(g, result="the final metrics", example="optim.lr=1e-4 top_k=null")
     g.set_defaults(func=train)
-    g = command(gsub, "compare", help="plot held-out reward of several runs per iteration and per second",
-                description="One PNG comparing runs (e.g. Top-k vs its ablation) against iterations and training "
-                            "wall-clock seconds.",
+    g = command(gsub, "compare", help="plot held-out reward of several runs per sample and per second",
+                description="One PNG comparing runs (e.g. Top-k vs its ablation, GRPO vs NFT) against generated "
+                            "samples and training wall-clock seconds; runs given the same LABEL are seeds of one "
+                            "recipe (one colour). --gain also tabulates the samples and seconds each run took to "
+                            "first gain that much over its step-0 evaluation (beside the PNG as .md).",
                 examples=["spatialcore grpo compare top-k=runs/grpo-quick all=runs/grpo-quick-all "
                           "--out runs/compare.png",
                           "spatialcore grpo compare runs/grpo-quick runs/grpo-quick-all --key eval_relation_acc "
-                          "--out runs/compare-relation.png"])
+                          "--gain 0.1 --out runs/compare-relation.png"])
     g.add_argument("runs", nargs="+", metavar="[LABEL=]RUN_DIR")
     add_out(g, "the PNG to write", required=True)
     g.add_argument("--key", default="eval_reward", help="metric to plot (default eval_reward)")
+    g.add_argument("--gain", type=float, default=None,
+                   help="also tabulate samples and seconds to the step-0 value + GAIN (e.g. 0.1: +10 points)")
     g.set_defaults(func=compare)
 
 
@@ -56,15 +60,18 @@ def train(args: argparse.Namespace) -> int:
 def compare(args: argparse.Namespace) -> int:
     from ..plots import compare_runs
 
-    runs = {}
+    runs: dict[str, list[Path]] = {}
     for item in args.runs:
         label, _, folder = item.rpartition("=")
         folder = Path(folder)
         if not (folder / "metrics.jsonl").is_file():
             raise ConfigError(item, f"{folder} has no metrics.jsonl (expected a grpo run folder)")
-        runs[label or folder.name] = folder
+        runs.setdefault(label or folder.name, []).append(folder)
     try:
-        print(compare_runs(runs, Path(args.out), key=args.key))
-    except ValueError as err:  # a run without that metric
-        raise ConfigError("--key", str(err)) from None
+        png, table = compare_runs(runs, Path(args.out), key=args.key, gain=args.gain)
+    except ValueError as err:  # a run without that metric, a config, or a step-0 evaluation
+        raise ConfigError("--key" if "records" in str(err) else "runs", str(err)) from None
+    print(png)
+    if table:
+        print(table, end="")
     return 0
