@@ -77,6 +77,9 @@ def test_the_copy_changes_only_the_t5_and_loads_with_stock_diffusers(tmp_path, c
     assert 0.0 <= summary["held_out_side_accuracy"] <= 1.0 and summary["last_loss"] < summary["first_loss"]
     before = {p.relative_to(src) for p in src.rglob("*") if p.is_file()}
     after = {p.relative_to(out) for p in out.rglob("*") if p.is_file()}
+    # the committed generator's own evaluation records judged it, not the copy
+    assert {Path("eval.json"), Path("verdicts.jsonl")} <= before
+    before -= {Path("eval.json"), Path("verdicts.jsonl")}
     assert after == before | {Path("text_sides.json")}
     for rel in before:
         if rel.parts[0] != "text_encoder_2":

@@ -17,7 +17,8 @@ the encoder's last hidden state at token ``t`` and a linear head ``(W, c)`` (dis
 minimised over the T5 and the head with AdamW; the batch's prompts are drawn with replacement from the
 preset's training prompts. Held out: the same labels on the preset's test prompts, accuracy of
 ``argmax(W h_t + c)`` over labelled tokens. The output is a copy of the pipeline with only ``text_encoder_2``
-replaced (CLIP, the transformer, the VAE and the tokenizers are the input's, byte for byte); fine-tune the
+replaced (CLIP, the transformer, the VAE and the tokenizers are the input's, byte for byte; the input's evaluation
+records ``eval.json`` / ``verdicts.jsonl`` are left out: they judged the input); fine-tune the
 transformer on it with ``sft train`` (frozen text encoders keep what this taught).
 """
 
@@ -37,6 +38,7 @@ import torch
 from ..config import ConfigError, param
 
 SIDES = ("left of", "right of", "above", "below")
+STALE = ("eval.json", "verdicts.jsonl", "text_sides.json")  # not copied: they describe the input pipeline
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
 
@@ -201,7 +203,8 @@ def train(cfg: TextSidesConfig, *, overwrite: bool = False) -> dict:
     acc = side_accuracy(t5, head, tok, test_p, cfg.max_sequence_length)
     tmp = out.with_name(out.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
+    # the input's own evaluation records (eval.json, verdicts.jsonl of a committed generator) describe the input
+    shutil.copytree(src, tmp, ignore=lambda d, names: [n for n in names if Path(d) == src and n in STALE])
     shutil.rmtree(tmp / "text_encoder_2")
     t5.to(saved_dtype).save_pretrained(tmp / "text_encoder_2")
     summary = {"config": asdict(cfg), "train_prompts": len(kept), "held_out_prompts": len(test_p),
