@@ -35,6 +35,7 @@ from typing import Literal
 
 import torch
 
+from ..atomic import atomic_dir
 from ..config import ConfigError, param
 
 SIDES = ("left of", "right of", "above", "below")
@@ -139,9 +140,9 @@ def _side_logits(t5, head, ids, mask):
     return head(t5(input_ids=ids, attention_mask=mask).last_hidden_state)
 
 
-def side_accuracy(t5, head, tokenizer, prompts: list[str], max_length: int) -> float:
-    """Accuracy of the head's side over the labelled tokens of ``prompts``."""
-    ids, mask, y, _ = label_tokens(tokenizer, prompts, max_length)
+def side_accuracy(t5, head, labelled) -> float:
+    """Accuracy of the head's side over the labelled tokens of ``labelled`` (what ``label_tokens`` returns)."""
+    ids, mask, y, _ = labelled
     with torch.no_grad():
         pred = _side_logits(t5, head, ids, mask).argmax(-1)
     m = y != -100
@@ -175,7 +176,8 @@ def train(cfg: TextSidesConfig, *, overwrite: bool = False) -> dict:
     train_p = world_prompts(cfg.preset, "train", cfg.train_prompts, cfg.seed)
     test_p = world_prompts(cfg.preset, "test", cfg.eval_prompts, cfg.seed)
     data = label_tokens(tok, train_p, cfg.max_sequence_length)
-    if data is None or label_tokens(tok, test_p, cfg.max_sequence_length) is None:
+    held_out = label_tokens(tok, test_p, cfg.max_sequence_length)
+    if data is None or held_out is None:
         raise ConfigError("preset", f"{cfg.preset}'s prompts have no single directional relation between two "
                                     "distinct objects to label")
     ids, mask, labels, kept = data
@@ -200,19 +202,16 @@ def train(cfg: TextSidesConfig, *, overwrite: bool = False) -> dict:
             info(f"step {step}/{cfg.steps} | loss {sum(losses[-cfg.log_every:]) / len(losses[-cfg.log_every:]):.4f}",
                  who="text-sides")
     t5.eval()
-    acc = side_accuracy(t5, head, tok, test_p, cfg.max_sequence_length)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # the input's own evaluation records (eval.json, verdicts.jsonl of a committed generator) describe the input
-    shutil.copytree(src, tmp, ignore=lambda d, names: [n for n in names if Path(d) == src and n in STALE])
-    shutil.rmtree(tmp / "text_encoder_2")
-    t5.to(saved_dtype).save_pretrained(tmp / "text_encoder_2")
+    acc = side_accuracy(t5, head, held_out)
     summary = {"config": asdict(cfg), "train_prompts": len(kept), "held_out_prompts": len(test_p),
                "held_out_side_accuracy": acc, "first_loss": losses[0], "last_loss": losses[-1],
                "seconds": round(time.time() - t0, 1)}
-    (tmp / "text_sides.json").write_text(json.dumps(summary, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with atomic_dir(out) as tmp:
+        # the input's own evaluation records (eval.json, verdicts.jsonl of a committed generator) describe the input
+        shutil.copytree(src, tmp, dirs_exist_ok=True,
+                        ignore=lambda d, names: [n for n in names if Path(d) == src and n in STALE])
+        shutil.rmtree(tmp / "text_encoder_2")
+        t5.to(saved_dtype).save_pretrained(tmp / "text_encoder_2")
+        (tmp / "text_sides.json").write_text(json.dumps(summary, indent=2) + "\n")
     info(f"held-out side accuracy per object token {acc:.3f} -> {out}", who="text-sides")
     return summary
