@@ -112,22 +112,32 @@ def test_config_errors_are_one_line_naming_the_key(tiny_dir, args, key, capsys):
 def test_the_checkpoint_loads_in_the_stock_pipeline_and_its_lora_matches(tiny_dir, tmp_path):
     """out/pipeline is a complete FluxPipeline; out/lora on the base model through stock
     load_lora_weights gives the transformer of out/pipeline (LoRA folded in) to 1e-5."""
+    import shutil
+
     from diffusers import FluxPipeline
     from spatialcore.trainers.sft import train
 
+    # the input says how it was made (an earlier sft run, then text-sides): the output carries that chain
+    model = tmp_path / "base"
+    shutil.copytree(tiny_dir / "flux", model)
+    (model / "spatialcore_run.json").write_text(json.dumps({"command": "spatialcore sft train --config a.yaml"}))
+    (model / "text_sides.json").write_text(json.dumps({"held_out_side_accuracy": 1.0}))
+    shutil.copy(tiny_dir / "tiny.yaml", tmp_path / "tiny.yaml")
     out = tmp_path / "run"
-    train(_sft_cfg(model=str(tiny_dir / "flux"), out=str(out), image_size=32, steps=2, batch_size=2,
+    train(_sft_cfg(model=str(model), out=str(out), image_size=32, steps=2, batch_size=2,
                    eval_every=2, eval_prompts=1, eval_seeds=1, sample_steps=2, **{"policy.lora_rank": 4,
                    "policy.lora_alpha": 8, "optim.lr": 0.05, "threads": 1}))
     run = json.loads((out / "pipeline" / "spatialcore_run.json").read_text())
     assert run["steps"] == 2 and run["config"]["policy"]["lora_rank"] == 4 and set(run["eval"]) == {
         "eval_found", "eval_relation_acc"} and run["eval_samples"] == 1
     assert run["base_model_tiny_config"]["seed"] == 0 and run["base_model_tiny_config"]["flux"]["heads"] == 2
+    assert run["made_from"] == {"spatialcore_run": {"command": "spatialcore sft train --config a.yaml"},
+                                "text_sides": {"held_out_side_accuracy": 1.0}}
     trained = FluxPipeline.from_pretrained(out / "pipeline")
     img = trained("the red circle is to the left of the blue square", height=32, width=32, num_inference_steps=2,
                   guidance_scale=3.5, max_sequence_length=32, output_type="pt").images
     assert img.shape == (1, 3, 32, 32) and torch.isfinite(img).all()
-    base = FluxPipeline.from_pretrained(tiny_dir / "flux")
+    base = FluxPipeline.from_pretrained(model)
     base.load_lora_weights(out / "lora")
     g = torch.Generator().manual_seed(0)
     x = torch.randn(2, 64, base.transformer.config.in_channels, generator=g)

@@ -411,8 +411,20 @@ class SFTTrainer(Trainer):
                   "base_model_tiny_config": yaml.safe_load(tiny.read_text()) if tiny.is_file() else None,
                   "steps": self.step, "training_seconds": round(self.elapsed, 1),
                   "eval": {k: final[k] for k in ("eval_found", "eval_relation_acc") if k in final},
-                  "eval_samples": len(self.eval_prompts) * self.cfg.eval_seeds}
+                  "eval_samples": len(self.eval_prompts) * self.cfg.eval_seeds,
+                  "made_from": self._lineage()}
         (self.out / "pipeline" / "spatialcore_run.json").write_text(json.dumps(record, indent=2) + "\n")
+
+    def _lineage(self) -> dict | None:
+        """How the input pipeline was made, when it says so: its own ``spatialcore_run.json`` (an earlier
+        ``sft train``, itself with ``made_from``) and ``text_sides.json`` (``sft text-sides``), so a pipeline
+        built in several runs carries the whole chain."""
+        import json
+
+        src = Path(self.cfg.model)
+        found = {name: json.loads((src / f"{name}.json").read_text())
+                 for name in ("spatialcore_run", "text_sides") if (src / f"{name}.json").is_file()}
+        return found or None
 
     def plot(self) -> None:
         from ..logs import read_metrics
