@@ -41,6 +41,8 @@ CONFIG_FILES = {
     "reward/qwen2_5_vl_7b.yaml": "reference: LoRA on Qwen2.5-VL-7B, bf16, 8 GPUs",
     "grpo/tiny_cpu_grid.yaml": "Spatial-RL on `assets/tiny_generator` rewarded by the grid SpatialScore, Top-k "
                                "(the demo's RL run; ~7 min at 2 threads)",
+    "grpo/tiny_cpu_grid_nft.yaml": "the same run with DiffusionNFT's forward-process objective (objective: nft) "
+                                   "instead of GRPO's policy gradient",
     "grpo/tiny_cpu_grid_oracle.yaml": "ablation: the same rewarded by the evaluation's judge (the upper bound)",
     "grpo/tiny_cpu_grid_all.yaml": "ablation: the same without Top-k (every sample in the loss)",
     "grpo/tiny_cpu_grid_lcb.yaml": "ablation: the uncertainty-aware reward mu - sigma, Top-k ranked by it (a "
