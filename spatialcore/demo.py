@@ -263,12 +263,13 @@ def _gauge(base: dict, rl: dict) -> list[str]:
             f"points and objects found {found:+.1f} points: {verdict}."]
 
 
-OBJECTIVES = {"grpo": "GRPO", "nft": "DiffusionNFT"}  # the trainer's objective key -> its name in the report
-OBJECTIVE_WHY = {
-    "nft": "a flow-matching loss on the policy's own clean samples, pulled towards the better half of each group and "
-           "pushed from the worse; from a generator that half-reads the order it lifted relation accuracy about four "
-           "times as far as GRPO for the same samples (docs/EXPERIMENTS.md)",
-    "grpo": "the clipped policy gradient on the SDE steps' log-probabilities (Flow-GRPO)"}
+# the trainer's objective key -> its name in the report and what it does
+OBJECTIVES = {
+    "grpo": ("GRPO", "the clipped policy gradient on the SDE steps' log-probabilities (Flow-GRPO)"),
+    "nft": ("DiffusionNFT", "a flow-matching loss on the policy's own clean samples, pulled towards the better half of "
+                            "each group and pushed from the worse; from a generator that half-reads the order it lifted "
+                            "relation accuracy about four times as far as GRPO for the same samples "
+                            "(docs/EXPERIMENTS.md)")}
 
 
 def _what_it_shows(base: dict, rl: dict, objective: str = "GRPO") -> str:
@@ -339,7 +340,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
     g["reward"]["spatialscore"]["model"] = str(model_dir)
     gcfg = from_dict(GRPOTrainConfig, {**g, "model": cfg.generator, "out": str(out / "grpo"),
                                        "threads": cfg.grpo.threads or threads, "seed": cfg.seed}, "grpo")
-    objective = OBJECTIVES[gcfg.objective]
+    objective, what_it_does = OBJECTIVES[gcfg.objective]
     recs, its, grpo_reused = stages.run(f"Spatial-RL ({objective} + Top-k)", _grpo_stage, gcfg)
     rl = stages.run("RL policy evaluation", _generator_eval_stage, cfg, model_dir, out / "eval_rl",
                     out / "grpo" / "policy", not (reward_reused and grpo_reused))
@@ -361,7 +362,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
               "", "![reward model accuracy](reward/accuracy.png)", "",
               "## Spatial-RL on the pretrained tiny Flux, rewarded by SpatialScore", "",
               f"Base: `{cfg.generator}`. Objective: {objective} (`objective: {gcfg.objective}`; "
-              f"{OBJECTIVE_WHY[gcfg.objective]}). G = {gcfg.group_size} images per prompt, {gcfg.prompts_per_iter} prompts "
+              f"{what_it_does}). G = {gcfg.group_size} images per prompt, {gcfg.prompts_per_iter} prompts "
               f"per iteration, {_topk_words(gcfg.resolved_top_k())}; "
               f"{'LoRA r' + str(gcfg.policy.lora_rank) if gcfg.policy.lora_rank else 'full fine-tuning'}"
               f", {its} iterations. Judged by `spatialcore eval`: {base['samples']} samples ({base['prompts']} "
