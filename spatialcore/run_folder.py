@@ -7,7 +7,7 @@ before anything is built, on every rank (each raises the same error):
 
 * ``run: auto`` (default): a folder holding a run (checkpoints or metrics) with a different config stops with
   one line naming the first differing key; the same config (up to the keys in ``MAY_CHANGE``, which extend or
-  observe a run without changing what it computes) resumes;
+  observe or move a run without changing what it computes) resumes;
 * ``run: resume``: the same, and a folder without a run to resume is an error;
 * ``run: fresh``: an existing run is moved aside to ``<out>.replaced-<time>`` (nothing is deleted) and the run
   starts from scratch.
@@ -22,9 +22,10 @@ from typing import Any
 from .config import ConfigError, save_config, to_dict
 from .logs import Reporter
 
-# Keys a resumed run may change: threads, logging and saving cadence, the test hook, a time limit, and the
-# length of the run (to extend it; schedules that depend on it then continue along the new length).
-MAY_CHANGE = frozenset({"run", "threads", "stop_after", "max_minutes", "log_every", "save_every", "eval_every",
+# Keys a resumed run may change: threads, logging and saving cadence, the test hook, a time limit, the length of
+# the run (to extend it; schedules that depend on it then continue along the new length), and where the folder is
+# (a run folder moved or renamed resumes where it now is: nothing in it names its own path).
+MAY_CHANGE = frozenset({"run", "out", "threads", "stop_after", "max_minutes", "log_every", "save_every", "eval_every",
                         "steps", "max_steps", "iterations"})
 
 

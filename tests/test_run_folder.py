@@ -1,6 +1,6 @@
 """A run folder belongs to one run: a rerun with another config is refused with one line naming the first
-differing key; the same config (or one that only extends the run) resumes; --fresh moves the old run aside
-and starts over; --resume needs a run to resume."""
+differing key; the same config (or one that only extends the run, or names the folder where it was moved) resumes;
+--fresh moves the old run aside and starts over; --resume needs a run to resume."""
 
 import json
 
@@ -53,6 +53,10 @@ def test_rerun_refused_resumed_or_started_fresh(tiny_dir, tmp_path, capsys, monk
     assert "resumed from step" not in err and "moved to" in err
     (aside,) = tmp_path.glob("run.replaced-*")
     assert records(aside)[-1]["step"] == 3 and records(out)[-1]["step"] == 2
+    # a run folder moved elsewhere resumes where it now is (its config names the old out)
+    moved = aside.rename(tmp_path / "moved")
+    assert main(_grpo(tiny_dir, moved, "iterations=4", "--resume")) == 0
+    assert "resumed from step 3" in capsys.readouterr().err and records(moved)[-1]["step"] == 4
     # --resume with nothing to resume
     assert main(_grpo(tiny_dir, tmp_path / "empty", "--resume")) == 2
     err = capsys.readouterr().err.strip()
