@@ -20,11 +20,8 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/spatialcore demo
 
-# Test files run in parallel, each whole on one worker (its module fixtures built once): TEST_WORKERS=0 runs them
-# in one process, one after another.
-TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) -m pytest -q -p no:cacheprovider profiling/benchmarks --benchmark-only --benchmark-columns=median,iqr,rounds
