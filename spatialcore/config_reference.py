@@ -28,7 +28,10 @@ CONFIG_FILES = {
     "tiny/generator.yaml": "`spatialcore tiny` architecture of the committed tiny generator (4 heads x 32, 2 + 3 "
                            "blocks, no guidance embedder, 32 px VAE)",
     "sft/tiny_cpu.yaml": "pretrains the tiny generator on the `easy_grid` renderer: VAE stage, then the full "
-                         "transformer (CPU, ~1 h on one core; `make generator`)",
+                         "transformer (CPU, ~1 h on one core; the first step of `make generator`)",
+    "sft/tiny_cpu_web.yaml": "the demo's base `assets/tiny_generator`: the pretrained generator, its T5 taught the "
+                             "sides (`sft text-sides`), trained on web-like captions (the relation phrase missing "
+                             "from half; `make generator`)",
     "sft/tiny_cpu_grid_perfect.yaml": "ablation: SFT of `assets/tiny_generator` on perfect images for RL's wall time",
     "sft/flux_dev_lora.yaml": "reference: the supervised baseline, LoRA r32 on FLUX.1-dev, a pair set's chosen "
                               "images, 8 GPUs",
