@@ -79,7 +79,8 @@ def test_grpo_flop_count_of_one_micro_step_scales_to_the_whole_update(tmp_path, 
 
 
 def test_profile_grpo_writes_trace_phases_and_nvml_note(tiny_dir, tmp_path):
-    _run("profile", "grpo", "--tiny", str(tiny_dir), "--out", str(tmp_path / "p"))
+    _run("profile", "grpo", "--tiny", str(tiny_dir), "--out", str(tmp_path / "p"), "--reps", "1", "--warmup", "0",
+         "group_size=4", "top_k=1")
     trace = json.loads((tmp_path / "p" / "trace.json").read_text())
     names = {e.get("name") for e in trace["traceEvents"]}
     for phase in ("sample", "decode", "score", "advantages", "backward", "optimizer"):

@@ -39,6 +39,7 @@ def test_grpo_reference_config_at_tiny_shapes(tmp_path, capfd):
     out = tmp_path / "grpo"
     err = _run_twice(["grpo", "train", "--config", "configs/grpo/flux_dev_spatial.yaml", "model=random:tiny-flux",
                       "reward.spatialscore.model=random:tiny-qwen", "sampler.image_size=32", "sampler.compile=none",
+                      "sampler.steps=4", "sampler.window_size=2", "train_timesteps=2",
                       "group_size=4", "top_k=1", "sample_batch=2", "micro_batch=2", "iterations=2", "eval_every=2",
                       "eval_seeds=1", "save_every=1", "n_stream_prompts=16", "reward.batch=4", "threads=1",
                       "--out", str(out)], capfd)
