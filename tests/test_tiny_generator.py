@@ -1,7 +1,8 @@
-"""The committed tiny generator (assets/tiny_generator, written by `spatialcore sft train` with
-configs/sft/tiny_cpu.yaml): small enough to commit, loads in the stock FluxPipeline, carries how it was made,
+"""The committed tiny generator (assets/tiny_generator, the demo's base, built by `make generator`: the pretrained
+generator of configs/sft/tiny_cpu.yaml, its T5 taught the sides by `sft text-sides`, then configs/sft/tiny_cpu_web.yaml
+on web-like captions): small enough to commit, loads in the stock FluxPipeline, carries the chain that made it,
 reads the prompt, and, re-measured by the pixel oracle on the noise of its creation-time evaluation, still
-draws both named objects as often as then."""
+draws both named objects and places them as often as then."""
 
 import json
 from pathlib import Path
@@ -20,10 +21,18 @@ def test_small_and_carries_how_it_was_made():
     assert total <= 5_000_000, f"{total:,} bytes"
     run = json.loads((ASSET / "spatialcore_run.json").read_text())
     assert run["command"].startswith("spatialcore sft train") and run["commit"] and run["training_seconds"] > 0
-    assert run["config"]["data"]["preset"] == "easy_grid" and run["base_model_tiny_config"]["flux"]
+    assert run["config"]["data"]["preset"] == "easy_grid"
+    # weak for the reason the README gives: its captions often lack the relation phrase
+    assert run["config"]["data"]["caption_drop"] >= 0.3
+    # the chain: a T5 taught the sides (held out), on a generator pretrained from `spatialcore tiny`'s build
+    sides = run["made_from"]["text_sides"]
+    assert sides["held_out_side_accuracy"] >= 0.95 and sides["config"]["preset"] == "easy_grid"
+    first = run["made_from"]["spatialcore_run"]
+    assert first["command"].startswith("spatialcore sft train") and first["base_model_tiny_config"]["flux"]
     created = _created()
     assert created["samples"] >= 256 and created["detector"] == "oracle"
-    assert created["objects_found"] >= 0.8 and created["relation_accuracy"] < 1.0
+    # the issue's base: weak on relations, not on objects
+    assert created["objects_found"] >= 0.9 and 0.3 <= created["relation_accuracy"] <= 0.5
 
 
 def test_stock_pipeline_and_the_prompt_moves_the_objects():
@@ -63,3 +72,5 @@ def test_remeasured_objects_found_as_at_creation(tmp_path):
     assert summary["samples"] == len(rows) >= 64
     assert summary["objects_found"] >= 0.8
     assert sum(same) / len(same) >= 0.95, f"{sum(same)} of {len(same)} verdicts as at creation"
+    right = [old[(r["prompt_index"], r["seed_index"])]["correct"] == r["correct"] for r in rows]
+    assert sum(right) / len(right) >= 0.9, f"{sum(right)} of {len(right)} relation verdicts as at creation"
