@@ -36,9 +36,9 @@ def test_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
     report = (tmp_path / "REPORT.md").read_text()
     assert "(2 threads; SpatialScore training 1, Spatial-RL 2)" in report
     for stage in ("tiny checkpoints", "synthetic pairs", "SpatialScore training", "SpatialScore evaluation",
-                  "base generator evaluation", "Spatial-RL (GRPO + Top-k)", "RL policy evaluation"):
+                  "base generator evaluation", "Spatial-RL (DiffusionNFT + Top-k)", "RL policy evaluation"):
         assert f"| {stage} |" in report, stage
-    assert "Objective: GRPO (`objective: grpo`;" in report  # the demo's objective, named with what it does
+    assert "Objective: DiffusionNFT (`objective: nft`;" in report  # the demo's objective, named with what it does
     assert "| SpatialScore (tiny) |" in report and "| shuffled-prompt control |" in report
     base = json.loads((tmp_path / "eval_base" / "eval.json").read_text())
     rl = json.loads((tmp_path / "eval_rl" / "eval.json").read_text())
