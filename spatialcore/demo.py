@@ -49,7 +49,7 @@ REWARD_FILE, REWARD_CHANGES = "reward/tiny_cpu_grid.yaml", [
     "max_steps=2500"]
 # The objective is DiffusionNFT: from generators that half-read the order it lifted relation accuracy +36.6 points
 # against GRPO's +8.6 in 300 iterations (3 seeds each), and from this base, whose captions often leave the relation
-# out, +14.8 and +18.5 (docs/EXPERIMENTS.md, 2026-12-06)
+# out, +14.9, +18.5 and +17.7 in 3 seeds (docs/EXPERIMENTS.md, 2026-12-06)
 GRPO_FILE, GRPO_CHANGES = "grpo/tiny_cpu_grid_nft.yaml", [
     # model and reward.spatialscore.model become the demo's; threads=0: the demo's own setting (every core;
     # the file's 2 would leave a bigger machine idle); no time limit: the result must not depend on the
