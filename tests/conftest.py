@@ -48,27 +48,24 @@ def pytest_runtest_logreport(report):
             fh.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
 
 
-# Test modules whose expensive part is a background process (a compile, a chain of subprocesses) that leaves a
-# core of the suite's two idle: each module's ``background(items)`` starts it when one of its tests was collected,
-# the test waits for it, and the session's end stops what is still running and removes its folder.
-BACKGROUND_MODULES = ("test_native", "test_gpu_check")
-
-
 def pytest_collection_finish(session):
-    import importlib
+    """The native build (tests/test_native.py) starts now, in the background, when a test that needs it was collected
+    and the toolchain is here: its single nvcc compile overlaps the rest of the suite instead of following it."""
+    if not any(item.get_closest_marker("nvcc") for item in session.items):
+        return
+    import tempfile
+    from pathlib import Path
 
-    collected = {item.module.__name__ for item in session.items if getattr(item, "module", None)}
-    for name in BACKGROUND_MODULES:
-        if name in collected:
-            importlib.import_module(name).background(session.items)
+    import test_native
+
+    if test_native.toolchain():
+        test_native.BACKGROUND.append(test_native.Build(Path(tempfile.mkdtemp(prefix="spatialcore-cmake-"))))
 
 
 def pytest_sessionfinish(session):
     import shutil
     import sys
 
-    for name in BACKGROUND_MODULES:
-        for job in getattr(sys.modules.get(name), "BACKGROUND", []):
-            job, folder = job if isinstance(job, tuple) else (job, job.out.parent)
-            job.stop()
-            shutil.rmtree(folder, ignore_errors=True)
+    for job in getattr(sys.modules.get("test_native"), "BACKGROUND", []):
+        job.stop()
+        shutil.rmtree(job.out.parent, ignore_errors=True)

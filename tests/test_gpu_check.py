@@ -4,11 +4,9 @@ shim must be what imports `spatialcore`, which it checks), its cheapest steps on
 shapes, writing the files and tables the GPU run writes."""
 
 import os
-import signal
 import subprocess
 import sys
 import tarfile
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,61 +23,22 @@ def _checkout_copy(dest: Path) -> Path:
     return dest
 
 
-class Job:
-    """gpu_check.sh started as the device starts it (stdout and stderr to files), waited on by ``result``."""
-
-    def __init__(self, repo: Path, tmp: Path, **env):
-        venv_bin = str(Path(sys.executable).parent)  # pytest's python, and the cmake/ninja beside it
-        full = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "PYTHON": sys.executable, "REHEARSAL": "1",
-                "OUT": str(tmp / "out"), "RES": str(tmp / "res"), "SHIM": str(tmp / "shim"), **env}
-        for name in ("PYTHONPATH", "PYTHONSAFEPATH"):  # as on the device: only what the script sets
-            full.pop(name, None)
-        self.stdout, self.stderr = tmp / "gpu_check.stdout", tmp / "gpu_check.stderr"
-        with open(self.stdout, "w") as out, open(self.stderr, "w") as err:
-            self.proc = subprocess.Popen(["bash", "profiling/gpu_check.sh"], cwd=repo, env=full, stdout=out,
-                                         stderr=err, start_new_session=True)
-
-    def result(self, timeout: float = 1200) -> subprocess.CompletedProcess:
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise
-        return subprocess.CompletedProcess(self.proc.args, rc, self.stdout.read_text(), self.stderr.read_text())
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
 def _run(repo: Path, tmp: Path, **env) -> subprocess.CompletedProcess:
-    return Job(repo, tmp, **env).result()
-
-
-# The rehearsal below is a chain of single-process steps that leaves a core of the suite's two idle: conftest.py
-# starts it at collection when its test was collected (``background``), and the test waits for it.
-REHEARSAL = {"STEPS": "env wheels shim logprob train_reward",
-             # SCALE stretches the caps: a loaded CI machine imports torch slowly, and what this checks is that
-             # the steps work the device's way, not how fast (the device run's caps are checked below)
-             "SCALE": "12", "BUDGET": "200"}
-BACKGROUND: list[tuple[Job, Path]] = []
-
-
-def _start_rehearsal(tmp: Path) -> Job:
-    repo = _checkout_copy(tmp / "repo")
-    return Job(repo, tmp, **REHEARSAL, SPATIALCORE_CACHE=str(tmp / "cache"))
-
-
-def background(items) -> None:
-    if any(item.name == "test_rehearsal_of_the_cheapest_steps" for item in items):
-        tmp = Path(tempfile.mkdtemp(prefix="spatialcore-gpu-check-"))
-        BACKGROUND.append((_start_rehearsal(tmp), tmp))
+    venv_bin = str(Path(sys.executable).parent)  # pytest's python, and the cmake/ninja beside it
+    full = {**os.environ, "PATH": f"{venv_bin}:{os.environ['PATH']}", "PYTHON": sys.executable, "REHEARSAL": "1",
+            "OUT": str(tmp / "out"), "RES": str(tmp / "res"), "SHIM": str(tmp / "shim"), **env}
+    for name in ("PYTHONPATH", "PYTHONSAFEPATH"):  # as on the device: only what the script sets
+        full.pop(name, None)
+    return subprocess.run(["bash", "profiling/gpu_check.sh"], cwd=repo, env=full, capture_output=True, text=True,
+                          timeout=1200)
 
 
 def test_rehearsal_of_the_cheapest_steps(tmp_path):
-    job, tmp_path = BACKGROUND[0] if BACKGROUND else (_start_rehearsal(tmp_path), tmp_path)
-    proc = job.result()
+    repo = _checkout_copy(tmp_path / "repo")
+    # SCALE stretches the caps: a loaded CI machine imports torch slowly, and what this checks is that
+    # the steps work the device's way, not how fast (the device run's caps are checked below)
+    proc = _run(repo, tmp_path, STEPS="env wheels shim logprob train_reward", SCALE="12", BUDGET="200",
+                SPATIALCORE_CACHE=str(tmp_path / "cache"))
     out = proc.stdout
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-2000:]
     assert f"spatialcore.kernels from {tmp_path / 'shim'}" in out, out[-3000:]

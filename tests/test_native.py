@@ -6,7 +6,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -55,11 +54,6 @@ class Build:
 
 
 BACKGROUND: list[Build] = []  # the build conftest.py started, if it did
-
-
-def background(items) -> None:
-    if toolchain() and any(item.get_closest_marker("nvcc") for item in items):
-        BACKGROUND.append(Build(Path(tempfile.mkdtemp(prefix="spatialcore-cmake-"))))
 
 
 @pytest.fixture(scope="module")
