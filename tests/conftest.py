@@ -46,26 +46,3 @@ def pytest_runtest_logreport(report):
     if path and report.failed:
         with open(path, "a", encoding="utf-8") as fh:
             fh.write(f"=== {report.nodeid} ({report.when})\n{report.longreprtext}\n\n")
-
-
-def pytest_collection_finish(session):
-    """The native build (tests/test_native.py) starts now, in the background, when a test that needs it was collected
-    and the toolchain is here: its single nvcc compile overlaps the rest of the suite instead of following it."""
-    if not any(item.get_closest_marker("nvcc") for item in session.items):
-        return
-    import tempfile
-    from pathlib import Path
-
-    import test_native
-
-    if test_native.toolchain():
-        test_native.BACKGROUND.append(test_native.Build(Path(tempfile.mkdtemp(prefix="spatialcore-cmake-"))))
-
-
-def pytest_sessionfinish(session):
-    import shutil
-    import sys
-
-    for job in getattr(sys.modules.get("test_native"), "BACKGROUND", []):
-        job.stop()
-        shutil.rmtree(job.out.parent, ignore_errors=True)

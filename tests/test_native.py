@@ -1,9 +1,7 @@
 """The native extension spatialcore._C: compiled with CMake + nvcc here, run on a GPU machine."""
 
 import os
-import shlex
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -19,54 +17,27 @@ def _cmake() -> str | None:
     return shutil.which("cmake", path=str(BIN)) or shutil.which("cmake")
 
 
-def toolchain() -> bool:
-    return shutil.which("nvcc") is not None and _cmake() is not None
-
-
 needs_toolchain = pytest.mark.skipif(
-    not toolchain(),
+    shutil.which("nvcc") is None or _cmake() is None,
     reason="nvcc or cmake not found: the native extension cannot be compiled on this machine",
 )
 
 
-class Build:
-    """The CMake configure + build of spatialcore._C into a folder of its own, as a background process: it compiles
-    on one core (one .cu file), and the rest of the suite leaves about a core idle, so conftest.py starts it when the
-    collected tests include one marked nvcc and the fixture below waits for it."""
-
-    def __init__(self, root: Path):
-        self.out, build, self.log = root / "lib", root / "build", root / "build.log"
-        self.out.mkdir(parents=True, exist_ok=True)
-        cmake = _cmake()
-        ninja = shutil.which("ninja", path=str(BIN))
-        gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={ninja}"] if ninja else []
-        configure = [cmake, "-S", str(ROOT), "-B", str(build), *gen, f"-DPython3_EXECUTABLE={sys.executable}",
-                     f"-DSPATIALCORE_LIB_DIR={self.out}"]
-        compile_ = [cmake, "--build", str(build), "-j", str(max(1, os.cpu_count() or 1))]
-        with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(["bash", "-c", f"{shlex.join(configure)} && {shlex.join(compile_)}"],
-                                         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
-
-
-BACKGROUND: list[Build] = []  # the build conftest.py started, if it did
-
-
 @pytest.fixture(scope="module")
 def built_lib(tmp_path_factory):
-    job = BACKGROUND[0] if BACKGROUND else Build(tmp_path_factory.mktemp("cmake"))
-    try:
-        # nvcc on torch's headers takes minutes on 2 cores (12 on a loaded one): a generous limit
-        rc = job.proc.wait(timeout=2400)
-    except subprocess.TimeoutExpired:
-        job.stop()
-        pytest.fail(f"the native build ran past 2400 s: {job.log}")
-    assert rc == 0, job.log.read_text()[-6000:]
-    lib = job.out / "_C.so"
+    build = tmp_path_factory.mktemp("cmake-build")
+    out = tmp_path_factory.mktemp("lib")
+    cmake = _cmake()
+    gen = ["-G", "Ninja", f"-DCMAKE_MAKE_PROGRAM={shutil.which('ninja', path=str(BIN))}"] \
+        if shutil.which("ninja", path=str(BIN)) else []
+    cfg = subprocess.run([cmake, "-S", str(ROOT), "-B", str(build), *gen, f"-DPython3_EXECUTABLE={sys.executable}",
+                          f"-DSPATIALCORE_LIB_DIR={out}"], capture_output=True, text=True, timeout=600)
+    assert cfg.returncode == 0, cfg.stdout[-3000:] + cfg.stderr[-3000:]
+    jobs = str(max(1, os.cpu_count() or 1))
+    # nvcc on torch's headers takes minutes on 2 cores (12 on a loaded one): a generous limit
+    bld = subprocess.run([cmake, "--build", str(build), "-j", jobs], capture_output=True, text=True, timeout=2400)
+    assert bld.returncode == 0, bld.stdout[-5000:] + bld.stderr[-3000:]
+    lib = out / "_C.so"
     assert lib.is_file()
     return lib
 
