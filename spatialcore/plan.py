@@ -340,6 +340,9 @@ def plan_grpo(cfg, world: int, gpu_gib: float) -> Plan:
         kept_global = cfg.prompts_per_iter * (min(2 * top_k, cfg.group_size) if top_k else cfg.group_size)
         kept = max(1, math.ceil(kept_global / world))
         mb = min(cfg.micro_batch or kept, kept, chunk)
+        if cfg.objective == "nft":  # its forwards take (kept sample, trained timestep) pairs
+            pairs = kept * (cfg.train_timesteps or cfg.sampler.steps)
+            mb = min(cfg.micro_batch or pairs, pairs)
         meter.reset_peak()
         with meter:
             keep = torch.zeros(chunk, dtype=torch.bool)
@@ -402,11 +405,14 @@ def _shard_policy(plan: Plan, transformer, world: int) -> None:
 
 
 def _nft_replay(sampler, policy, traj, mb: int, old, kl_beta: float) -> None:
-    """One micro-batch of NFT's update: the old policy's and the reference's velocity, the trained one's with its
+    """One micro-batch (``mb`` sample-timestep pairs) of NFT's update: the old policy's and the reference's velocity, the trained one's with its
     backward (the weights are swapped, not copied: the old policy costs its own bytes only)."""
     from .trainers.nft import nft_loss
 
-    x0, emb, pooled = traj.final[:mb], traj.prompt_embeds[:mb], traj.pooled[:mb]
+    def rows(x: torch.Tensor) -> torch.Tensor:  # mb pairs, more than the trajectory's rows when K > 1
+        return x[:1].expand(mb, *x.shape[1:]).clone()
+
+    x0, emb, pooled = rows(traj.final), rows(traj.prompt_embeds), rows(traj.pooled)
     t = torch.full((mb,), 0.5, device="meta")
     x_t = x0 * 0.5
     with torch.no_grad():

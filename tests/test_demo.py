@@ -34,7 +34,7 @@ def test_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
     assert yaml.safe_load((tmp_path / "grpo" / "config.yaml").read_text())["threads"] == 2
     assert torch.get_num_threads() == 2  # the last stage (evaluation) ran on the demo's threads
     report = (tmp_path / "REPORT.md").read_text()
-    assert "(2 threads; SpatialScore training 1, Spatial-RL 2)" in report
+    assert "(2 threads; SpatialScore training 1, Spatial-RL 2, eager)" in report  # smoke.yaml: compile none
     for stage in ("tiny checkpoints", "synthetic pairs", "SpatialScore training", "SpatialScore evaluation",
                   "base generator evaluation", "Spatial-RL (DiffusionNFT + Top-k)", "RL policy evaluation"):
         assert f"| {stage} |" in report, stage
@@ -75,3 +75,16 @@ def test_the_report_claims_only_what_its_numbers_show():
     assert "did not make the generator obey" in flat and "-2.0 points" in flat
     lost = _what_it_shows(base, {"relation_accuracy": 0.70, "objects_found": 0.80})  # layouts by losing objects
     assert "did not make the generator obey" in lost
+
+
+def test_spatial_rl_compiles_its_blocks_and_runs_eagerly_where_nothing_compiles(monkeypatch, capfd):
+    import spatialcore.demo as demo
+
+    cfg = load_config(DemoConfig, None, [])
+    assert cfg.grpo.sampler.compile == "regional" and cfg.grpo.sample_batch == 32  # the demo's own choices
+    assert demo.compile_problem() is None  # this machine builds CPU kernels
+    assert demo._sampler_compile(cfg.grpo) == "regional"
+    monkeypatch.setattr(demo, "compile_problem", lambda: "CalledProcessError: no C++ compiler")
+    assert demo._sampler_compile(cfg.grpo) == "none" == cfg.grpo.sampler.compile
+    assert "torch.compile cannot build kernels here (CalledProcessError: no C++ compiler): Spatial-RL runs eagerly" \
+        in capfd.readouterr().err

@@ -472,6 +472,7 @@ class GRPOTrainer(Trainer):
         if self.fsdp:
             self.policy.shard()
         self.sampler = FluxSampler(pipe, cfg.sampler)
+        self.policy.compile_reference(cfg.sampler.compile)
         self.reward_fn = make_reward(cfg.reward, self.device)
         self.oracle_fn = self.reward_fn if cfg.reward.name == "oracle" else make_reward(cfg.reward, self.device,
                                                                                         "oracle")

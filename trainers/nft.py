@@ -110,37 +110,38 @@ class NFTObjective:
             return stats
         schedule = sampler.sigmas[:-1]  # the sampler's timesteps (t = sigma), pure noise first
         K = tr.cfg.train_timesteps or len(schedule)
-        x0_all, emb_all, pooled_all = traj.final, traj.prompt_embeds, traj.pooled
+        # every kept sample's own K timesteps and noises, from its global index (the same on any rank count)
+        ts, noise = [], []
+        for row in idx.tolist():
+            g = torch.Generator().manual_seed(noise_seed(tr.cfg.seed, iteration, tr.mine[row]))
+            ts.append(torch.randperm(len(schedule), generator=g)[:K])
+            noise.append(torch.randn(K, *traj.final.shape[1:], generator=g))
+        # one forward per micro-batch of (sample, timestep) pairs: all of a sample's timesteps share a forward,
+        # the same terms as one forward per timestep, in fewer and larger matrix products
+        pair_rows, pair_t = idx.repeat_interleave(K), schedule[torch.stack(ts).flatten()]
+        noise = torch.stack(noise).flatten(0, 1).to(traj.final)
         r_all = optimality(adv.float(), cfg.adv_clip_max)
-        mb = tr.cfg.micro_batch or idx.numel()
-        for s in range(0, idx.numel(), mb):
-            rows = idx[s:s + mb]
-            x0, emb, pooled, r = x0_all[rows], emb_all[rows], pooled_all[rows], r_all[rows]
-            # each sample's own timesteps and noise, from its global index
-            ts, noise = [], []
-            for row in rows.tolist():
-                g = torch.Generator().manual_seed(noise_seed(tr.cfg.seed, iteration, tr.mine[row]))
-                ts.append(torch.randperm(len(schedule), generator=g)[:K])
-                noise.append(torch.randn(K, *x0.shape[1:], generator=g))
-            ts, noise = torch.stack(ts), torch.stack(noise).to(x0)
-            w = rows.numel() / n_kept / K
-            for k in range(K):
-                t = schedule[ts[:, k]].to(x0)
-                tt = t.view(-1, *[1] * (x0.ndim - 1))
-                x_t = (1 - tt) * x0 + tt * noise[:, k]
-                with torch.no_grad():
-                    with policy.swapped(self.old):
-                        v_old = sampler.velocity(x_t, t, emb, pooled)
-                    v_ref = None
-                    if cfg.kl_beta > 0:
-                        with policy.reference() as ref:
-                            v_ref = sampler.velocity(x_t, t, emb, pooled, ref)
-                v = sampler.velocity(x_t, t, emb, pooled)
-                loss = nft_loss(v, v_old, x_t, x0, t, r, beta=cfg.beta, clip_max=cfg.adv_clip_max, v_ref=v_ref,
-                                kl_beta=cfg.kl_beta).mean()
-                with phase("backward"):
-                    (loss * w).backward()
-                stats["loss"] += value_of(loss.detach()) * w
+        mb = tr.cfg.micro_batch or pair_rows.numel()
+        for s in range(0, pair_rows.numel(), mb):
+            rows = pair_rows[s:s + mb]
+            x0, emb, pooled, r = traj.final[rows], traj.prompt_embeds[rows], traj.pooled[rows], r_all[rows]
+            t = pair_t[s:s + mb].to(x0)
+            tt = t.view(-1, *[1] * (x0.ndim - 1))
+            x_t = (1 - tt) * x0 + tt * noise[s:s + mb]
+            with torch.no_grad():
+                with policy.swapped(self.old):
+                    v_old = sampler.velocity(x_t, t, emb, pooled)
+                v_ref = None
+                if cfg.kl_beta > 0:
+                    with policy.reference() as ref:
+                        v_ref = sampler.velocity(x_t, t, emb, pooled, ref)
+            v = sampler.velocity(x_t, t, emb, pooled)
+            w = rows.numel() / n_kept / K  # each pair's share of the mean over all ranks' kept pairs
+            loss = nft_loss(v, v_old, x_t, x0, t, r, beta=cfg.beta, clip_max=cfg.adv_clip_max, v_ref=v_ref,
+                            kl_beta=cfg.kl_beta).mean()
+            with phase("backward"):
+                (loss * w).backward()
+            stats["loss"] += value_of(loss.detach()) * w
         stats["r_mean"] = value_of(r_all[idx].sum()) / n_kept  # this rank's share of the mean over kept samples
         return stats
 

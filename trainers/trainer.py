@@ -48,8 +48,8 @@ class RunConfig:
     threads: int = param(0, min=0, help="torch CPU threads (0: torch's default)")
     report_to: list[str] = param(default_factory=lambda: ["jsonl"],
                                  help="where records go besides metrics.jsonl: tensorboard, wandb (optional packages)")
-    micro_batch: int = param(0, min=0, help="items (pairs, kept samples, images) per forward/backward on a rank; the "
-                                            "rest of the rank's share is accumulated (0: all at once)")
+    micro_batch: int = param(0, min=0, help="items (pairs, kept samples, nft's sample-timestep pairs, images) per "
+                                            "forward/backward on a rank; the rest of the rank's share is accumulated (0: all at once)")
     log_every: int = param(10, min=1, help="a log line every this many steps (and at every evaluation)")
     eval_every: int = param(100, min=1, help="a held-out evaluation every this many steps (and at the last)")
     save_every: int = param(200, min=1, help="an atomic checkpoint every this many steps (and at the last)")

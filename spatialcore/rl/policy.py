@@ -68,6 +68,14 @@ class Policy:
             shard(tr, [*tr.transformer_blocks, *tr.single_transformer_blocks])
         self.params = {n: p for n, p in self.transformer.named_parameters() if p.requires_grad}
 
+    def compile_reference(self, mode: str) -> None:
+        """Compile full fine-tuning's frozen reference copy as the sampler compiles the trained transformer
+        (``mode``: the sampler's ``compile``); LoRA's reference is the trained transformer itself."""
+        from .sampler import compile_transformer
+
+        if self._ref is not None and mode != "none":
+            compile_transformer(self._ref, mode)
+
     @property
     def n_trainable(self) -> int:
         return sum(p.numel() for p in self.params.values())
