@@ -39,17 +39,21 @@ CONFIG_FILES = {
                               "images, 8 GPUs",
     "reward/tiny_cpu.yaml": "tiny SpatialScore, `easy` stream, curriculum (CPU, ~8 min)",
     "reward/tiny_cpu_grid.yaml": "tiny SpatialScore in the tiny generator's world (`easy_grid`: flips, drops, "
-                                 "duplicates; the demo's, with max_steps=2500)",
+                                 "duplicates; the demo's, with max_steps=1500)",
     "reward/tiny_cpu_unseen.yaml": "tiny SpatialScore judged on object pairs never seen in training (CPU, ~16 min)",
     "reward/tiny_cpu_hard.yaml": "tiny SpatialScore on the published task's shape (3-6 objects, 2-9 relations, 1 or "
                                  "2-3 violations, held-out object sets) at 56 px (CPU, ~25 min)",
     "reward/qwen2_5_vl_7b.yaml": "reference: LoRA on Qwen2.5-VL-7B, bf16, 8 GPUs",
-    "grpo/tiny_cpu_grid.yaml": "Spatial-RL on `assets/tiny_generator` rewarded by the grid SpatialScore, Top-k "
-                               "(the demo's RL run; ~7 min at 2 threads)",
+    "grpo/tiny_cpu_grid.yaml": "Spatial-RL on `assets/tiny_generator` rewarded by the grid SpatialScore, Top-k, "
+                               "GRPO (~9 min at 2 threads)",
     "grpo/tiny_cpu_grid_nft.yaml": "the same run with DiffusionNFT's forward-process objective (objective: nft) "
-                                   "instead of GRPO's policy gradient",
-    "grpo/tiny_cpu_grid_oracle.yaml": "ablation: the same rewarded by the evaluation's judge (the upper bound)",
-    "grpo/tiny_cpu_grid_all.yaml": "ablation: the same without Top-k (every sample in the loss)",
+                                   "instead of GRPO's policy gradient, compiled (the demo's RL run; ~11 min at 2 "
+                                   "threads)",
+    "grpo/tiny_cpu_grid_nft_oracle.yaml": "ablation of the demo's RL: rewarded by the evaluation's judge (the upper "
+                                          "bound)",
+    "grpo/tiny_cpu_grid_nft_all.yaml": "ablation of the demo's RL: without Top-k (every sample in the loss)",
+    "grpo/tiny_cpu_grid_oracle.yaml": "ablation of the GRPO run: rewarded by the evaluation's judge",
+    "grpo/tiny_cpu_grid_all.yaml": "ablation of the GRPO run: without Top-k",
     "grpo/tiny_cpu_grid_lcb.yaml": "ablation: the uncertainty-aware reward mu - sigma, Top-k ranked by it (a "
                                    "Gaussian-head SpatialScore)",
     "grpo/tiny_cpu.yaml": "Top-k GRPO on the random tiny Flux with the dense pixel-oracle reward (CPU, 10 min)",

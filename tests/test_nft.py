@@ -105,6 +105,54 @@ def test_the_same_update_on_one_rank_with_accumulation_and_on_two_nodes(tiny_dir
         assert moved > 1e-2 and rel <= 1e-5, (name, rel, moved)
 
 
+@pytest.mark.parametrize("micro_batch", [0, 5])
+def test_the_gradient_is_the_mean_over_kept_samples_and_their_timesteps(tiny_dir, tmp_path, micro_batch):
+    """The step forwards (sample, timestep) pairs in micro-batches (5: one cut through a sample's timesteps); its
+    gradient is, one pair at a time: the loss at each kept sample's K timesteps and noises (drawn from the sample's
+    own seed), against the old policy's and the base's velocities, divided by the global kept count times K."""
+    from spatialcore.trainers.grpo import GRPOTrainer
+    from spatialcore.trainers.nft import noise_seed
+
+    over = _overrides(tiny_dir, group_size=4, micro_batch=micro_batch, **{"nft.kl_beta": 0.05, "nft.beta": 0.7})
+    cfg = load_config(GRPOTrainConfig, None, cli_args({**over, "out": str(tmp_path / "g")}))
+    tr = GRPOTrainer(cfg)
+    obj, sampler, policy, K, it, n_kept = tr.objective, tr.sampler, tr.policy, cfg.train_timesteps, 7, 6
+    with torch.no_grad():  # an old policy apart from the trained one
+        obj.old = {n: p + 0.05 * torch.randn_like(p) for n, p in tr.params.items()}
+        for p in tr.params.values():
+            p.add_(0.02 * torch.randn_like(p))
+    traj = tr._sample([LEFT] * 4 + [RIGHT] * 4, list(range(8)), None)
+    adv = torch.tensor([2.0, -7.0, 0.3, -1.0, 9.0, 0.0, -2.5, 1.0])
+    keep = torch.tensor([True, False, True, True, False, False, True, True])
+    schedule = sampler.sigmas[:-1]
+    for p in tr.params.values():
+        p.grad = None
+    for n in keep.nonzero().flatten().tolist():
+        g = torch.Generator().manual_seed(noise_seed(cfg.seed, it, tr.mine[n]))
+        ts = torch.randperm(len(schedule), generator=g)[:K]
+        noise = torch.randn(K, *traj.final.shape[1:], generator=g)
+        x0, emb, pooled = traj.final[n:n + 1], traj.prompt_embeds[n:n + 1], traj.pooled[n:n + 1]
+        r = optimality(adv[n:n + 1], cfg.nft.adv_clip_max)
+        for k in range(K):
+            t = schedule[ts[k]].view(1)
+            x_t = (1 - t) * x0 + t * noise[k:k + 1]
+            with torch.no_grad():
+                with policy.swapped(obj.old):
+                    v_old = sampler.velocity(x_t, t, emb, pooled)
+                with policy.reference() as ref:
+                    v_ref = sampler.velocity(x_t, t, emb, pooled, ref)
+            loss = nft_loss(sampler.velocity(x_t, t, emb, pooled), v_old, x_t, x0, t, r, beta=0.7, clip_max=5.0,
+                            v_ref=v_ref, kl_beta=0.05)
+            (loss.sum() / (n_kept * K)).backward()
+    want = {n: p.grad.clone() for n, p in tr.params.items()}
+    for p in tr.params.values():
+        p.grad = None
+    obj.accumulate(traj, adv, keep, n_kept, it, 0, [])
+    worst = max(float((tr.params[n].grad - w).abs().max() / w.abs().max()) for n, w in want.items())
+    assert worst < 1e-4, worst
+    assert all(float(w.abs().max()) > 0 for w in want.values())
+
+
 def test_a_stopped_run_resumes_with_its_old_policy(tiny_dir, tmp_path, capfd):
     """Stopped after iteration 2 and resumed: the same weights at iteration 4 as straight through (the old policy,
     which samples and anchors the loss, is part of the checkpoint)."""
