@@ -39,7 +39,7 @@ CONFIG_FILES = {
                               "images, 8 GPUs",
     "reward/tiny_cpu.yaml": "tiny SpatialScore, `easy` stream, curriculum (CPU, ~8 min)",
     "reward/tiny_cpu_grid.yaml": "tiny SpatialScore in the tiny generator's world (`easy_grid`: flips, drops, "
-                                 "duplicates; the demo's, with max_steps=1500)",
+                                 "duplicates; the demo's, with max_steps=2500)",
     "reward/tiny_cpu_unseen.yaml": "tiny SpatialScore judged on object pairs never seen in training (CPU, ~16 min)",
     "reward/tiny_cpu_hard.yaml": "tiny SpatialScore on the published task's shape (3-6 objects, 2-9 relations, 1 or "
                                  "2-3 violations, held-out object sets) at 56 px (CPU, ~25 min)",

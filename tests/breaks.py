@@ -249,6 +249,21 @@ BREAKS = [
     ("run folder: a moved folder is refused (its config names the old out)", "spatialcore/run_folder.py",
      'frozenset({"run", "out", "threads"', 'frozenset({"run", "threads"',
      [T + "test_run_folder.py::test_rerun_refused_resumed_or_started_fresh"]),
+    ("nft: the pairs' timesteps taken timestep-major (a sample trained at another sample's timesteps)",
+     "trainers/nft.py", "schedule[torch.stack(ts).flatten()]", "schedule[torch.stack(ts).t().flatten()]",
+     [T + "test_nft.py::test_the_gradient_is_the_mean_over_kept_samples_and_their_timesteps"]),
+    ("nft: a micro-batch's loss weighted by samples, not pairs", "trainers/nft.py",
+     "w = rows.numel() / n_kept / K", "w = rows.numel() / n_kept",
+     [T + "test_nft.py::test_the_gradient_is_the_mean_over_kept_samples_and_their_timesteps"]),
+    ("demo: compiling kept where nothing compiles", "spatialcore/demo.py",
+     '            gcfg.sampler.compile = "none"\n', "",
+     [T + "test_demo.py::test_spatial_rl_compiles_its_blocks_and_runs_eagerly_where_nothing_compiles"]),
+    ("eval: samples scored afterwards in another order than their images", "spatialcore/eval/report.py",
+     '[Image.open(out / r["image"]).convert("RGB") for r in recs])', '[Image.open(out / r["image"]).convert("RGB") for r in recs[::-1]])',
+     [T + "test_eval.py::test_samples_scored_afterwards_get_the_same_spatialscore"]),
+    ("demo: the side lane's warm-up left out of the child's work", "spatialcore/demo.py",
+     'if what == "warmup" and not job["warmup"]:', 'if what == "warmup":',
+     [T + "test_demo.py::test_the_side_lane_judges_the_base_and_warms_spatial_rl_up_in_a_child_process"]),
 ]
 
 

@@ -39,6 +39,9 @@ def test_demo_runs_every_stage_and_reports(tmp_path, monkeypatch):
                   "base generator evaluation", "Spatial-RL (DiffusionNFT + Top-k)", "RL policy evaluation"):
         assert f"| {stage} |" in report, stage
     assert "Objective: DiffusionNFT (`objective: nft`;" in report  # the demo's objective, named with what it does
+    # the base generator was sampled and judged by the side lane while SpatialScore trained, then scored
+    assert "| base generator evaluation |" in report and "sampled and judged beside SpatialScore's training" in report
+    assert json.loads((tmp_path / "side_lane.json").read_text()) == {"eval": "done"}  # compile none: no warm-up
     assert "| SpatialScore (tiny) |" in report and "| shuffled-prompt control |" in report
     base = json.loads((tmp_path / "eval_base" / "eval.json").read_text())
     rl = json.loads((tmp_path / "eval_rl" / "eval.json").read_text())
@@ -88,3 +91,23 @@ def test_spatial_rl_compiles_its_blocks_and_runs_eagerly_where_nothing_compiles(
     assert demo._sampler_compile(cfg.grpo) == "none" == cfg.grpo.sampler.compile
     assert "torch.compile cannot build kernels here (CalledProcessError: no C++ compiler): Spatial-RL runs eagerly" \
         in capfd.readouterr().err
+
+
+def test_the_side_lane_judges_the_base_and_warms_spatial_rl_up_in_a_child_process(tmp_path):
+    """The child evaluates the base generator without SpatialScore and runs Spatial-RL's one-iteration warm-up
+    (rewarded by the oracle: no SpatialScore exists yet), leaving the evaluation and no warm-up folder."""
+    import spatialcore.demo as demo
+    from spatialcore.config import from_dict, to_dict
+    from spatialcore.trainers.grpo import GRPOTrainConfig
+
+    cfg = small()
+    g = to_dict(cfg.grpo)
+    g["reward"]["spatialscore"]["model"] = str(tmp_path / "reward" / "model")  # not there yet
+    gcfg = from_dict(GRPOTrainConfig, {**g, "model": cfg.generator, "out": str(tmp_path / "grpo")}, "grpo")
+    warm = demo._warmup_config(gcfg, tmp_path)
+    assert warm["reward"]["name"] == "oracle" and warm["iterations"] == 1 and warm["threads"] == 1
+    assert {k: v for k, v in warm["sampler"].items()} == to_dict(gcfg)["sampler"]  # the same shapes and compile mode
+    lane = demo._SideLane(cfg, gcfg, tmp_path, warmup=True)
+    assert lane.wait() == {"eval": "done", "warmup": "done"}
+    assert json.loads((tmp_path / "eval_base" / "eval.json").read_text())["samples"] == 4
+    assert not (tmp_path / "grpo_warmup").exists()

@@ -248,3 +248,21 @@ def test_axis_and_order_separates_a_swapped_pair_from_a_wrong_axis():
     assert axis_and_order(tasks, verdicts) == {"n": 4, "axis_right": 3 / 4, "order_right_given_axis": 2 / 3}
     assert axis_and_order(tasks[4:], verdicts[4:]) == {"n": 0, "axis_right": None, "order_right_given_axis": None}
     assert summarize(tasks, verdicts)["axis_and_order"]["n"] == 4
+
+
+def test_samples_scored_afterwards_get_the_same_spatialscore(tiny_dir, tmp_path):
+    """add_spatialscore on an evaluation run without a reward model (the demo scores the base generator's samples
+    after SpatialScore has trained) gives what run_eval with the model gives: mu per sample and its summary."""
+    from spatialcore.eval.report import EvalSettings, add_spatialscore, run_eval
+    from spatialcore.reward.model import SpatialScore
+
+    SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True).save_pretrained(tmp_path / "ss")
+    settings = EvalSettings(prompts="synthetic:easy_grid", n_prompts=3, per_prompt=2, steps=2, batch=4)
+    now = run_eval(str(tiny_dir / "flux"), tmp_path / "now", settings, reward_model=str(tmp_path / "ss"))
+    assert "spatialscore" not in run_eval(str(tiny_dir / "flux"), tmp_path / "later", settings)
+    later = add_spatialscore(tmp_path / "later", str(tmp_path / "ss"))
+    assert later == now
+    rows = [[json.loads(x) for x in (tmp_path / d / "samples.jsonl").read_text().splitlines()] for d in ("now", "later")]
+    assert rows[0] == rows[1] and len({r["spatialscore_mu"] for r in rows[0]}) > 1
+    assert json.loads((tmp_path / "later" / "eval.json").read_text()) == now
+    assert "SpatialScore mu" in (tmp_path / "later" / "eval.md").read_text()

@@ -92,9 +92,7 @@ def summarize(tasks: list[Task], verdicts: list[Verdict], mu: list[float] | None
         "axis_and_order": axis_and_order(tasks, verdicts),
     }
     if mu is not None:
-        m = np.asarray(mu, dtype=np.float64)
-        out["spatialscore"] = {"mu_mean": float(m.mean()), "mu_std": float(m.std()),
-                               "sigma_mean": float(np.mean(sigma)) if sigma is not None else None}
+        out["spatialscore"] = _spatialscore_summary(mu, sigma)
     return out
 
 
@@ -123,6 +121,16 @@ def axis_and_order(tasks: list[Task], verdicts: list[Verdict]) -> dict:
                 axis += 1
                 order += int(d[want_axis] * sign > 0)
     return {"n": n, "axis_right": axis / n if n else None, "order_right_given_axis": order / axis if axis else None}
+
+
+def _spatialscore_summary(mu: list[float], sigma: list[float] | None) -> dict:
+    m = np.asarray(mu, dtype=np.float64)
+    return {"mu_mean": float(m.mean()), "mu_std": float(m.std()),
+            "sigma_mean": float(np.mean(sigma)) if sigma is not None else None}
+
+
+def _title(summary: dict) -> str:
+    return f"Spatial evaluation of {summary['model']}" + (f" + {summary['lora']}" if summary.get("lora") else "")
 
 
 def markdown(summary: dict, *, title: str) -> str:
@@ -231,8 +239,33 @@ def run_eval(model: str, out: str | Path, settings: EvalSettings, *, lora: str |
                 rec.update({"spatialscore_mu": mu[n], "spatialscore_sigma": sigma[n]})
             f.write(json.dumps(rec) + "\n")
     (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
-    (out / "eval.md").write_text(markdown(summary, title=f"Spatial evaluation of {model}" + (f" + {lora}" if lora else "")))
+    (out / "eval.md").write_text(markdown(summary, title=_title(summary)))
     verdict_grid(images, verdicts, s.per_prompt, [t.prompt for t in tasks], out / "grid.png")
     info(f"objects found {summary['objects_found']:.3f}, relation accuracy {summary['relation_accuracy']:.3f} "
          f"({summary['samples']} samples) -> {out / 'eval.md'}", who="eval")
+    return summary
+
+
+def add_spatialscore(out: str | Path, reward_model: str, device: str = "cpu") -> dict:
+    """Score the samples an evaluation saved in ``out`` (run without ``reward_model``) with a SpatialScore, as
+    :func:`run_eval` would have: the same pixels (PNG is lossless), mu and sigma per sample into samples.jsonl, their
+    summary into eval.json and eval.md; returns the summary."""
+    import torch
+    from PIL import Image
+
+    from ..reward.model import SpatialScore
+
+    out = Path(out)
+    recs = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line.strip()]
+    summary = json.loads((out / "eval.json").read_text())
+    rm = SpatialScore.from_pretrained(reward_model).to(device).eval()
+    with torch.no_grad():
+        m, sd = rm.score([r["prompt"] for r in recs], [Image.open(out / r["image"]).convert("RGB") for r in recs])
+    mu, sigma = m.float().tolist(), sd.float().tolist()
+    with (out / "samples.jsonl").open("w") as f:
+        for r, a, b in zip(recs, mu, sigma, strict=True):
+            f.write(json.dumps({**r, "spatialscore_mu": a, "spatialscore_sigma": b}) + "\n")
+    summary["spatialscore"] = _spatialscore_summary(mu, sigma)
+    (out / "eval.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / "eval.md").write_text(markdown(summary, title=_title(summary)))
     return summary
