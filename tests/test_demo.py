@@ -96,9 +96,10 @@ def test_spatial_rl_compiles_its_blocks_and_runs_eagerly_where_nothing_compiles(
 def test_the_side_lane_judges_the_base_and_warms_spatial_rl_up_in_a_child_process(tmp_path):
     """The child evaluates the base generator without SpatialScore and runs Spatial-RL's one-iteration warm-up
     (rewarded by the oracle: no SpatialScore exists yet), leaving the evaluation and no warm-up folder."""
+    from spatialcore.trainers.grpo import GRPOTrainConfig
+
     import spatialcore.demo as demo
     from spatialcore.config import from_dict, to_dict
-    from spatialcore.trainers.grpo import GRPOTrainConfig
 
     cfg = small()
     g = to_dict(cfg.grpo)
@@ -106,7 +107,7 @@ def test_the_side_lane_judges_the_base_and_warms_spatial_rl_up_in_a_child_proces
     gcfg = from_dict(GRPOTrainConfig, {**g, "model": cfg.generator, "out": str(tmp_path / "grpo")}, "grpo")
     warm = demo._warmup_config(gcfg, tmp_path)
     assert warm["reward"]["name"] == "oracle" and warm["iterations"] == 1 and warm["threads"] == 1
-    assert {k: v for k, v in warm["sampler"].items()} == to_dict(gcfg)["sampler"]  # the same shapes and compile mode
+    assert warm["sampler"] == to_dict(gcfg)["sampler"]  # the same shapes and compile mode
     lane = demo._SideLane(cfg, gcfg, tmp_path, warmup=True)
     assert lane.wait() == {"eval": "done", "warmup": "done"}
     assert json.loads((tmp_path / "eval_base" / "eval.json").read_text())["samples"] == 4
