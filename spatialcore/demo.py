@@ -447,7 +447,12 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
     rl_trains = not ((out / "grpo" / "policy").is_dir() and _same_config(out / "grpo", gcfg))
     side = _SideLane(cfg, gcfg, out, warmup=rl_trains and compiled != "none") \
         if reward_trains and rcfg.threads < threads else None
-    model_dir, reward_reused = stages.run("SpatialScore training", _reward_train_stage, cfg, rcfg)
+    try:
+        model_dir, reward_reused = stages.run("SpatialScore training", _reward_train_stage, cfg, rcfg)
+    except BaseException:
+        if side:
+            side.proc.kill()
+        raise
     side_done = side.wait() if side else {}
     real, control, n_test = stages.run("SpatialScore evaluation", _reward_eval_stage, model_dir, pairs)
     base = stages.run("base generator evaluation", _generator_eval_stage, cfg, model_dir, out / "eval_base", None,
