@@ -264,12 +264,14 @@ def _generator_eval_stage(cfg: DemoConfig, model_dir: Path, out: Path, lora: Pat
 
 def _warmup_config(gcfg: GRPOTrainConfig, out: Path) -> dict:
     """Spatial-RL's config for one iteration rewarded by the pixel oracle (no SpatialScore yet): the same sampler,
-    batch shapes and compile mode, so it builds every kernel the real run needs."""
+    batch shapes, compile mode and threads (torch.compile builds its CPU kernels for a thread count: warmed at one
+    thread, a 2-thread run compiled its first training step again, 48 s), so it builds every kernel the real run
+    needs (that step then took 4.7 s)."""
     g = to_dict(gcfg)
     g["reward"]["name"] = "oracle"
     g["optim"]["warmup_steps"] = 0
     return {**g, "out": str(out / "grpo_warmup"), "iterations": 1, "eval_every": 1, "save_every": 1, "log_every": 1,
-            "threads": 1, "max_minutes": 0, "save_grids": False}
+            "max_minutes": 0, "save_grids": False}
 
 
 def side_lane(job: str) -> int:

@@ -106,7 +106,8 @@ def test_the_side_lane_judges_the_base_and_warms_spatial_rl_up_in_a_child_proces
     g["reward"]["spatialscore"]["model"] = str(tmp_path / "reward" / "model")  # not there yet
     gcfg = from_dict(GRPOTrainConfig, {**g, "model": cfg.generator, "out": str(tmp_path / "grpo")}, "grpo")
     warm = demo._warmup_config(gcfg, tmp_path)
-    assert warm["reward"]["name"] == "oracle" and warm["iterations"] == 1 and warm["threads"] == 1
+    assert warm["reward"]["name"] == "oracle" and warm["iterations"] == 1
+    assert warm["threads"] == gcfg.threads  # compiled CPU kernels are built for a thread count
     assert warm["sampler"] == to_dict(gcfg)["sampler"]  # the same shapes and compile mode
     lane = demo._SideLane(cfg, gcfg, tmp_path, warmup=True)
     assert lane.wait() == {"eval": "done", "warmup": "done"}
