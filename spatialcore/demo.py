@@ -134,6 +134,11 @@ def _same_config(folder: Path, cfg) -> bool:
     return saved.is_file() and yaml.safe_load(saved.read_text()) == to_dict(cfg)
 
 
+def _why(e: BaseException, width: int) -> str:
+    """An exception in one line: its type and the first line of its message."""
+    return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:width]}"
+
+
 def compile_problem() -> str | None:
     """None when ``torch.compile`` builds CPU kernels here, else why not (its CPU backend needs a C++ compiler)."""
     import torch
@@ -141,7 +146,7 @@ def compile_problem() -> str | None:
     try:
         torch.compile(lambda x: x * 2 + 1, dynamic=False)(torch.ones(3))
     except Exception as e:  # noqa: BLE001 - any failure means: run eagerly
-        return f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:200]}"
+        return _why(e, 200)
     return None
 
 
@@ -293,7 +298,7 @@ def side_lane(job: str) -> int:
             fn()
             result[what] = "done"
         except Exception as e:  # noqa: BLE001 - the main process does the work itself instead
-            result[what] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            result[what] = _why(e, 300)
     Path(job["result"]).write_text(json.dumps(result) + "\n")
     return 0
 
