@@ -264,6 +264,12 @@ BREAKS = [
     ("demo: the side lane's warm-up left out of the child's work", "spatialcore/demo.py",
      'if what == "warmup" and not job["warmup"]:', 'if what == "warmup":',
      [T + "test_demo.py::test_the_side_lane_judges_the_base_and_warms_spatial_rl_up_in_a_child_process"]),
+    ("eval: the sensitivity's vertical side taken over every prompt", "spatialcore/eval/sensitivity.py",
+     '("vertical", ~horizontal)', '("vertical", horizontal | ~horizontal)',
+     [T + "test_eval.py::test_relation_sensitivity_by_value_and_by_axis"]),
+    ("eval: axis and order of above/below counted as horizontal", "spatialcore/eval/report.py",
+     'c = counts["vertical" if want_axis else "horizontal"]', 'c = counts["horizontal"]',
+     [T + "test_eval.py::test_axis_and_order_separates_a_swapped_pair_from_a_wrong_axis"]),
 ]
 
 

@@ -245,8 +245,12 @@ def test_axis_and_order_separates_a_swapped_pair_from_a_wrong_axis():
     for rel, a, b, found in cases:
         tasks.append(Task(prompt=rel, objects=two, relations=[(rel, (0, 1))]))
         verdicts.append(Verdict(found=[True, found], relations=[None], boxes=[box(*a), box(*b) if found else []]))
-    assert axis_and_order(tasks, verdicts) == {"n": 4, "axis_right": 3 / 4, "order_right_given_axis": 2 / 3}
-    assert axis_and_order(tasks[4:], verdicts[4:]) == {"n": 0, "axis_right": None, "order_right_given_axis": None}
+    none = {"n": 0, "axis_right": None, "order_right_given_axis": None}
+    assert axis_and_order(tasks, verdicts) == {
+        "n": 4, "axis_right": 3 / 4, "order_right_given_axis": 2 / 3,
+        "by_axis": {"horizontal": {"n": 2, "axis_right": 1.0, "order_right_given_axis": 1 / 2},
+                    "vertical": {"n": 2, "axis_right": 1 / 2, "order_right_given_axis": 1.0}}}
+    assert axis_and_order(tasks[4:], verdicts[4:]) == {**none, "by_axis": {"horizontal": none, "vertical": none}}
     assert summarize(tasks, verdicts)["axis_and_order"]["n"] == 4
 
 
@@ -266,3 +270,41 @@ def test_samples_scored_afterwards_get_the_same_spatialscore(tiny_dir, tmp_path)
     assert rows[0] == rows[1] and len({r["spatialscore_mu"] for r in rows[0]}) > 1
     assert json.loads((tmp_path / "later" / "eval.json").read_text()) == now
     assert "SpatialScore mu" in (tmp_path / "later" / "eval.md").read_text()
+
+
+def test_relation_sensitivity_by_value_and_by_axis(monkeypatch):
+    """The numbers of eval.sensitivity computed by hand for a generator that follows its horizontal words and
+    ignores its vertical ones: every image is a flat grey set by the seed (0.1 per seed), plus 0.02 when the
+    prompt says "left of"; the judge (replaced) calls a horizontal image right always and a vertical one right
+    only when the prompt says "above"."""
+    import types
+
+    import torch
+
+    import spatialcore.eval.judge as judge_mod
+    from spatialcore.eval.sensitivity import relation_sensitivity
+
+    class Flat:
+        def sample(self, prompts, seeds, sde):
+            assert sde is False
+            v = torch.tensor([0.1 * s + 0.02 * ("left of" in p) for p, s in zip(prompts, seeds, strict=True)])
+            return types.SimpleNamespace(images=v.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).clone())
+
+    def fake_judge(images, prompts):
+        ok = [("left of" in p or "right of" in p or "above" in p) for p in prompts]
+        return torch.ones(len(prompts)), torch.tensor(ok, dtype=torch.float)
+
+    monkeypatch.setattr(judge_mod, "judge_synthetic", fake_judge)
+    prompts = ["A red circle is to the left of a blue square.", "A blue square sits right of a red circle.",
+               "A red circle is above a blue square.", "A blue square lies beneath a red circle.",
+               "A red circle is above a blue square", "A red circle and a blue square."]  # the last: no relation
+    r = relation_sensitivity(Flat(), prompts, [0, 1, 2], batch=5)
+    d_seed = (0.2 + 0.1 + 0.1) / 3  # |v(s) - v(s - 1)| with the first seed against the last
+    h, v = r["by_axis"]["horizontal"], r["by_axis"]["vertical"]
+    assert r["pairs"] == 5 and r["seeds"] == 3 and h["pairs"] == 2 and v["pairs"] == 3
+    assert h["pixel_ratio"] == pytest.approx(0.02 / d_seed, rel=1e-5) and v["pixel_ratio"] == pytest.approx(0, abs=1e-6)
+    assert r["pixel_ratio"] == pytest.approx(0.02 * 2 / 5 / d_seed, rel=1e-5)
+    assert (h["both_correct"], h["accuracy"], v["both_correct"], v["accuracy"]) == (1.0, 1.0, 0.0, 0.5)
+    assert r["both_correct"] == pytest.approx(2 / 5) and r["accuracy"] == pytest.approx((4 + 3) / 10)
+    only_h = relation_sensitivity(Flat(), prompts[:2], [0, 1], batch=8)
+    assert only_h["by_axis"]["vertical"] is None and only_h["by_axis"]["horizontal"]["pairs"] == 2

@@ -107,8 +107,10 @@ def axis_and_order(tasks: list[Task], verdicts: list[Verdict]) -> dict:
     that offset is the relation's (A left of B: ``dx < 0``). A model that reads the relation word but not which
     object it binds to draws the right axis with the objects swapped half the time: axis near 1, order near
     0.5. Plain centres, not GenEval's shrunk offsets, so ``axis * order`` is close to, not equal to, the
-    per-relation accuracy. ``n`` = 0 leaves the rates None."""
-    n = axis = order = 0
+    per-relation accuracy. ``n`` = 0 leaves the rates None. ``by_axis``: the same three numbers for the
+    horizontal (left of / right of) and the vertical (above / below) relations apart: a generator can have learnt
+    one axis's order and not the other's."""
+    counts = {"horizontal": [0, 0, 0], "vertical": [0, 0, 0]}  # n, axis right, order right
     for t, v in zip(tasks, verdicts, strict=True):
         for rtype, idx in t.relations:
             if rtype not in _AXIS or len(idx) != 2 or not all(v.found[i] and v.boxes[i] for i in idx):
@@ -116,17 +118,27 @@ def axis_and_order(tasks: list[Task], verdicts: list[Verdict]) -> dict:
             (ax, ay), (bx, by) = ([(b[0] + b[2]) / 2, (b[1] + b[3]) / 2] for b in (v.boxes[idx[0]][0], v.boxes[idx[1]][0]))
             d = (ax - bx, ay - by)
             want_axis, sign = _AXIS[rtype]
-            n += 1
+            c = counts["vertical" if want_axis else "horizontal"]
+            c[0] += 1
             if abs(d[want_axis]) > abs(d[1 - want_axis]):
-                axis += 1
-                order += int(d[want_axis] * sign > 0)
-    return {"n": n, "axis_right": axis / n if n else None, "order_right_given_axis": order / axis if axis else None}
+                c[1] += 1
+                c[2] += int(d[want_axis] * sign > 0)
+
+    def rates(n: int, axis: int, order: int) -> dict:
+        return {"n": n, "axis_right": axis / n if n else None, "order_right_given_axis": order / axis if axis else None}
+
+    return {**rates(*(sum(c[k] for c in counts.values()) for k in range(3))),
+            "by_axis": {name: rates(*c) for name, c in counts.items()}}
 
 
 def _spatialscore_summary(mu: list[float], sigma: list[float] | None) -> dict:
     m = np.asarray(mu, dtype=np.float64)
     return {"mu_mean": float(m.mean()), "mu_std": float(m.std()),
             "sigma_mean": float(np.mean(sigma)) if sigma is not None else None}
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:.3f}"
 
 
 def _title(summary: dict) -> str:
@@ -150,12 +162,22 @@ def markdown(summary: dict, *, title: str) -> str:
         r = s["relation_sensitivity"]
         lines += [f"| relation word's pull on the pixels (flipped relation, same seed / new seed) | {r['pixel_ratio']:.3f} |",
                   f"| both a relation and its opposite drawn correctly from one seed | {r['both_correct']:.3f} |"]
+        if "by_axis" in r:
+            h, v = (r["by_axis"][a] or {} for a in ("horizontal", "vertical"))
+            lines.append(f"| ... the pull by axis, horizontal / vertical | {_num(h.get('pixel_ratio'))} / "
+                         f"{_num(v.get('pixel_ratio'))} |")
     ao = s.get("axis_and_order") or {}
     if ao.get("axis_right") is not None:
         order = ao["order_right_given_axis"]
         lines += [f"| directional relations drawn on the right axis (both objects found, n = {ao['n']}) | {ao['axis_right']:.3f} |",
                   f"| ... and with the objects the right way round (0.5: the order is a coin flip) | "
                   f"{'-' if order is None else f'{order:.3f}'} |"]
+        ax = ao.get("by_axis") or {}
+        if ax:
+            def pair(key: str) -> str:
+                return " / ".join(_num(ax[a][key]) for a in ("horizontal", "vertical"))
+            lines += [f"| ... by axis, horizontal / vertical: axis right | {pair('axis_right')} |",
+                      f"| ... by axis, horizontal / vertical: order right given the axis | {pair('order_right_given_axis')} |"]
     lines += ["", "| relation | accuracy | n |", "|---|---|---|"]
     lines += [f"| {k} | {v['accuracy']:.3f} | {v['n']} |" for k, v in s["per_relation"].items()]
     return "\n".join(lines) + "\n"

@@ -12,13 +12,16 @@ another seed ``s'`` it draws ``x(p, s')``. Reported over all (prompt, seed):
                     on command from one noise: a generator that draws one fixed layout per seed scores at most
                     the share of seeds it can serve both ways, 0 for a perfect "ignore the prompt" model)
     accuracy      = the judge's relation accuracy over all x(p, s) and x(flip(p), s)
+
+``by_axis`` gives the same numbers over the horizontal (left of / right of) and the vertical (above / below)
+prompts apart (None where a side has no prompt): a generator can follow one axis's words and ignore the other's.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..data.captions import flip_relation
+from ..data.captions import find_relation, flip_relation
 
 
 @torch.no_grad()
@@ -39,9 +42,18 @@ def relation_sensitivity(sampler, prompts: list[str], seeds: list[int], *, batch
         chunk = jobs[i:i + batch]
         images.append(sampler.sample([p for p, _ in chunk], [s for _, s in chunk], sde=False).images.float().cpu())
     x = torch.cat(images).view(2, len(pairs), len(seeds), *images[0].shape[1:])  # [flip?, prompt, seed, 3, H, W]
-    d_rel = (x[0] - x[1]).abs().mean()
-    d_seed = (x[0] - x[0].roll(1, dims=1)).abs().mean()  # each seed against the next one, same prompt
     _, correct = judge_synthetic(to_pil(x.flatten(0, 2)), [p for p, _ in jobs])
     correct = correct.view(2, len(pairs), len(seeds))
+    horizontal = torch.tensor([find_relation(p)[1] in ("left of", "right of") for p, _ in pairs])
+    return {**_numbers(x, correct), "seeds": len(seeds),
+            "by_axis": {name: _numbers(x[:, rows], correct[:, rows]) if rows.any() else None
+                        for name, rows in (("horizontal", horizontal), ("vertical", ~horizontal))}}
+
+
+def _numbers(x: torch.Tensor, correct: torch.Tensor) -> dict:
+    """pixel_ratio, both_correct, accuracy (module docstring) of images ``x`` [2, prompt, seed, 3, H, W] and the
+    judge's verdicts ``correct`` [2, prompt, seed]."""
+    d_rel = (x[0] - x[1]).abs().mean()
+    d_seed = (x[0] - x[0].roll(1, dims=1)).abs().mean()  # each seed against the next one, same prompt
     return {"pixel_ratio": float(d_rel / d_seed), "both_correct": float((correct[0] * correct[1]).mean()),
-            "accuracy": float(correct.mean()), "pairs": len(pairs), "seeds": len(seeds)}
+            "accuracy": float(correct.mean()), "pairs": x.shape[1]}
