@@ -34,7 +34,7 @@ CONFIG_FILES = {
                              "from half; `make generator`)",
     "sft/tiny_cpu_correct.yaml": "capacity check of the demo's base: `tiny_cpu_web.yaml`'s recipe on correct "
                                  "captions only, 20,000 steps (the generator can draw every relation when told)",
-    "sft/tiny_cpu_grid_perfect.yaml": "ablation: SFT of `assets/tiny_generator` on perfect images for RL's wall time",
+    "sft/tiny_cpu_grid_perfect.yaml": "ablation: SFT of `assets/tiny_generator` on perfect images for the steps of Spatial-RL's time",
     "sft/flux_dev_lora.yaml": "reference: the supervised baseline, LoRA r32 on FLUX.1-dev, a pair set's chosen "
                               "images, 8 GPUs",
     "reward/tiny_cpu.yaml": "tiny SpatialScore, `easy` stream, curriculum (CPU, ~8 min)",

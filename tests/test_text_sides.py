@@ -43,6 +43,27 @@ def test_each_object_word_is_labelled_with_its_objects_side(tiny_dir):
         assert bool(mask[j][labels[j] != -100].all())
 
 
+def test_a_prompts_relation_less_form_follows_it_with_its_objects_labelled_none(tiny_dir):
+    """unstated: after each prompt, the same words with the directional phrase replaced by "and" (read by hand),
+    every colour and shape word labelled none; without it nothing follows."""
+    from spatialcore.trainers.text_sides import SIDES
+
+    tok = _tokenizer(tiny_dir)
+    prompts = [p for p, _ in BY_HAND] + ["A red circle is next to a blue square."]  # the last: not a direction
+    ids, mask, labels, kept = label_tokens(tok, prompts, 32, unstated=True)
+    assert kept == ["A red circle is to the left of a blue square.", "A red circle and a blue square.",
+                    "The blue square lies beneath the red circle.", "The blue square and the red circle.",
+                    "A large blue square is placed over the medium red circle.",
+                    "A large blue square and the medium red circle.",
+                    "The red circle is on the right side of a blue square.", "The red circle and a blue square."]
+    for j in range(len(kept)):
+        got = {tok.decode([int(ids[j, t])]).strip(): SIDES[int(labels[j, t])]
+               for t in range(ids.shape[1]) if labels[j, t] != -100}
+        want = BY_HAND[j // 2][1] if j % 2 == 0 else dict.fromkeys(BY_HAND[j // 2][1], "none")
+        assert got == want, (kept[j], got)
+    assert label_tokens(tok, prompts, 32)[3] == [p for p, _ in BY_HAND]
+
+
 def test_prompts_without_one_directional_relation_between_two_objects_are_left_out():
     assert side_spans("A red circle is next to a blue square.") is None  # not a direction
     assert side_spans("A red circle is between a blue square and a green star.") is None  # three objects

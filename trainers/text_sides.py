@@ -9,7 +9,12 @@ language task that needs the same composition, so each object word's embedding s
 
 The task. A prompt with exactly one directional relation ``r`` (left of / right of / above / below) between a
 subject ``a`` and an object ``b``: every T5 token inside ``a``'s noun phrase (its colour and shape words) is
-labelled ``r``, every token inside ``b``'s is labelled ``opposite(r)``; other tokens are unlabelled. With ``h_t``
+labelled ``r``, every token inside ``b``'s is labelled ``opposite(r)``; other tokens are unlabelled. With
+``unstated`` (the default) the prompt's relation-less form ("A red circle and a blue square.", what a web caption
+that lost its relation says) comes beside it, both noun phrases labelled ``none``: a T5 taught the four sides only
+embeds such a caption's objects next to one direction's (measured: 3.1 from "below" against 9-14 from the other
+three and 10 between left and right, docs/EXPERIMENTS.md), and a generator trained on web-like captions then
+learns that this direction's words say nothing. With ``h_t``
 the encoder's last hidden state at token ``t`` and a linear head ``(W, c)`` (discarded afterwards):
 
     L = - 1/|T| * sum_{t in T} log softmax(W h_t + c)[y_t]        (T: the labelled tokens of the batch)
@@ -38,7 +43,7 @@ import torch
 from ..atomic import atomic_dir
 from ..config import ConfigError, param
 
-SIDES = ("left of", "right of", "above", "below")
+SIDES = ("left of", "right of", "above", "below", "none")  # none: a caption that states no relation
 STALE = ("eval.json", "verdicts.jsonl", "text_sides.json")  # not copied: they describe the input pipeline
 _OPPOSITE = {"left of": "right of", "right of": "left of", "above": "below", "below": "above"}
 
@@ -58,6 +63,8 @@ class TextSidesConfig:
     eval_prompts: int = param(512, min=1, help="held-out prompts for the side accuracy")
     log_every: int = param(100, min=1)
     threads: int = param(0, min=0, help="torch threads (0: torch's default)")
+    unstated: bool = param(True, help="also teach each prompt's relation-less form ('A and B'), its objects "
+                                      "labelled none (module docstring)")
 
     def require_paths(self) -> None:
         """The keys a run needs and the defaults leave empty (checked when it starts, not when it loads)."""
@@ -106,9 +113,14 @@ def side_spans(prompt: str) -> list[tuple[int, int, str]] | None:
     (ca, ka), (cb, kb) = rels[0].args
     if (ca, ka) == (cb, kb):
         return None
+    return _noun_spans(prompt, (((ca, ka), rels[0].type), ((cb, kb), _OPPOSITE[rels[0].type])))
+
+
+def _noun_spans(prompt: str, objects) -> list[tuple[int, int, str]] | None:
+    """(start, end, side) of each ``((colour, kind), side)`` noun phrase, None when one is not found exactly once."""
     low = prompt.lower()
     spans = []
-    for (colour, kind), side in (((ca, ka), rels[0].type), ((cb, kb), _OPPOSITE[rels[0].type])):
+    for (colour, kind), side in objects:
         hits = [m.span() for m in re.finditer(rf"\b{re.escape(colour)}\s+{re.escape(kind)}\b", low)]
         if len(hits) != 1:
             return None
@@ -116,11 +128,31 @@ def side_spans(prompt: str) -> list[tuple[int, int, str]] | None:
     return spans
 
 
-def label_tokens(tokenizer, prompts: list[str], max_length: int):
+def unstated_spans(prompt: str) -> tuple[str, list[tuple[int, int, str]]] | None:
+    """The relation-less form of a prompt ``side_spans`` labels (its directional phrase replaced by "and", as
+    ``data.caption_drop`` makes web-like captions) and its two noun phrases' spans, labelled ``none``."""
+    from ..data.captions import drop_relation
+    from ..data.scene import parse_prompt
+
+    if side_spans(prompt) is None or (bare := drop_relation(prompt)) is None:
+        return None
+    (ca, ka), (cb, kb) = parse_prompt(prompt)[0].args
+    spans = _noun_spans(bare, (((ca, ka), "none"), ((cb, kb), "none")))
+    return None if spans is None else (bare, spans)
+
+
+def label_tokens(tokenizer, prompts: list[str], max_length: int, *, unstated: bool = False):
     """Token ids, attention mask and per-token side labels (index into SIDES; -100 where unlabelled) of
-    ``prompts``; prompts without a usable relation (``side_spans`` None) are left out. Returns
-    (input_ids, attention_mask, labels, kept prompts)."""
-    kept = [(p, s) for p in prompts if (s := side_spans(p)) is not None]
+    ``prompts``; prompts without a usable relation (``side_spans`` None) are left out. With ``unstated``, each
+    kept prompt's relation-less form follows it (``unstated_spans``). Returns (input_ids, attention_mask,
+    labels, kept prompts)."""
+    kept = []
+    for p in prompts:
+        if (s := side_spans(p)) is None:
+            continue
+        kept.append((p, s))
+        if unstated and (bare := unstated_spans(p)) is not None:
+            kept.append(bare)
     if not kept:
         return None
     enc = tokenizer([p for p, _ in kept], max_length=max_length, truncation=True, padding="max_length",
@@ -175,16 +207,17 @@ def train(cfg: TextSidesConfig, *, overwrite: bool = False) -> dict:
     t5 = t5.float()
     train_p = world_prompts(cfg.preset, "train", cfg.train_prompts, cfg.seed)
     test_p = world_prompts(cfg.preset, "test", cfg.eval_prompts, cfg.seed)
-    data = label_tokens(tok, train_p, cfg.max_sequence_length)
-    held_out = label_tokens(tok, test_p, cfg.max_sequence_length)
+    data = label_tokens(tok, train_p, cfg.max_sequence_length, unstated=cfg.unstated)
+    held_out = label_tokens(tok, test_p, cfg.max_sequence_length, unstated=cfg.unstated)
     if data is None or held_out is None:
         raise ConfigError("preset", f"{cfg.preset}'s prompts have no single directional relation between two "
                                     "distinct objects to label")
     ids, mask, labels, kept = data
-    info(f"{len(kept)} training prompts ({len(train_p) - len(kept)} without one directional relation left out), "
-         f"{len(test_p)} held out; T5 {sum(p.numel() for p in t5.parameters()):,} parameters, {cfg.steps} steps",
-         who="text-sides")
-    head = torch.nn.Linear(t5.config.d_model, len(SIDES))
+    stated = sum(side_spans(p) is not None for p in kept)
+    info(f"{stated} training prompts ({len(train_p) - stated} without one directional relation left out)"
+         f"{f' and their {len(kept) - stated} relation-less forms' if cfg.unstated else ''}, {len(test_p)} held out; "
+         f"T5 {sum(p.numel() for p in t5.parameters()):,} parameters, {cfg.steps} steps", who="text-sides")
+    head = torch.nn.Linear(t5.config.d_model, len(SIDES) if cfg.unstated else len(SIDES) - 1)  # none: last
     opt = torch.optim.AdamW([*t5.parameters(), *head.parameters()], lr=cfg.lr, weight_decay=cfg.weight_decay)
     gen = torch.Generator().manual_seed(cfg.seed)
     t5.train()
@@ -203,7 +236,8 @@ def train(cfg: TextSidesConfig, *, overwrite: bool = False) -> dict:
                  who="text-sides")
     t5.eval()
     acc = side_accuracy(t5, head, held_out)
-    summary = {"config": asdict(cfg), "train_prompts": len(kept), "held_out_prompts": len(test_p),
+    summary = {"config": asdict(cfg), "train_prompts": stated, "unstated_forms": len(kept) - stated,
+               "held_out_prompts": len(test_p),
                "held_out_side_accuracy": acc, "first_loss": losses[0], "last_loss": losses[-1],
                "seconds": round(time.time() - t0, 1)}
     with atomic_dir(out) as tmp:

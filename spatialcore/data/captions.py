@@ -36,6 +36,13 @@ def _replace(caption: str, phrase: str, new: str) -> str:
     return f" {caption} ".replace(f" {phrase} ", f" {new} ", 1)[1:-1]
 
 
+def drop_relation(caption: str) -> str | None:
+    """The caption with its directional phrase replaced by "and" (the objects without their relation, as web
+    captions often have them), or None when it has not exactly one directional phrase."""
+    hit = find_relation(caption)
+    return None if hit is None else _replace(caption, hit[0], "and")
+
+
 def flip_relation(caption: str) -> str | None:
     """The caption with its direction replaced by the opposite one in the same phrasing ("is to the left of" ->
     "is to the right of"), or None when it has not exactly one directional phrase."""
