@@ -168,10 +168,9 @@ def markdown(summary: dict, *, title: str) -> str:
                          f"{_num(v.get('pixel_ratio'))} |")
     ao = s.get("axis_and_order") or {}
     if ao.get("axis_right") is not None:
-        order = ao["order_right_given_axis"]
         lines += [f"| directional relations drawn on the right axis (both objects found, n = {ao['n']}) | {ao['axis_right']:.3f} |",
                   f"| ... and with the objects the right way round (0.5: the order is a coin flip) | "
-                  f"{'-' if order is None else f'{order:.3f}'} |"]
+                  f"{_num(ao['order_right_given_axis'])} |"]
         ax = ao.get("by_axis") or {}
         if ax:
             def pair(key: str) -> str:
