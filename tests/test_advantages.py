@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 from kernel_device import on_device
+
 from spatialcore.kernels import ADVANTAGE_PRESETS, group_advantages
 
 group_advantages = on_device(group_advantages)

@@ -3,6 +3,7 @@
 import json
 
 import torch
+
 from spatialcore.kernels import ADVANTAGE_PRESETS, group_advantages
 from spatialcore.profiling.baselines import trl_style, verl_style
 from spatialcore.profiling.kernel_report import evaluate

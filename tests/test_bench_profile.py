@@ -4,9 +4,9 @@ runs write (JSON with environment + rows + same-run ratios, Markdown table, trac
 import json
 
 import pytest
-from spatialcore.profiling.bench import peak_tflops
 
 from spatialcore.cli import main
+from spatialcore.profiling.bench import peak_tflops
 
 
 def _run(*args):
@@ -56,12 +56,12 @@ def test_grpo_flop_count_of_one_micro_step_scales_to_the_whole_update(tmp_path, 
     FlopCounterMode around the whole update of the same trajectory (every kept row of the rank, every trained
     timestep), counted here independently."""
     import torch
-    from spatialcore.profiling.bench import _micro_step_flops, one_rank_of
-    from spatialcore.profiling.suites import SUITE_DEFAULTS
-    from spatialcore.trainers.grpo import GRPOTrainConfig
     from torch.utils.flop_counter import FlopCounterMode
 
     from spatialcore.config import load_config
+    from spatialcore.profiling.bench import _micro_step_flops, one_rank_of
+    from spatialcore.profiling.suites import SUITE_DEFAULTS
+    from spatialcore.trainers.grpo import GRPOTrainConfig
 
     tiny = SUITE_DEFAULTS["grpo"][0]
     cfg = load_config(GRPOTrainConfig, "configs/grpo/flux_dev_spatial.yaml",

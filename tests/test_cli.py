@@ -36,10 +36,10 @@ def test_config_show_fills_defaults(capsys):
 
 def test_config_show_comments_each_key_and_loads_back(capsys, tmp_path):
     import yaml
-    from spatialcore.trainers.grpo import GRPOTrainConfig
 
     from spatialcore.cli import main
     from spatialcore.config import load_config, to_dict
+    from spatialcore.trainers.grpo import GRPOTrainConfig
 
     assert main(["config", "show", "grpo", "top_k=2", "policy.lora_rank=8"]) == 0
     out = capsys.readouterr().out

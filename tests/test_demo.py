@@ -96,10 +96,9 @@ def test_spatial_rl_compiles_its_blocks_and_runs_eagerly_where_nothing_compiles(
 def test_the_side_lane_judges_the_base_and_warms_spatial_rl_up_in_a_child_process(tmp_path):
     """The child evaluates the base generator without SpatialScore and runs Spatial-RL's one-iteration warm-up
     (rewarded by the oracle: no SpatialScore exists yet), leaving the evaluation and no warm-up folder."""
-    from spatialcore.trainers.grpo import GRPOTrainConfig
-
     import spatialcore.demo as demo
     from spatialcore.config import from_dict, to_dict
+    from spatialcore.trainers.grpo import GRPOTrainConfig
 
     cfg = small()
     g = to_dict(cfg.grpo)

@@ -10,14 +10,14 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from spatialcore.trainers import grpo as grpo_mod
-from spatialcore.trainers import reward as reward_mod
-from spatialcore.trainers.grpo import GRPOTrainConfig
-from spatialcore.trainers.reward import RewardTrainConfig
 
 from runs import cli_args, records, relative_difference, torchrun
 from spatialcore.config import ConfigError, load_config
 from spatialcore.dist import backend_for, served_devices
+from spatialcore.trainers import grpo as grpo_mod
+from spatialcore.trainers import reward as reward_mod
+from spatialcore.trainers.grpo import GRPOTrainConfig
+from spatialcore.trainers.reward import RewardTrainConfig
 
 LEFT = "the red circle is to the left of the blue square"
 RIGHT = "the red circle is to the right of the blue square"
@@ -245,6 +245,7 @@ def test_sft_same_update_on_one_rank_two_ranks_and_with_accumulation(tiny_dir, t
     2 items and 1 rank with micro-batches of 1 move the VAE, its measured latent factors and the
     transformer like 1 rank x 4 items."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
+
     from spatialcore.trainers import sft as sft_mod
     from spatialcore.trainers.sft import SFTTrainConfig
 

@@ -7,18 +7,18 @@ import json
 import numpy as np
 import pytest
 import torch
-from spatialcore.kernels.grpo_loss import flow_grpo_loss_reference
-from spatialcore.trainers import grpo as grpo_mod
-from spatialcore.trainers.grpo import GRPOTrainConfig, policy_gradient, train
 
 from runs import cli_args, records
 from spatialcore import kernels
 from spatialcore.cli import main
 from spatialcore.config import ConfigError, load_config
 from spatialcore.errors import TrainingError
+from spatialcore.kernels.grpo_loss import flow_grpo_loss_reference
 from spatialcore.rl.policy import Policy
 from spatialcore.rl.reward_fns import oracle_reward
 from spatialcore.rl.sampler import FluxSampler, SamplerConfig, load_pipeline
+from spatialcore.trainers import grpo as grpo_mod
+from spatialcore.trainers.grpo import GRPOTrainConfig, policy_gradient, train
 
 LEFT = "the red circle is to the left of the blue square"
 RIGHT = "the red circle is to the right of the blue square"

@@ -3,6 +3,7 @@
 import pytest
 import torch
 from kernel_device import on_device
+
 from spatialcore.kernels import flow_grpo_loss, flow_grpo_loss_reference
 
 flow_grpo_loss = on_device(flow_grpo_loss)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from spatialcore.kernels import flow_grpo_loss, group_advantages, reward_head, sde_step_logprob
 from spatialcore.kernels.launch import (
     AUTO_ON_CUDA,

@@ -7,6 +7,7 @@ test files.
 
 import pytest
 import torch
+
 from spatialcore.kernels import (
     flow_grpo_loss,
     group_advantages,

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
-from spatialcore.trainers.grpo import GRPOTrainConfig, train
-from spatialcore.trainers.nft import NFTConfig, nft_loss, optimality
 
 from runs import cli_args, records, relative_difference, torchrun
 from spatialcore.config import ConfigError, load_config
+from spatialcore.trainers.grpo import GRPOTrainConfig, train
+from spatialcore.trainers.nft import NFTConfig, nft_loss, optimality
 
 LEFT = "the red circle is to the left of the blue square"
 RIGHT = "the red circle is to the right of the blue square"

@@ -12,15 +12,15 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from spatialcore.trainers.grpo import GRPOTrainConfig
-from spatialcore.trainers.grpo import train as grpo_train
-from spatialcore.trainers.reward import RewardTrainConfig
-from spatialcore.trainers.reward import train as reward_train
 
 from runs import cli_args, kill_at_random_step, latest_step, records, steady, step_records
 from spatialcore.checkpoint import CheckpointError, load_checkpoint, resume_checkpoint, save_checkpoint
 from spatialcore.cli import main
 from spatialcore.config import load_config
+from spatialcore.trainers.grpo import GRPOTrainConfig
+from spatialcore.trainers.grpo import train as grpo_train
+from spatialcore.trainers.reward import RewardTrainConfig
+from spatialcore.trainers.reward import train as reward_train
 
 LEFT = "the red circle is to the left of the blue square"
 RIGHT = "the red circle is to the right of the blue square"

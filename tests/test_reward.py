@@ -1,13 +1,13 @@
 """SpatialScore: no vocabulary logits, save/load, tensor preprocessing, trainer resume and DDP."""
 
 import json
+import math
 import re
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from spatialcore.trainers.reward import RewardTrainConfig, train
 
 from runs import cli_args, records, step_records
 from spatialcore.cli import main
@@ -15,6 +15,7 @@ from spatialcore.config import load_config
 from spatialcore.data.pairs import PairSet
 from spatialcore.reward import LoraSpec, SpatialScore, last_token_index, preprocess_images
 from spatialcore.reward.preprocess import PairCollator, chat_text
+from spatialcore.trainers.reward import RewardTrainConfig, train
 
 PROMPT = "the red circle is to the left of the blue square."
 
@@ -253,9 +254,8 @@ def test_int8_weight_only_scoring(tiny_dir):
 def test_int8_keeps_the_held_out_accuracy_of_a_trained_model(tiny_dir, tmp_path):
     """Train the tiny model on the pure-vision stage (one relation word; ~300 steps), then score the
     same held-out pairs with int8 weight-only: accuracy moves by at most one point."""
-    from spatialcore.trainers.reward import held_out_pairs, synth_config
-
     from spatialcore.reward.evaluate import pair_metrics, pair_scores
+    from spatialcore.trainers.reward import held_out_pairs, synth_config
 
     cfg = load_config(RewardTrainConfig, None, [
         f"model={tiny_dir / 'reward'}", "data.source=stream:easy", "data.stream={relation_types: [left of], "
@@ -287,7 +287,6 @@ def test_compile_switch_scores_like_eager_and_liger_needs_cuda(tiny_dir, capsys)
 
 def test_a_nonfinite_loss_stops_naming_the_step_and_keeps_the_checkpoint(tiny_dir, easy_pairs, tmp_path, monkeypatch):
     import spatialcore.kernels
-
     from spatialcore.errors import TrainingError
 
     real, calls = spatialcore.kernels.pair_loss, []
@@ -567,3 +566,23 @@ def test_sigma_separates_the_mistakes_by_value():
     flipped = pair_metrics(mu_w, other, mu_l, other, n)
     assert flipped["sigma_auroc"] == 0.0
     assert "sigma_auroc" not in pair_metrics(mu_w, torch.zeros(5), mu_l, torch.zeros(5), n)  # no sigma, no claim
+
+
+def test_ece_is_confidence_against_accuracy_by_value():
+    """ECE from the math: a head that says 0.9 for its ranking and is right 9 times in 10 scores 0, right 10 of 10
+    it scores 0.1; sigma enters through the confidence (the same margins with var_w + var_l = 3 * 8 / pi say
+    sigmoid(ln 9 / 2) = 3/4: right 9 in 10, under-confident by 0.15)."""
+    from spatialcore.reward.evaluate import pair_metrics
+
+    d = math.log(9.0)  # sigmoid(d) = 0.9
+    n = torch.ones(10, dtype=torch.long)
+    zero = torch.zeros(10)
+    margin = torch.tensor([d] * 9 + [-d])
+    m = pair_metrics(margin, zero, torch.zeros(10), zero, n)
+    assert m["accuracy"] == pytest.approx(0.9) and m["ece"] == pytest.approx(0.0, abs=1e-6)
+    assert [c["n"] for c in m["calibration"]] == [10] and m["calibration"][0]["conf_lo"] == pytest.approx(0.9)
+    allright = pair_metrics(margin.abs(), zero, torch.zeros(10), zero, n)
+    assert allright["ece"] == pytest.approx(0.1, abs=1e-6)
+    var = torch.full((10,), 8 / math.pi * 3 / 2)  # per image: the pair's 1 + pi/8 (var_w + var_l) = 4
+    wide = pair_metrics(margin, var, torch.zeros(10), var, n)
+    assert wide["ece"] == pytest.approx(0.15, abs=1e-6)

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 from kernel_device import on_device
+
 from spatialcore.kernels import (
     pair_loss,
     pair_loss_reference,

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 from kernel_device import DEVICE, on_device
+
 from spatialcore.kernels import ode_step, sde_step_logprob, sde_step_reference
 
 sde_step_logprob = on_device(sde_step_logprob)

@@ -115,6 +115,7 @@ def test_the_checkpoint_loads_in_the_stock_pipeline_and_its_lora_matches(tiny_di
     import shutil
 
     from diffusers import FluxPipeline
+
     from spatialcore.trainers.sft import train
 
     # the input says how it was made (an earlier sft run, then text-sides): the output carries that chain
@@ -157,9 +158,9 @@ def test_float16_export_halves_the_files_and_loads_as_float32(tiny_dir, tmp_path
     checkpoint uses); the project's loader reads it back as float32 equal to the float32 export rounded
     to half precision."""
     from safetensors.torch import load_file
-    from spatialcore.trainers.sft import train
 
     from spatialcore.rl.sampler import load_pipeline
+    from spatialcore.trainers.sft import train
 
     kw = dict(model=str(tiny_dir / "flux"), image_size=32, steps=1, batch_size=2, eval_every=5, eval_prompts=1,
               eval_seeds=1, sample_steps=1, threads=1)
@@ -177,9 +178,8 @@ def test_float16_export_halves_the_files_and_loads_as_float32(tiny_dir, tmp_path
 
 
 def test_config_files_load():
-    from spatialcore.trainers.sft import SFTTrainConfig
-
     from spatialcore.tiny import TinyConfig
+    from spatialcore.trainers.sft import SFTTrainConfig
 
     for f in ("configs/sft/tiny_cpu.yaml", "configs/sft/flux_dev_lora.yaml"):
         load_config(SFTTrainConfig, f).check()
@@ -218,6 +218,7 @@ def test_trainable_text_encoders_train_resume_and_export(tiny_dir, tmp_path):
     """text_encoders=trainable: CLIP and T5 change, sit in the checkpoint, come back on a resume (the same
     weights as straight through) and are what the exported pipeline holds."""
     from safetensors.torch import load_file
+
     from spatialcore.trainers.sft import train
 
     kw = {"model": str(tiny_dir / "flux"), "image_size": 32, "steps": 4, "batch_size": 2, "eval_every": 4,

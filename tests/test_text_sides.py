@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from spatialcore.trainers.text_sides import label_tokens, side_spans, world_prompts
 
 from spatialcore.cli import main
+from spatialcore.trainers.text_sides import label_tokens, side_spans, world_prompts
 
 # (prompt, {word: side}) read by hand: the subject's words take the relation, the other object's its opposite
 BY_HAND = [

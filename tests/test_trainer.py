@@ -13,10 +13,10 @@ from typing import ClassVar
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from spatialcore.trainers.optim import OptimConfig, make_optimizer, set_lr
-from spatialcore.trainers.trainer import RunConfig, Trainer
 
 from spatialcore.config import load_config, param
+from spatialcore.trainers.optim import OptimConfig, make_optimizer, set_lr
+from spatialcore.trainers.trainer import RunConfig, Trainer
 
 TRUE_W = torch.tensor([1.5, -2.0, 0.5])
 

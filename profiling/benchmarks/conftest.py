@@ -13,6 +13,7 @@ import os
 
 import pytest
 import torch
+
 from spatialcore.profiling.timing import capture_graph, time_op
 
 RESULTS: list[dict] = []

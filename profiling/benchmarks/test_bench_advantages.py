@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from spatialcore.kernels import ADVANTAGE_PRESETS, group_advantages, native
 from spatialcore.profiling.baselines import trl_style, verl_style
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+
 from spatialcore.kernels import flow_grpo_loss
 
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from spatialcore.kernels import pair_loss, reward_head
 
 from spatialcore.gpu import default_dtype
+from spatialcore.kernels import pair_loss, reward_head
 
 
 def _shape(device):

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from spatialcore.kernels import sde_step_logprob
 
 from spatialcore.gpu import default_dtype
+from spatialcore.kernels import sde_step_logprob
 
 
 def _shape(device):
