@@ -276,6 +276,9 @@ BREAKS = [
     ("text-sides: unstated ignored (no relation-less forms taught)", "trainers/text_sides.py",
      "if unstated and (bare := unstated_spans(p))", "if False and (bare := unstated_spans(p))",
      [T + "test_text_sides.py::test_a_prompts_relation_less_form_follows_it_with_its_objects_labelled_none"]),
+    ("reward eval: calibration of p = P(w beats l) itself, not of the confidence in the ranking",
+     "spatialcore/reward/evaluate.py", "conf = torch.maximum(p, 1 - p)", "conf = p",
+     [T + "test_reward.py::test_ece_is_confidence_against_accuracy_by_value"]),
 ]
 
 
