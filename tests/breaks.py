@@ -279,6 +279,11 @@ BREAKS = [
     ("reward eval: calibration of p = P(w beats l) itself, not of the confidence in the ranking",
      "spatialcore/reward/evaluate.py", "conf = torch.maximum(p, 1 - p)", "conf = p",
      [T + "test_reward.py::test_ece_is_confidence_against_accuracy_by_value"]),
+    ("reward: calibrate's sigma term lets its gradient into mu (mu not held fixed)", "trainers/reward.py",
+     "fixed = mu.detach()", "fixed = mu", [T + "test_reward.py::test_variance_loss_gradients_by_the_formula"]),
+    ("reward: calibrate accepted without the variance head (silently plain Bradley-Terry)", "trainers/reward.py",
+     'if self.spatialscore.variance_loss == "calibrate" and not self.spatialscore.variance_head:',
+     'if False:', [T + "test_reward.py::test_calibrate_needs_the_variance_head"]),
 ]
 
 

@@ -586,3 +586,36 @@ def test_ece_is_confidence_against_accuracy_by_value():
     var = torch.full((10,), 8 / math.pi * 3 / 2)  # per image: the pair's 1 + pi/8 (var_w + var_l) = 4
     wide = pair_metrics(margin, var, torch.zeros(10), var, n)
     assert wide["ece"] == pytest.approx(0.15, abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["joint", "calibrate"])
+def test_variance_loss_gradients_by_the_formula(mode):
+    """The reward trainer's loss against gradients written from the math (not autograd of the same expression):
+    z = d / c, d = mu_w - mu_l, c = sqrt(1 + pi/8 (var_w + var_l)), loss = mean softplus(-z).
+    joint: d loss / d mu_w = -sigmoid(-z) / c / B; calibrate: mu gets Bradley-Terry's -sigmoid(-d) / B. Both:
+    d loss / d lv_w = sigmoid(-z) z (pi/16) var_w / c^2 / B (at the current mu)."""
+    from spatialcore.trainers.reward import reward_pair_loss
+
+    g = torch.Generator().manual_seed(5)
+    B = 7
+    mu = (torch.randn(2 * B, generator=g, dtype=torch.float64) * 3).requires_grad_()
+    lv = (torch.randn(2 * B, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    reward_pair_loss(mu, lv, mode).backward()
+    d, var = (mu[:B] - mu[B:]).detach(), lv.detach().exp()
+    c = torch.sqrt(1 + math.pi / 8 * (var[:B] + var[B:]))
+    z = d / c
+    g_mu_w = -torch.sigmoid(-z) / c / B if mode == "joint" else -torch.sigmoid(-d) / B
+    torch.testing.assert_close(mu.grad, torch.cat([g_mu_w, -g_mu_w]))
+    common = torch.sigmoid(-z) * z * (math.pi / 16) / c**2 / B
+    torch.testing.assert_close(lv.grad, torch.cat([common * var[:B], common * var[B:]]))
+    # without a head: plain Bradley-Terry whatever the mode
+    mu.grad = None
+    reward_pair_loss(mu, None, mode).backward()
+    torch.testing.assert_close(mu.grad, torch.cat([-torch.sigmoid(-d) / B, torch.sigmoid(-d) / B]))
+
+
+def test_calibrate_needs_the_variance_head(tmp_path):
+    from spatialcore.config import ConfigError
+
+    with pytest.raises(ConfigError, match="spatialscore.variance_loss"):
+        load_config(RewardTrainConfig, None, ["spatialscore.variance_loss=calibrate", f"out={tmp_path}"])
