@@ -566,6 +566,10 @@ def test_sigma_separates_the_mistakes_by_value():
     flipped = pair_metrics(mu_w, other, mu_l, other, n)
     assert flipped["sigma_auroc"] == 0.0
     assert "sigma_auroc" not in pair_metrics(mu_w, torch.zeros(5), mu_l, torch.zeros(5), n)  # no sigma, no claim
+    # the margin's own AUROC, the baseline: wrong pairs at |margin| 1 and 3 against right ones at 2 and 4: in 3 of the
+    # 4 (wrong, right) combinations the wrong pair's margin is the smaller
+    margins = pair_metrics(torch.tensor([2.0, 4.0, -1.0, -3.0, 0.0]), var, torch.zeros(5), var, n)
+    assert margins["margin_auroc"] == pytest.approx(0.75)
 
 
 def test_ece_is_confidence_against_accuracy_by_value():

@@ -128,7 +128,10 @@ def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 5, types: list
             calib.append({"conf_lo": float(lo), "conf_hi": float(hi), "n": int(m.sum()),
                           "confidence": float(conf[m].mean()), "accuracy": float(win[m].mean())})
     ece = sum(c["n"] * abs(c["confidence"] - c["accuracy"]) for c in calib) / max(1, len(p))
+    decided = win != 0.5
     return {**_sigma_metrics(var_w + var_l, win),
+        # the baseline sigma has to beat: a small |margin| is the model's own sign of doubt
+        "margin_auroc": sigma_auroc(-(mu_w - mu_l).abs()[decided], win[decided] == 0),
         "pairs": len(mu_w),
         "accuracy": pairwise_accuracy(mu_w, mu_l),
         "accuracy_1": pairwise_accuracy(mu_w[one], mu_l[one]) if one.any() else float("nan"),
@@ -177,6 +180,8 @@ def format_table(metrics: dict, name: str = "SpatialScore") -> str:
         f"| {name} | {f(metrics['accuracy'])} | {f(metrics['accuracy_1'])} | {f(metrics['accuracy_2_3'])} | "
         f"{metrics['mean_margin']:.3f} | {metrics['ece']:.3f} |",
         f"\n({metrics['pairs']} pairs: {metrics['pairs_1']} with 1 perturbation, {metrics['pairs_2_3']} with 2-3)",
+        *([f"a small margin |mu_w - mu_l| for the model's mistakes: AUROC {f(metrics['margin_auroc'])}"]
+          if "margin_auroc" in metrics else []),
         *([f"sigma (mean {metrics['sigma_mean']:.3g}) for the model's mistakes: AUROC {f(metrics['sigma_auroc'])}; "
            "accuracy by sigma quartile (lowest first) " + " / ".join(f(a) for a in metrics["accuracy_by_sigma"])]
           if "sigma_auroc" in metrics else []),
