@@ -284,6 +284,16 @@ BREAKS = [
     ("reward: calibrate accepted without the variance head (silently plain Bradley-Terry)", "trainers/reward.py",
      'if self.spatialscore.variance_loss == "calibrate" and not self.spatialscore.variance_head:',
      'if False:', [T + "test_reward.py::test_calibrate_needs_the_variance_head"]),
+    ("reward calibrate: the fitted row written over mu's", "spatialcore/reward/calibrate.py",
+     "model.head.weight[1].copy_(w.to(model.head.weight))", "model.head.weight[0].copy_(w.to(model.head.weight))",
+     [T + "test_reward.py::test_reward_calibrate_fits_sigma_and_leaves_mu"]),
+    ("reward calibrate: sigma fitted from the bias alone (one sigma for every image)", "spatialcore/reward/calibrate.py",
+     "loss = pair_loss(mu_w, h_w @ w + b, mu_l, h_l @ w + b, backend=\"torch\")",
+     "loss = pair_loss(mu_w, 0 * (h_w @ w) + b, mu_l, 0 * (h_l @ w) + b, backend=\"torch\")",
+     [T + "test_reward.py::test_fit_log_var_learns_where_mu_fails_by_value"]),
+    ("reward calibrate: --out may be the model itself", "spatialcore/cli/reward.py",
+     "if out.resolve() == Path(args.model).resolve():", "if False:",
+     [T + "test_reward.py::test_reward_calibrate_fits_sigma_and_leaves_mu"]),
 ]
 
 

@@ -14,7 +14,7 @@ import pytest
 from spatialcore.cli import build_parser, main
 
 CHECKOUT = Path(__file__).resolve().parents[1]
-ORDER = ["tiny", "data synth", "data validate", "data stats", "reward train", "reward eval", "sample", "reward score",
+ORDER = ["tiny", "data synth", "data validate", "data stats", "reward train", "reward eval", "reward calibrate", "sample", "reward score",
          "grpo train", "grpo compare", "sft train", "sft text-sides", "eval", "export", "plan", "bench", "profile", "info", "config show", "demo"]
 
 

@@ -618,6 +618,56 @@ def test_variance_loss_gradients_by_the_formula(mode):
     torch.testing.assert_close(mu.grad, torch.cat([-torch.sigmoid(-d) / B, torch.sigmoid(-d) / B]))
 
 
+def test_fit_log_var_learns_where_mu_fails_by_value():
+    """Pairs whose images carry feature 0 = 1 are ranked right by mu half of the time (margin +-3), the others always
+    (+3): at fixed mu the Gaussian loss falls toward log 2 as sigma grows on the first and is least at sigma 0 on the
+    second, so the fitted log-variance must separate them, and sigma then flags the mistakes (every wrong pair is
+    uncertain; a third of the right ones are too: AUROC about 1/3 * 1/2 + 2/3 = 0.83)."""
+    from spatialcore.reward.calibrate import fit_log_var
+    from spatialcore.reward.evaluate import pair_metrics
+
+    g = torch.Generator().manual_seed(0)
+    n = 200
+    unsure = torch.arange(n) % 2 == 0
+    h = torch.randn(n, 4, generator=g) * 0.1
+    h[:, 0] = unsure.float()
+    mu_w = torch.where(unsure & (torch.arange(n) % 4 == 0), -3.0, 3.0)
+    mu_l = torch.zeros(n)
+    w, b, history = fit_log_var(h, h, mu_w, mu_l, steps=300, lr=0.05)
+    lv = h @ w + b
+    assert lv[unsure].min() > lv[~unsure].max() + 1.0, (lv[unsure].min(), lv[~unsure].max())
+    assert history[-1] < history[0]
+    m = pair_metrics(mu_w, lv.exp(), mu_l, lv.exp(), torch.ones(n, dtype=torch.long))
+    assert m["sigma_auroc"] > 0.75 and m["accuracy"] == 0.75
+    with pytest.raises(ValueError, match=r"features \[N, H\]"):
+        fit_log_var(h, h[:, :2], mu_w, mu_l)
+
+
+def test_reward_calibrate_fits_sigma_and_leaves_mu(tiny_dir, easy_pairs, tmp_path, capsys):
+    """`reward calibrate` on a model without a variance head: the written model has one (sigma differs from image to
+    image), its mu is the original's exactly, and --out is never the model itself nor a full folder without --force."""
+    plain = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False)
+    plain.save_pretrained(tmp_path / "m")
+    args = ["reward", "calibrate", "--model", str(tmp_path / "m"), "--data", str(easy_pairs), "--split", "test",
+            "--steps", "30", "--out", str(tmp_path / "c")]
+    assert main([*args, "--json", str(tmp_path / "c.json")]) == 0
+    result = json.loads((tmp_path / "c.json").read_text())
+    assert result["pairs"] > 0 and result["loss_after"] < result["loss_before"]
+    before, after = SpatialScore.from_pretrained(tmp_path / "m"), SpatialScore.from_pretrained(tmp_path / "c")
+    assert after.variance_head and not before.variance_head
+    images = _images()
+    mu0, sigma0 = before.score([PROMPT, PROMPT], images)
+    mu1, sigma1 = after.score([PROMPT, PROMPT], images)
+    assert torch.equal(mu0, mu1) and torch.all(sigma0 == 0) and torch.all(sigma1 > 0) and sigma1[0] != sigma1[1]
+    capsys.readouterr()
+    for argv, key in ((args, "'--out'"), ([*args[:-1], str(tmp_path / "m"), "--force"], "must differ from --model"),
+                      ([*args, "--steps", "0"], "'--steps'")):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and key in err[0], err
+    assert main([*args, "--force"]) == 0
+
+
 def test_calibrate_needs_the_variance_head(tmp_path):
     from spatialcore.config import ConfigError
 

@@ -48,6 +48,28 @@ def add(sub) -> None:
                         "prompt drops to about 0.5)")
     add_json(r, "the metrics (with calibration bins and the per-type table)")
     r.set_defaults(func=evaluate)
+    r = command(rsub, "calibrate", help="fit sigma on pairs the model never trained on (mu untouched)",
+                description="Fit the Gaussian head's sigma of a SpatialScore (one trained with or without the "
+                            "variance head) on a split of a pair set it never trained on, its mu and backbone held "
+                            "fixed, and write the model with variance_head on to --out: sigma learns where mu's "
+                            "ranking fails off its training data. Judge it on another split with `reward eval`.",
+                examples=["spatialcore reward calibrate --model runs/reward-quick/model --data runs/pairs-grid "
+                          "--split val --out runs/reward-quick/calibrated",
+                          "spatialcore reward calibrate --model runs/reward-quick/model --data runs/pairs-grid "
+                          "--split val --steps 200 --out runs/reward-quick/calibrated --force "
+                          "--json runs/reward-quick/calibrated.json"])
+    r.add_argument("--model", required=True, metavar="DIR")
+    r.add_argument("--data", required=True, metavar="DIR")
+    r.add_argument("--split", default="val", choices=["train", "val", "test"],
+                   help="pairs the model did not train on (default val; keep test for judging)")
+    r.add_argument("--out", required=True, metavar="DIR", help="where the calibrated SpatialScore goes")
+    r.add_argument("--steps", type=int, default=500, help="Adam steps over all the pairs' features")
+    r.add_argument("--lr", type=float, default=0.05)
+    r.add_argument("--batch-size", type=int, default=16, help="pairs per forward pass of the backbone")
+    r.add_argument("--limit", type=int, default=None, help="use at most this many pairs")
+    r.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    add_json(r, "pairs used and the pair loss before (sigma 1) and after")
+    r.set_defaults(func=calibrate)
     r = command(rsub, "score", help="score images against a prompt, or each against its own",
                 description="Print mu and sigma of SpatialScore for each image: against --prompt, or against its "
                             "own prompt from --samples (the samples.jsonl that `sample` and `eval` write, an image "
@@ -132,6 +154,41 @@ def evaluate(args: argparse.Namespace) -> int:
                                         shuffle_prompts=args.shuffle_prompts),
                            types=perturbation_types(data, args.limit))
     return _print_table(args, metrics, Path(args.model).name)
+
+
+def calibrate(args: argparse.Namespace) -> int:
+    from ..data.pairs import PairSet, PairSetError
+    from ..paths import require
+    from ..reward.calibrate import calibrate_sigma
+
+    for flag, value in (("--steps", args.steps), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(flag, f"must be >= 1, got {value}")
+    if not args.lr > 0:
+        raise ConfigError("--lr", f"must be > 0, got {args.lr}")
+    require(args.data, "--data", "pairs")
+    out = Path(args.out)
+    if out.resolve() == Path(args.model).resolve():
+        raise ConfigError("--out", "must differ from --model (the uncalibrated model is kept)")
+    if out.exists() and any(out.iterdir()) and not args.force:
+        raise ConfigError("--out", f"{out} exists and is not empty (--force replaces it)")
+    try:
+        data = PairSet(args.data, split=args.split)
+    except PairSetError as err:
+        print(f"spatialcore reward calibrate: {err}", file=sys.stderr)
+        return 1
+    if len(data) == 0:
+        print(f"spatialcore reward calibrate: no '{args.split}' pairs in {args.data}", file=sys.stderr)
+        return 1
+    model = _load_spatialscore(args.model)
+    result = calibrate_sigma(model, data, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                             limit=args.limit, progress=True)
+    model.save_pretrained(out)
+    result = {**result, "model": str(args.model), "data": str(args.data), "split": args.split, "out": str(out)}
+    if not emit_json(args.json, result):
+        print(f"sigma fitted on {result['pairs']} '{args.split}' pairs of {args.data} ({args.steps} steps): pair loss "
+              f"{result['loss_before']:.4f} at sigma 1 -> {result['loss_after']:.4f}; mu untouched -> {out}")
+    return 0
 
 
 def _print_table(args: argparse.Namespace, metrics: dict, name: str) -> int:

@@ -11,6 +11,31 @@ import torch
 from ..kernels import pairwise_accuracy
 
 
+def _pair_batches(model, dataset, *, batch_size: int, limit: int | None, progress: bool, shuffle_prompts: bool,
+                  desc: str = "eval"):
+    """The dataset's pairs as model inputs, winners first: ``(inputs on the model's device, k pairs, n_perturbations)``
+    per batch of ``batch_size`` pairs."""
+    from ..logs import progress as bar
+    from .preprocess import PairCollator
+
+    n = len(dataset) if limit is None else min(limit, len(dataset))
+    if n == 0:
+        raise ValueError("no pairs to evaluate")
+    collate = PairCollator(model.processor)
+    prompt_of = list(range(n))
+    if shuffle_prompts:
+        prompt_of = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
+    model.eval()
+    starts = range(0, n, batch_size)
+    for s in bar(starts, desc=desc, unit="batch") if progress else starts:
+        items = [dataset[i] for i in range(s, min(n, s + batch_size))]
+        if shuffle_prompts:
+            items = [{**it, "prompt": _prompt(dataset, prompt_of[i])} for i, it in zip(range(s, s + len(items)), items,
+                                                                                        strict=True)]
+        batch = collate(items)
+        yield {k: v.to(model.device) for k, v in batch["inputs"].items()}, len(items), batch["n_perturbations"]
+
+
 @torch.no_grad()
 def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = None, progress: bool = False,
                 shuffle_prompts: bool = False):
@@ -19,30 +44,24 @@ def pair_scores(model, dataset, *, batch_size: int = 16, limit: int | None = Non
     ``shuffle_prompts``: judge every pair against another pair's prompt (a fixed permutation),
     the control that shows whether the model reads the prompt at all.
     """
-    from ..logs import progress as bar
-    from .preprocess import PairCollator
-
-    n = len(dataset) if limit is None else min(limit, len(dataset))
-    collate = PairCollator(model.processor)
-    prompt_of = list(range(n))
-    if shuffle_prompts:
-        prompt_of = torch.randperm(n, generator=torch.Generator().manual_seed(0)).tolist()
     outs = []
-    model.eval()
-    starts = range(0, n, batch_size)
-    for s in bar(starts, desc="eval", unit="batch") if progress else starts:
-        items = [dataset[i] for i in range(s, min(n, s + batch_size))]
-        if shuffle_prompts:
-            items = [{**it, "prompt": _prompt(dataset, prompt_of[i])} for i, it in zip(range(s, s + len(items)), items,
-                                                                                        strict=True)]
-        batch = collate(items)
-        inputs = {k: v.to(model.device) for k, v in batch["inputs"].items()}
+    for inputs, k, n_pert in _pair_batches(model, dataset, batch_size=batch_size, limit=limit, progress=progress,
+                                           shuffle_prompts=shuffle_prompts):
         mu, lv = model(**inputs)
         var = lv.float().exp().cpu() if lv is not None else torch.zeros(mu.shape[0])  # no variance head: sigma 0
-        k = len(items)
-        outs.append((mu[:k].float().cpu(), var[:k], mu[k:].float().cpu(), var[k:], batch["n_perturbations"]))
-    if not outs:
-        raise ValueError("no pairs to evaluate")
+        outs.append((mu[:k].float().cpu(), var[:k], mu[k:].float().cpu(), var[k:], n_pert))
+    return tuple(torch.cat(x) for x in zip(*outs, strict=True))
+
+
+@torch.no_grad()
+def pair_features(model, dataset, *, batch_size: int = 16, limit: int | None = None, progress: bool = False):
+    """(h_w, h_l, n_perturbations): the backbone's last-token hidden states of each pair's images, the head's input
+    (``[N, H]`` float32 CPU)."""
+    outs = []
+    for inputs, k, n_pert in _pair_batches(model, dataset, batch_size=batch_size, limit=limit, progress=progress,
+                                           shuffle_prompts=False, desc="features"):
+        h = model.features(**inputs).float().cpu()
+        outs.append((h[:k], h[k:], n_pert))
     return tuple(torch.cat(x) for x in zip(*outs, strict=True))
 
 

@@ -159,6 +159,14 @@ class SpatialScore(nn.Module):
             (tmp / "spatialscore.json").write_text(json.dumps(meta, indent=2))
 
     # ------------------------------------------------------------------ forward
+    def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
+                 image_grid_thw: torch.Tensor) -> torch.Tensor:
+        """The head's input: the backbone's final hidden state at each row's last prompt token, ``[B, H]``."""
+        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            image_grid_thw=image_grid_thw, use_cache=False, return_dict=True)
+        idx = last_token_index(attention_mask)
+        return out.last_hidden_state[torch.arange(idx.shape[0], device=idx.device), idx]
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 image_grid_thw: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
         out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
