@@ -31,16 +31,15 @@ bench: $(STAMP)
 # object's side (text-sides), train on web-like captions (configs/sft/tiny_cpu_web.yaml: the relation phrase missing
 # from half of them), judge 276 held-out samples with the pixel oracle, keep the pipeline, its manifest (with the
 # chain: made_from), the evaluation and the per-sample verdicts (what tests/test_tiny_generator.py re-measures).
-# text-sides teaches the T5 each prompt's relation-less form too ("A and B", objects without a side): a T5 taught the
-# four sides only read it as "A below B", and the web-caption stage then taught the transformer that the vertical
-# words carry nothing (docs/EXPERIMENTS.md). The web-caption stage runs at 2 threads.
+# unstated=false: the committed base's T5 was taught the four sides only (docs/EXPERIMENTS.md: it reads "A and B"
+# as "A below B"; a base on the T5 taught the relation-less form too is being measured).
 GEN_EVAL := runs/eval_tiny_generator
 SC := $(VENV)/bin/spatialcore
 generator: $(STAMP)
 	$(SC) tiny --config configs/tiny/generator.yaml --out runs/tiny_gen --force
 	$(SC) sft train --config configs/sft/tiny_cpu.yaml
-	$(SC) sft text-sides --model runs/sft_tiny/pipeline --out runs/gen_sides --force
-	$(SC) sft train --config configs/sft/tiny_cpu_web.yaml threads=2
+	$(SC) sft text-sides --model runs/sft_tiny/pipeline --out runs/gen_sides --force unstated=false
+	$(SC) sft train --config configs/sft/tiny_cpu_web.yaml
 	$(SC) eval --model runs/sft_tiny_web/pipeline --prompts synthetic:easy_grid --n-prompts 64 -n 12 --out $(GEN_EVAL)
 	rm -rf assets/tiny_generator && mkdir -p assets && cp -r runs/sft_tiny_web/pipeline assets/tiny_generator
 	cp $(GEN_EVAL)/eval.json assets/tiny_generator/
