@@ -115,8 +115,22 @@ def _load_spatialscore(path: str):
     return model.cuda() if torch.cuda.is_available() else model
 
 
-def evaluate(args: argparse.Namespace) -> int:
+def _open_pairs(args: argparse.Namespace, command: str, strict: bool = False):
+    """The ``--split`` pairs of ``--data``, or None after one line on stderr (a bad pair set, or no such pairs)."""
     from ..data.pairs import PairSet, PairSetError
+
+    try:
+        data = PairSet(args.data, split=args.split, strict=strict)
+    except PairSetError as err:
+        print(f"spatialcore reward {command}: {err}", file=sys.stderr)
+        return None
+    if len(data) == 0:
+        print(f"spatialcore reward {command}: no '{args.split}' pairs in {args.data}", file=sys.stderr)
+        return None
+    return data
+
+
+def evaluate(args: argparse.Namespace) -> int:
     from ..paths import require
     from ..reward.evaluate import oracle_pair_scores, pair_metrics, pair_scores, perturbation_types
 
@@ -128,13 +142,8 @@ def evaluate(args: argparse.Namespace) -> int:
     else:
         require(args.model, "--model", "spatialscore")
     require(args.data, "--data", "pairs")
-    try:
-        data = PairSet(args.data, split=args.split, strict=args.strict)
-    except PairSetError as err:
-        print(f"spatialcore reward eval: {err}", file=sys.stderr)
-        return 1
-    if len(data) == 0:
-        print(f"spatialcore reward eval: no '{args.split}' pairs in {args.data}", file=sys.stderr)
+    data = _open_pairs(args, "eval", strict=args.strict)
+    if data is None:
         return 1
     if args.oracle:
         try:
@@ -157,7 +166,6 @@ def evaluate(args: argparse.Namespace) -> int:
 
 
 def calibrate(args: argparse.Namespace) -> int:
-    from ..data.pairs import PairSet, PairSetError
     from ..paths import require
     from ..reward.calibrate import calibrate_sigma
 
@@ -172,13 +180,8 @@ def calibrate(args: argparse.Namespace) -> int:
         raise ConfigError("--out", "must differ from --model (the uncalibrated model is kept)")
     if out.exists() and any(out.iterdir()) and not args.force:
         raise ConfigError("--out", f"{out} exists and is not empty (--force replaces it)")
-    try:
-        data = PairSet(args.data, split=args.split)
-    except PairSetError as err:
-        print(f"spatialcore reward calibrate: {err}", file=sys.stderr)
-        return 1
-    if len(data) == 0:
-        print(f"spatialcore reward calibrate: no '{args.split}' pairs in {args.data}", file=sys.stderr)
+    data = _open_pairs(args, "calibrate")
+    if data is None:
         return 1
     model = _load_spatialscore(args.model)
     result = calibrate_sigma(model, data, steps=args.steps, lr=args.lr, batch_size=args.batch_size,
