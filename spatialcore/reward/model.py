@@ -159,19 +159,20 @@ class SpatialScore(nn.Module):
             (tmp / "spatialscore.json").write_text(json.dumps(meta, indent=2))
 
     # ------------------------------------------------------------------ forward
+    def _hidden(self, input_ids, attention_mask, pixel_values, image_grid_thw) -> torch.Tensor:
+        return self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                             image_grid_thw=image_grid_thw, use_cache=False, return_dict=True).last_hidden_state
+
     def features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                  image_grid_thw: torch.Tensor) -> torch.Tensor:
         """The head's input: the backbone's final hidden state at each row's last prompt token, ``[B, H]``."""
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            image_grid_thw=image_grid_thw, use_cache=False, return_dict=True)
         idx = last_token_index(attention_mask)
-        return out.last_hidden_state[torch.arange(idx.shape[0], device=idx.device), idx]
+        hidden = self._hidden(input_ids, attention_mask, pixel_values, image_grid_thw)
+        return hidden[torch.arange(idx.shape[0], device=idx.device), idx]
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pixel_values: torch.Tensor,
                 image_grid_thw: torch.Tensor, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor | None]:
-        out = self.backbone(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            image_grid_thw=image_grid_thw, use_cache=False, return_dict=True)
-        hidden = out.last_hidden_state
+        hidden = self._hidden(input_ids, attention_mask, pixel_values, image_grid_thw)
         mu, log_var = reward_head(hidden, last_token_index(attention_mask), self.head.weight, self.head.bias,
                                   backend=backend)
         # the head keeps both rows (one checkpoint format); without a variance head the second is not an output
