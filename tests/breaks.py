@@ -294,6 +294,12 @@ BREAKS = [
     ("reward calibrate: --out may be the model itself", "spatialcore/cli/reward.py",
      "if out.resolve() == Path(args.model).resolve():", "if False:",
      [T + "test_reward.py::test_reward_calibrate_fits_sigma_and_leaves_mu"]),
+    ("the saddle guard reads the signed mean margin (a model at chance looks collapsed)", "trainers/reward.py",
+     '    return ev["eval_mean_abs_margin"] < margin', '    return abs(ev["eval_mean_margin"]) < margin',
+     [T + "test_reward.py::test_the_saddle_is_told_by_the_size_of_the_margins_not_their_mean"]),
+    ("the saddle guard's threshold back at 1e-3 (a collapsed run's few-1e-3 margins pass for a working model)",
+     "trainers/reward.py", "saddle_margin: float = param(5e-2,", "saddle_margin: float = param(1e-3,",
+     [T + "test_reward.py::test_the_saddle_is_told_by_the_size_of_the_margins_not_their_mean"]),
 ]
 
 

@@ -551,6 +551,24 @@ def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeyp
         assert "saddle guard" not in err and all(m == 0.0 for _, m in margins[3:]), margins
 
 
+def test_the_saddle_is_told_by_the_size_of_the_margins_not_their_mean():
+    """The guard's sign of the saddle, on hand-made held-out scores at its default threshold: a collapsed model
+    (margins of a few 1e-3 either way, as a real run's were) is at it; a model at chance whose outputs still differ
+    (margins of +-5, mean 0) and a trained one are not."""
+    from spatialcore.reward.evaluate import pair_metrics
+    from spatialcore.trainers.reward import PairDataConfig, at_saddle
+
+    def ev(margins):
+        m = torch.tensor(margins)
+        return {f"eval_{k}": v for k, v in pair_metrics(m, torch.zeros(len(m)), torch.zeros(len(m)),
+                                                       torch.zeros(len(m)), torch.ones(len(m), dtype=torch.long)).items()}
+
+    threshold = PairDataConfig().saddle_margin
+    assert at_saddle(ev([5e-3, -2e-3, 4e-3, 3e-3, -1e-3, 2e-3]), threshold)  # mean 1.8e-3, above the old 1e-3
+    assert not at_saddle(ev([5.0, -5.0, 5.0, -5.0]), threshold)  # at chance, not collapsed: signed mean exactly 0
+    assert not at_saddle(ev([8.0, 12.0, 3.0, 9.0]), threshold)
+
+
 def test_sigma_separates_the_mistakes_by_value():
     """The AUROC of the pair's sigma for wrong pairs and the accuracy per sigma quartile, on hand-made scores: wrong
     pairs with the larger sigma give 1, the smaller 0, and an exact tie of mu is neither right nor wrong."""

@@ -157,6 +157,7 @@ def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 5, types: list
         "accuracy_2_3": pairwise_accuracy(mu_w[many], mu_l[many]) if many.any() else float("nan"),
         "pairs_1": int(one.sum()), "pairs_2_3": int(many.sum()),
         "mean_margin": float((mu_w - mu_l).mean()),
+        "mean_abs_margin": float((mu_w - mu_l).abs().mean()),  # ~0 only at constant output (the saddle guard's sign)
         "ece": float(ece),
         "calibration": calib,
         **({"by_type": by_perturbation_type(mu_w, mu_l, types)} if types is not None else {}),
