@@ -180,7 +180,8 @@ BREAKS = [
     ("the saddle guard never restarts", "trainers/reward.py", "        if not d.saddle_guard or self.stage == 0:",
      "        if True:", [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
     ("no ramp after a stage switch", "trainers/reward.py",
-     "        if self.warm_from >= 0 and cfg.data.stage_warmup and", "        if False and cfg.data.stage_warmup and",
+     "        if self.warm_from >= 0 and self.step - self.warm_from < self.warm_len:",
+     "        if False and self.step - self.warm_from < self.warm_len:",
      [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
     ("auto picks the Triton SDE step on CUDA (measured slower than the compiled reference)", "kernels/launch.py",
      '"sde_step": "compiled",', '"sde_step": "triton",',
@@ -300,6 +301,9 @@ BREAKS = [
     ("the saddle guard's threshold back at 1e-3 (a collapsed run's few-1e-3 margins pass for a working model)",
      "trainers/reward.py", "saddle_margin: float = param(5e-2,", "saddle_margin: float = param(1e-3,",
      [T + "test_reward.py::test_the_saddle_is_told_by_the_size_of_the_margins_not_their_mean"]),
+    ("a saddle restart at the full rate (only stage_warmup's ramp, 0 by default; a real run fell again each time)",
+     "trainers/reward.py", "self.step, max(d.stage_warmup, d.restart_warmup), 0", "self.step, d.stage_warmup, 0",
+     [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
 ]
 
 

@@ -532,7 +532,7 @@ def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeyp
         f"model={tiny_dir / 'reward'}", "data.source=stream:easy", "data.curriculum=[{relation_types: [left of], "
         "advance_at: 0.0}]", "max_steps=12", "optim.warmup_steps=1", "eval_every=2", "save_every=100",
         "data.eval_pairs=8", "batch_size=4", "log_every=1", "threads=1", f"data.saddle_guard={str(guard).lower()}",
-        "data.stage_warmup=2", f"out={tmp_path / 'r'}"])
+        "data.stage_warmup=2", "data.restart_warmup=4", f"out={tmp_path / 'r'}"])
     train(cfg)
     margins = [(r["step"], r["eval_mean_margin"]) for r in records(tmp_path / "r") if "eval_mean_margin" in r]
     assert [s for s, _ in margins] == [2, 4, 6, 8, 10, 12]
@@ -542,7 +542,8 @@ def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeyp
     lrs = {r["step"]: r["lr"] for r in records(tmp_path / "r") if "lr" in r}
     full = {s: cfg.optim.lr * lr_factor(cfg.optim, s - 1, 12) for s in lrs}
     assert lrs[3] == full[3] / 2 and lrs[4] == full[4]  # the ramp after the switch (stage_warmup=2)
-    assert (lrs[7] == full[7] / 2) == guard  # and after the restart
+    # after the restart, the longer ramp (restart_warmup=4); without the guard, the schedule's rate
+    assert [lrs[s] / full[s] for s in (7, 8, 9, 10, 11)] == ([0.25, 0.5, 0.75, 1.0, 1.0] if guard else [1.0] * 5)
     err = capfd.readouterr().err
     if guard:
         assert "saddle guard: stage 2 sat at constant output" in err and "restart 1 of 2" in err

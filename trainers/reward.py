@@ -65,10 +65,12 @@ class PairDataConfig:
     num_workers: int = param(0, min=0)
     shuffle_prompts: bool = False  # control: pair each image with another pair's prompt
     # A confident model that meets a new stage can fall onto the constant-output saddle (loss log 2, margin ~0) and
-    # stay there. Two defences: the rate ramps up again after every switch, and a stage whose held-out mean |margin|
-    # stays below saddle_margin for saddle_patience evaluations restarts from its first step's weights and optimizer
-    # (saved at the switch) on fresh pairs, with the ramp again, at most saddle_restarts times per stage.
+    # stay there. Two defences: the rate can ramp up again after every switch (stage_warmup), and a stage whose
+    # held-out mean |margin| stays below saddle_margin for saddle_patience evaluations restarts from its first step's
+    # weights and optimizer (saved at the switch) on fresh pairs, always with a ramp (restart_warmup steps at least):
+    # restarted at the full rate, a real run fell again each time (docs/EXPERIMENTS.md).
     stage_warmup: int = param(0, min=0, help="steps over which the rate ramps from 0 back up after a stage switch")
+    restart_warmup: int = param(100, min=1, help="the ramp after a saddle restart, in steps (at least stage_warmup)")
     saddle_guard: bool = param(True, help="restart a stage that collapses to constant output (curriculum only)")
     # |margin|, not the signed mean: a model at chance with confident outputs has a signed mean near 0 too, and a
     # collapsed one's tiny margins (1e-4 to 5e-3 seen, docs/EXPERIMENTS.md) kept resetting a 1e-3 threshold's patience
@@ -179,6 +181,7 @@ class RewardTrainer(Trainer):
         self._init_model()
         self.epoch, self.consumed, self.stage = 0, 0, 0
         self.warm_from, self.at_saddle, self.restarts = -1, 0, 0  # the stage's ramp start, saddle streak, restarts
+        self.warm_len = 0  # the ramp's length in steps: stage_warmup after a switch, more after a restart
         self._batches = None
 
     def _init_data(self) -> None:
@@ -249,7 +252,8 @@ class RewardTrainer(Trainer):
         else:
             tensors, optim = _trainable(self.model), self.opt.state_dict()
         return tensors, {"optimizer": optim, "epoch": self.epoch, "consumed": self.consumed, "stage": self.stage,
-                         "warm_from": self.warm_from, "at_saddle": self.at_saddle, "restarts": self.restarts}
+                         "warm_from": self.warm_from, "warm_len": self.warm_len, "at_saddle": self.at_saddle,
+                         "restarts": self.restarts}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         from .optim import set_lr
@@ -270,6 +274,7 @@ class RewardTrainer(Trainer):
         self.epoch, self.consumed, self.stage = state["epoch"], state["consumed"], state["stage"]
         self.warm_from, self.at_saddle, self.restarts = (state.get("warm_from", -1), state.get("at_saddle", 0),
                                                          state.get("restarts", 0))
+        self.warm_len = state.get("warm_len", self.cfg.data.stage_warmup)
 
     # ------------------------------------------------------------------ data
 
@@ -333,8 +338,8 @@ class RewardTrainer(Trainer):
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         lr = set_lr(self.opt, cfg.optim, self.step, cfg.max_steps)
-        if self.warm_from >= 0 and cfg.data.stage_warmup and self.step - self.warm_from < cfg.data.stage_warmup:
-            ramp = (self.step - self.warm_from + 1) / cfg.data.stage_warmup  # after a stage switch or restart
+        if self.warm_from >= 0 and self.step - self.warm_from < self.warm_len:
+            ramp = (self.step - self.warm_from + 1) / self.warm_len  # after a stage switch or restart
             for g in self.opt.param_groups:
                 g["lr"] *= ramp
             lr *= ramp
@@ -377,7 +382,7 @@ class RewardTrainer(Trainer):
         if cleared or in_stage >= rules.get("max_stage_steps", float("inf")):
             why = "" if cleared else f" (stage {self.stage + 1} not cleared in its {in_stage} steps)"
             self.stage, self.consumed, self._batches = self.stage + 1, 0, None
-            self.warm_from, self.at_saddle, self.restarts = self.step, 0, 0
+            self.warm_from, self.warm_len, self.at_saddle, self.restarts = self.step, d.stage_warmup, 0, 0
             info(f"curriculum: stage {self.stage + 1}/{len(self.stages)} from step {self.step}{why}", who="reward")
             if d.saddle_guard:
                 from ..checkpoint import write_checkpoint
@@ -404,7 +409,7 @@ class RewardTrainer(Trainer):
         keep = (self.epoch, self.consumed, self.stage, self.restarts + 1)  # the data position moves on: fresh pairs
         self.load_state_dict(tensors, state)
         self.epoch, self.consumed, self.stage, self.restarts = keep
-        self.warm_from, self.at_saddle = self.step, 0
+        self.warm_from, self.warm_len, self.at_saddle = self.step, max(d.stage_warmup, d.restart_warmup), 0
         info(f"saddle guard: stage {self.stage + 1} sat at constant output (held-out mean |margin| "
              f"{ev['eval_mean_abs_margin']:.1e} for {d.saddle_patience} evaluations): restarted from its first step's "
              f"weights ({path.name}), restart {self.restarts} of {d.saddle_restarts}", who="reward")
