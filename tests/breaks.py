@@ -301,9 +301,12 @@ BREAKS = [
     ("the saddle guard's threshold back at 1e-3 (a collapsed run's few-1e-3 margins pass for a working model)",
      "trainers/reward.py", "saddle_margin: float = param(5e-2,", "saddle_margin: float = param(1e-3,",
      [T + "test_reward.py::test_the_saddle_is_told_by_the_size_of_the_margins_not_their_mean"]),
-    ("a saddle restart at the full rate (only stage_warmup's ramp, 0 by default; a real run fell again each time)",
+    ("a saddle restart at the full rate (only stage_warmup's ramp; a real run fell again each time)",
      "trainers/reward.py", "self.step, max(d.stage_warmup, d.restart_warmup), 0", "self.step, d.stage_warmup, 0",
      [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
+    ("no ramp after a stage switch by default (stage_warmup back to 0)", "trainers/reward.py",
+     "stage_warmup: int = param(100,", "stage_warmup: int = param(0,",
+     [T + "test_reward.py::test_every_curriculum_ramps_its_rate_after_a_switch_unless_measured_without"]),
 ]
 
 

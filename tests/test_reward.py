@@ -175,6 +175,21 @@ def test_config_files_load():
         assert cfg.max_steps > cfg.optim.warmup_steps
 
 
+def test_every_curriculum_ramps_its_rate_after_a_switch_unless_measured_without():
+    """The rate ramps up again after each stage switch by default (a run on unseen objects fell onto the saddle at
+    the switch without it), in every shipped curriculum config but the demo's SpatialScore, which was measured
+    without a ramp and never fell."""
+    from pathlib import Path
+
+    from spatialcore.trainers.reward import PairDataConfig
+
+    assert PairDataConfig().stage_warmup > 0
+    for path in sorted(Path("configs/reward").glob("*.yaml")):
+        cfg = load_config(RewardTrainConfig, path)
+        if cfg.data.curriculum:
+            assert (cfg.data.stage_warmup == 0) == (path.name == "tiny_cpu_grid.yaml"), path
+
+
 def test_streaming_training_and_prompt_shuffle_control(tiny_dir, tmp_path):
     cfg = _cfg(tiny_dir, "stream:easy", tmp_path / "s", max_steps=3, eval_every=3, save_every=3,
                **{"data.eval_pairs": 6, "data.shuffle_prompts": True})
