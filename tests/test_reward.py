@@ -561,7 +561,7 @@ def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeyp
     assert [lrs[s] / full[s] for s in (7, 8, 9, 10, 11)] == ([0.25, 0.5, 0.75, 1.0, 1.0] if guard else [1.0] * 5)
     err = capfd.readouterr().err
     if guard:
-        assert "saddle guard: stage 2 sat at constant output" in err and "restart 1 of 2" in err
+        assert "saddle guard: stage 2 sat at constant output" in err and "4-step rate ramp, restart 1 of 2" in err
         assert all(abs(m) > 1e-3 for _, m in margins[3:]), margins
     else:
         assert "saddle guard" not in err and all(m == 0.0 for _, m in margins[3:]), margins

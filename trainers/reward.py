@@ -413,7 +413,8 @@ class RewardTrainer(Trainer):
         self.warm_from, self.warm_len, self.at_saddle = self.step, max(d.stage_warmup, d.restart_warmup), 0
         info(f"saddle guard: stage {self.stage + 1} sat at constant output (held-out mean |margin| "
              f"{ev['eval_mean_abs_margin']:.1e} for {d.saddle_patience} evaluations): restarted from its first step's "
-             f"weights ({path.name}), restart {self.restarts} of {d.saddle_restarts}", who="reward")
+             f"weights ({path.name}) with a {self.warm_len}-step rate ramp, restart {self.restarts} of "
+             f"{d.saddle_restarts}", who="reward")
         return True
 
     def final_result(self) -> dict:
