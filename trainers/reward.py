@@ -182,7 +182,6 @@ class RewardTrainer(Trainer):
         self._init_model()
         self.epoch, self.consumed, self.stage = 0, 0, 0
         self.warm_from, self.at_saddle, self.restarts = -1, 0, 0  # the stage's ramp start, saddle streak, restarts
-        self.warm_len = 0  # the ramp's length in steps: stage_warmup after a switch, more after a restart
         self._batches = None
 
     def _init_data(self) -> None:
@@ -253,8 +252,7 @@ class RewardTrainer(Trainer):
         else:
             tensors, optim = _trainable(self.model), self.opt.state_dict()
         return tensors, {"optimizer": optim, "epoch": self.epoch, "consumed": self.consumed, "stage": self.stage,
-                         "warm_from": self.warm_from, "warm_len": self.warm_len, "at_saddle": self.at_saddle,
-                         "restarts": self.restarts}
+                         "warm_from": self.warm_from, "at_saddle": self.at_saddle, "restarts": self.restarts}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], state: dict) -> None:
         from .optim import set_lr
@@ -275,7 +273,6 @@ class RewardTrainer(Trainer):
         self.epoch, self.consumed, self.stage = state["epoch"], state["consumed"], state["stage"]
         self.warm_from, self.at_saddle, self.restarts = (state.get("warm_from", -1), state.get("at_saddle", 0),
                                                          state.get("restarts", 0))
-        self.warm_len = state.get("warm_len", self.cfg.data.stage_warmup)
 
     # ------------------------------------------------------------------ data
 
@@ -339,8 +336,8 @@ class RewardTrainer(Trainer):
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         lr = set_lr(self.opt, cfg.optim, self.step, cfg.max_steps)
-        if self.warm_from >= 0 and self.step - self.warm_from < self.warm_len:
-            ramp = (self.step - self.warm_from + 1) / self.warm_len  # after a stage switch or restart
+        if self.warm_from >= 0 and self.step - self.warm_from < self.ramp_steps:
+            ramp = (self.step - self.warm_from + 1) / self.ramp_steps  # after a stage switch or restart
             for g in self.opt.param_groups:
                 g["lr"] *= ramp
             lr *= ramp
@@ -383,13 +380,20 @@ class RewardTrainer(Trainer):
         if cleared or in_stage >= rules.get("max_stage_steps", float("inf")):
             why = "" if cleared else f" (stage {self.stage + 1} not cleared in its {in_stage} steps)"
             self.stage, self.consumed, self._batches = self.stage + 1, 0, None
-            self.warm_from, self.warm_len, self.at_saddle, self.restarts = self.step, d.stage_warmup, 0, 0
+            self.warm_from, self.at_saddle, self.restarts = self.step, 0, 0
             info(f"curriculum: stage {self.stage + 1}/{len(self.stages)} from step {self.step}{why}", who="reward")
             if d.saddle_guard:
                 from ..checkpoint import write_checkpoint
 
                 tensors, state = self.state_dict()
                 write_checkpoint(self._stage_start(self.stage), self.step, tensors, state)
+
+    @property
+    def ramp_steps(self) -> int:
+        """The rate ramp's length from ``warm_from``: stage_warmup after a switch, restart_warmup at least after a
+        saddle restart (a switch sets restarts back to 0)."""
+        d = self.cfg.data
+        return max(d.stage_warmup, d.restart_warmup) if self.restarts else d.stage_warmup
 
     def _stage_start(self, stage: int) -> Path:
         return self.out / "stage_starts" / f"stage_{stage:02d}"
@@ -410,10 +414,10 @@ class RewardTrainer(Trainer):
         keep = (self.epoch, self.consumed, self.stage, self.restarts + 1)  # the data position moves on: fresh pairs
         self.load_state_dict(tensors, state)
         self.epoch, self.consumed, self.stage, self.restarts = keep
-        self.warm_from, self.warm_len, self.at_saddle = self.step, max(d.stage_warmup, d.restart_warmup), 0
+        self.warm_from, self.at_saddle = self.step, 0
         info(f"saddle guard: stage {self.stage + 1} sat at constant output (held-out mean |margin| "
              f"{ev['eval_mean_abs_margin']:.1e} for {d.saddle_patience} evaluations): restarted from its first step's "
-             f"weights ({path.name}) with a {self.warm_len}-step rate ramp, restart {self.restarts} of "
+             f"weights ({path.name}) with a {self.ramp_steps}-step rate ramp, restart {self.restarts} of "
              f"{d.saddle_restarts}", who="reward")
         return True
 
