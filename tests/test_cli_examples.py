@@ -15,7 +15,7 @@ from spatialcore.cli import build_parser, main
 
 CHECKOUT = Path(__file__).resolve().parents[1]
 ORDER = ["tiny", "data synth", "data validate", "data stats", "reward train", "reward eval", "reward calibrate", "sample", "reward score",
-         "grpo train", "grpo compare", "sft train", "sft text-sides", "eval", "export", "plan", "bench", "profile", "info", "config show", "demo"]
+         "grpo train", "grpo compare", "sft train", "sft text-sides", "eval", "data judged", "export", "plan", "bench", "profile", "info", "config show", "demo"]
 
 
 def leaf_commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
@@ -92,7 +92,8 @@ def test_every_example_runs_as_printed(checkout_cwd, capsys):
     for path in ("runs/tiny/flux/model_index.json", "runs/pairs-grid/pairs.jsonl", "runs/grid-stats.json",
                  "runs/reward-quick/model", "runs/reward-quick/control.json", "runs/scores.json",
                  "runs/grpo-quick/policy", "runs/grpo-quick-all/final.json", "runs/compare.png",
-                 "runs/sft-quick/pipeline/model_index.json", "runs/eval-policy.json", "runs/grpo-quick-export",
+                 "runs/sft-quick/pipeline/model_index.json", "runs/eval-policy.json", "runs/pairs-judged/pairs.jsonl",
+                 "runs/grpo-quick-export",
                  "runs/demo-smoke/REPORT.md"):
         assert (checkout_cwd / path).exists(), path
 

@@ -160,3 +160,68 @@ def test_load_image_modes(tmp_path):
     assert load_image(tmp_path / "bw.png").getpixel((0, 0)) == (255, 255, 255)
     records, problems = scan_pair_set(tmp_path)
     assert records == [] and "no pairs.jsonl" in str(problems[0])
+
+
+def _eval_folder(root, name, samples):
+    """A `spatialcore eval` folder by hand: ``samples`` = (prompt index, correct, all found) per sample; each image
+    a distinct colour so that a pair's files name their samples."""
+    d = root / name
+    (d / "images").mkdir(parents=True)
+    with (d / "samples.jsonl").open("w") as f:
+        for n, (i, correct, found) in enumerate(samples):
+            image = f"images/{i:04d}_{n:02d}.png"
+            Image.new("RGB", (32, 32), (n * 9 % 256, 40, 200)).save(d / image)
+            f.write(json.dumps({"prompt": f"The red circle is left of the blue square, number {i}.", "prompt_index": i,
+                                "seed_index": n, "seed": 1000 + n, "image": image, "found": [found, True],
+                                "relations": [correct], "all_found": found, "correct": correct, "boxes": []}) + "\n")
+    return d
+
+
+def test_judged_pairs_pair_every_correct_sample_with_every_wrong_one_of_its_prompt(tmp_path, capsys):
+    """Counted by hand: prompt 0 has 2 correct and 3 wrong samples (6 pairs), prompt 1 only correct ones (none),
+    prompt 2 one of each (1); the other folder 1 x 2. Every pair: chosen correct, rejected not, the same prompt,
+    the split of its folder; the set validates and loads; --per-prompt caps each prompt."""
+    val = _eval_folder(tmp_path, "ev_val", [(0, True, True), (0, False, True), (0, True, True), (0, False, False),
+                                            (0, False, True), (1, True, True), (1, True, True), (2, False, True),
+                                            (2, True, True)])
+    test = _eval_folder(tmp_path, "ev_test", [(0, False, True), (0, True, True), (0, False, False)])
+    out = tmp_path / "pairs"
+    assert main(["data", "judged", "--out", str(out), "--val", str(val), "--test", str(test)]) == 0
+    recs = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert [r["split"] for r in recs].count("val") == 7 and [r["split"] for r in recs].count("test") == 2
+    samples = {}
+    for k, folder in enumerate((val, test)):
+        for line in (folder / "samples.jsonl").read_text().splitlines():
+            s = json.loads(line)
+            samples[f"images/{k:02d}_{s['image'].split('/')[1]}"] = s
+    pairs = set()
+    for r in recs:
+        w, lo = samples[r["chosen"]], samples[r["rejected"]]
+        assert w["correct"] and not lo["correct"] and w["prompt"] == lo["prompt"] == r["prompt"]
+        assert np.array_equal(np.asarray(Image.open(out / r["chosen"])), np.asarray(Image.open(
+            (val if r["split"] == "val" else test) / w["image"])))
+        assert r["meta"]["rejected_found"] == lo["all_found"]
+        pairs.add((r["chosen"], r["rejected"]))
+    assert len(pairs) == 9
+    good, problems = scan_pair_set(out)
+    assert len(good) == 9 and not [p for p in problems if p.severity == "error"]
+    assert len(PairSet(out, split="test")) == 2
+    assert main(["data", "judged", "--out", str(out), "--val", str(val), "--per-prompt", "2", "--force"]) == 0
+    capped = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+    assert sorted(r["meta"]["prompt_index"] for r in capped) == [0, 0, 2]
+
+
+def test_judged_pairs_refuse_what_cannot_make_a_pair_set(tmp_path, capsys):
+    only_right = _eval_folder(tmp_path, "right", [(0, True, True), (1, True, True)])
+    other = _eval_folder(tmp_path, "other", [(0, True, True), (0, False, True)])
+    out = str(tmp_path / "pairs")
+    cases = [(["--test", str(only_right)], "--test.*no pair"),
+             (["--val", str(other), "--test", str(other)], "--test.*both val and test"),
+             (["--val", str(tmp_path)], "--val.*not a `spatialcore eval` folder"),
+             ([], "at least one evaluation folder"),
+             (["--test", str(other), "--per-prompt", "0"], "--per-prompt.*>= 1")]
+    for args, message in cases:
+        assert main(["data", "judged", "--out", out, *args]) == 2, args
+        err = capsys.readouterr().err
+        assert len(err.strip().splitlines()) == 1 and __import__("re").search(message, err), (args, err)
+    assert not (tmp_path / "pairs").exists()

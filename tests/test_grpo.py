@@ -570,6 +570,34 @@ def test_trainer_keeps_the_lower_bound_top_k(tiny_dir, tmp_path, monkeypatch):
     assert torch.equal(kept[0], want.reshape(-1))
     rec = [r for r in records(tmp_path / "run") if "reward_mean" in r][0]
     assert rec["reward_mean"] == pytest.approx(float(mu.mean()), rel=1e-6)
+    # how much sigma reordered the groups, counted by hand: group 0 (0.9, 0.1, 0.5, 0.2) by the bound
+    # (-0.1, 0.05, 0.45, 0.15) flips (0,1), (0,2), (0,3); group 1 (-0.3, 0.8, 0, 0.4) by (-0.35, 0.75, -0.05, -1.1)
+    # flips (0,3) and (2,3): 5 of 12 pairs
+    assert rec["sigma_flips"] == pytest.approx(5 / 12)
+
+
+def test_order_flips_counts_the_pairs_two_scores_order_differently():
+    """Against a loop over every within-group pair; NaN samples leave their pairs out, a one-sided tie counts."""
+    from spatialcore.rl.reward_fns import order_flips
+
+    g = torch.Generator().manual_seed(5)
+    a = torch.randn(4, 9, generator=g)
+    b = a - 1.5 * torch.rand(4, 9, generator=g)
+    a[1, 3] = float("nan")
+    b[2, 5] = float("inf")
+    b[3, 0], b[3, 1] = 0.25, 0.25  # tied in b, not in a
+    n = flips = 0
+    for p in range(4):
+        for i in range(9):
+            for j in range(i + 1, 9):
+                if all(np.isfinite(float(t[p, x])) for t in (a, b) for x in (i, j)):
+                    n += 1
+                    flips += np.sign(float(a[p, i] - a[p, j])) != np.sign(float(b[p, i] - b[p, j]))
+    assert order_flips(a, b) == pytest.approx(flips / n)
+    assert 0 < flips < n and order_flips(a, a) == 0.0
+    assert np.isnan(order_flips(torch.full((2, 1), 1.0), torch.full((2, 1), 1.0)))
+    with pytest.raises(ValueError, match=r"\[P, G\]"):
+        order_flips(a, b[:, :3])
 
 
 def test_sigma_keys_need_the_spatialscore_reward(tiny_dir, tmp_path):

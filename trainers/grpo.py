@@ -484,6 +484,8 @@ class GRPOTrainer(Trainer):
         self.top_k = cfg.resolved_top_k()
         s = cfg.reward.spatialscore
         self.lcb_topk = self.top_k is not None and cfg.reward.name == "spatialscore" and s.topk_by == "lcb"
+        # a sigma-aware SpatialScore reward logs how much its sigma reorders the groups mu ranks (sigma_flips)
+        self.sigma_aware = cfg.reward.name == "spatialscore" and (s.form == "lcb" or s.topk_by == "lcb")
         self.window = cfg.sampler.window()
         if is_main():
             w0, w1 = self.window
@@ -581,24 +583,28 @@ class GRPOTrainer(Trainer):
                                for s in range(0, len(prompts), chunk)])
 
     def _score(self, images: torch.Tensor, prompts: list[str]):
-        """(rewards ``[P, G]`` of every rank, the score Top-k ranks by or None, the parts' means): group
-        statistics are global, so every rank sees the whole matrix."""
-        from ..rl.reward_fns import lower_bound
+        """(rewards ``[P, G]`` of every rank, the score Top-k ranks by or None, the parts' means and for a
+        sigma-aware SpatialScore ``sigma_flips``): group statistics are global, so every rank sees the whole matrix."""
+        from ..rl.reward_fns import lower_bound, order_flips
 
         cfg = self.cfg
         shape = (cfg.prompts_per_iter, cfg.group_size)
-        rank_by = None
-        if self.lcb_topk:
+
+        def everyone(v: torch.Tensor) -> torch.Tensor:
+            return gather_by_index(v.float().cpu(), self.n_total, self.rank, self.world).view(shape)
+
+        rank_by, parts = None, {}
+        if self.sigma_aware:
             mu, sigma = self.reward_fn.scores(images, prompts)
-            local = self.reward_fn.reward(mu, sigma).float().cpu()
-            bound = lower_bound(mu, sigma, cfg.reward.spatialscore.sigma_weight).float().cpu()
-            rank_by = gather_by_index(bound, self.n_total, self.rank, self.world).view(shape)
+            local = self.reward_fn.reward(mu, sigma)
+            bound = everyone(lower_bound(mu, sigma, cfg.reward.spatialscore.sigma_weight))
+            rank_by = bound if self.lcb_topk else None
+            parts["sigma_flips"] = order_flips(everyone(mu), bound)
         else:
-            local = self.reward_fn(images, prompts).float().cpu()
-        rewards = gather_by_index(local, self.n_total, self.rank, self.world).view(shape)
-        parts = {f"reward_{k}_mean": float(gather_by_index(v.float().cpu(), self.n_total, self.rank, self.world).nanmean())
-                 for k, v in getattr(self.reward_fn, "last", {}).items()}
-        return rewards, rank_by, parts
+            local = self.reward_fn(images, prompts)
+        parts.update({f"reward_{k}_mean": float(everyone(v).nanmean())
+                      for k, v in getattr(self.reward_fn, "last", {}).items()})
+        return everyone(local), rank_by, parts
 
     def _check_rewards(self, rewards: torch.Tensor) -> int:
         """Count non-finite rewards (they get keep=False); stop after ``max_bad_iterations`` iterations

@@ -1,4 +1,5 @@
-"""``spatialcore data synth|validate|stats``: synthetic spatial pairs, and checks of any pair set."""
+"""``spatialcore data synth|judged|validate|stats``: synthetic spatial pairs, pairs of a generator's judged samples,
+and checks of any pair set."""
 
 from __future__ import annotations
 
@@ -31,6 +32,23 @@ def add(sub) -> None:
     d.add_argument("--force", action="store_true", help="replace a non-empty DIR")
     add_config_args(d, "max_violations=2 p_sizes=0")
     d.set_defaults(func=synth)
+    d = command(dsub, "judged", help="pair a generator's samples judged by `spatialcore eval`",
+                description="A pair set from `spatialcore eval` folders: within one folder and one prompt, every "
+                            "sample the judge found correct (chosen) with every one it did not (rejected). Each "
+                            "folder's pairs go to the split it is listed under; give folders of distinct prompts "
+                            "per split. For `reward calibrate` and `reward eval` on the images Spatial-RL scores.",
+                examples=["spatialcore data judged --out runs/pairs-judged --val runs/eval-base --test runs/eval-policy",
+                          "spatialcore data judged --out runs/pairs-judged --test runs/eval-base runs/eval-policy "
+                          "--per-prompt 1 --force"])
+    add_out(d, "pair-set folder", required=True)
+    for split in ("train", "val", "test"):
+        d.add_argument(f"--{split}", nargs="+", default=[], metavar="EVAL_DIR",
+                       help=f"`spatialcore eval` folders whose pairs form the {split} split")
+    d.add_argument("--per-prompt", type=int, default=None, metavar="N",
+                   help="at most N pairs per prompt and folder, drawn by --seed (default: every combination)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--force", action="store_true", help="replace a non-empty DIR")
+    d.set_defaults(func=judged)
     d = command(dsub, "validate", help="check every record of a pair set",
                 description="Check pairs.jsonl and its images; print 'line N: reason' per problem and a summary. "
                             "Exit 0 when clean (warnings allowed), 1 otherwise.",
@@ -68,6 +86,26 @@ def synth(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     info(f"{args.pairs} pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}) at {cfg.size}px in {dt:.1f} s "
          f"({args.pairs / dt:.0f} pairs/s) -> {args.out}", who="data synth")
+    return 0
+
+
+def judged(args: argparse.Namespace) -> int:
+    from ..data.judged import pair_set_from_evals
+    from ..logs import info
+
+    splits = {s: getattr(args, s) for s in ("train", "val", "test") if getattr(args, s)}
+    if not splits:
+        raise ConfigError("--test", "give at least one evaluation folder (--train, --val or --test)")
+    if args.per_prompt is not None and args.per_prompt < 1:
+        raise ConfigError("--per-prompt", f"must be >= 1, got {args.per_prompt}")
+    try:
+        counts = pair_set_from_evals(args.out, splits, per_prompt=args.per_prompt, seed=args.seed,
+                                     overwrite=args.force)
+    except FileExistsError as err:
+        info(str(err), who="data judged")
+        return 1
+    info(f"{sum(counts.values())} pairs ({', '.join(f'{k} {v}' for k, v in counts.items())}) -> {args.out}",
+         who="data judged")
     return 0
 
 

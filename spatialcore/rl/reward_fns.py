@@ -83,6 +83,21 @@ def lower_bound(mu: torch.Tensor, sigma: torch.Tensor, weight: float) -> torch.T
     return mu - weight * sigma
 
 
+def order_flips(a: torch.Tensor, b: torch.Tensor) -> float:
+    """The fraction of within-group pairs of samples that ``a`` and ``b`` (``[P, G]``) order differently: how much a
+    sigma-aware score ``b`` reorders the groups that ``mu = a`` ranks. A pair counts when both samples are finite in
+    both; a pair tied in one score and not in the other counts as reordered. NaN when no pair counts."""
+    if a.shape != b.shape or a.ndim != 2:
+        raise ValueError(f"two [P, G] scores of one shape expected, got {tuple(a.shape)} and {tuple(b.shape)}")
+    a, b = a.double(), b.double()
+    ok = torch.isfinite(a) & torch.isfinite(b)
+    upper = torch.ones(a.shape[1], a.shape[1], dtype=torch.bool).triu(1)
+    pairs = ok[:, :, None] & ok[:, None, :] & upper
+    differ = torch.sign(a[:, :, None] - a[:, None, :]) != torch.sign(b[:, :, None] - b[:, None, :])
+    n = int(pairs.sum())
+    return float((differ & pairs).sum()) / n if n else float("nan")
+
+
 class SpatialScoreReward:
     """A SpatialScore checkpoint as a reward, scored in batches without gradients: ``mu`` (``form="mu"``)
     or the lower confidence bound ``mu - sigma_weight x sigma`` (``form="lcb"``)."""
