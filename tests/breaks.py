@@ -307,6 +307,20 @@ BREAKS = [
     ("no ramp after a stage switch by default (stage_warmup back to 0)", "trainers/reward.py",
      "stage_warmup: int = param(100,", "stage_warmup: int = param(0,",
      [T + "test_reward.py::test_every_curriculum_ramps_its_rate_after_a_switch_unless_measured_without"]),
+    ("data judged: chosen and rejected swapped (the wrong sample chosen)", "spatialcore/data/judged.py",
+     'combos = [(w, lo) for w in group if w["correct"] for lo in group if not lo["correct"]]',
+     'combos = [(lo, w) for w in group if w["correct"] for lo in group if not lo["correct"]]',
+     [T + "test_data_pairs.py::test_judged_pairs_pair_every_correct_sample_with_every_wrong_one_of_its_prompt"]),
+    ("data judged: pairs across prompts (a folder's samples in one group)", "spatialcore/data/judged.py",
+     'by_prompt.setdefault(r["prompt_index"], []).append(r)', 'by_prompt.setdefault(0, []).append(r)',
+     [T + "test_data_pairs.py::test_judged_pairs_pair_every_correct_sample_with_every_wrong_one_of_its_prompt"]),
+    ("sigma_flips: a tie in one score counts as agreement", "spatialcore/rl/reward_fns.py",
+     "differ = torch.sign(a[:, :, None] - a[:, None, :]) != torch.sign(b[:, :, None] - b[:, None, :])",
+     "differ = torch.sign(a[:, :, None] - a[:, None, :]) * torch.sign(b[:, :, None] - b[:, None, :]) < 0",
+     [T + "test_grpo.py::test_order_flips_counts_the_pairs_two_scores_order_differently"]),
+    ("sigma_flips: mu compared with the reward instead of the sigma-aware bound", "trainers/grpo.py",
+     'parts["sigma_flips"] = order_flips(everyone(mu), bound)', 'parts["sigma_flips"] = order_flips(everyone(mu), everyone(local))',
+     [T + "test_grpo.py::test_trainer_keeps_the_lower_bound_top_k"]),
 ]
 
 
