@@ -1,6 +1,7 @@
 """Pair-set loading: validation of broken inputs, skip/strict loading, resumable sharded sampler, collate."""
 
 import json
+import re
 import warnings
 
 import numpy as np
@@ -223,5 +224,5 @@ def test_judged_pairs_refuse_what_cannot_make_a_pair_set(tmp_path, capsys):
     for args, message in cases:
         assert main(["data", "judged", "--out", out, *args]) == 2, args
         err = capsys.readouterr().err
-        assert len(err.strip().splitlines()) == 1 and __import__("re").search(message, err), (args, err)
+        assert len(err.strip().splitlines()) == 1 and re.search(message, err), (args, err)
     assert not (tmp_path / "pairs").exists()
