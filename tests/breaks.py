@@ -321,6 +321,9 @@ BREAKS = [
     ("sigma_flips: mu compared with the reward instead of the sigma-aware bound", "trainers/grpo.py",
      'parts["sigma_flips"] = order_flips(everyone(mu), bound)', 'parts["sigma_flips"] = order_flips(everyone(mu), everyone(local))',
      [T + "test_grpo.py::test_trainer_keeps_the_lower_bound_top_k"]),
+    ("restart_lr_factor ignored (a restarted stage back at the schedule's rate)", "trainers/reward.py",
+     "if self.restarts and self.cfg.data.restart_lr_factor != 1.0:", "if False:",
+     [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
 ]
 
 

@@ -524,11 +524,12 @@ def test_the_trainers_rate_is_the_schedules_at_every_step(tiny_dir, easy_pairs, 
     assert lrs[0] == cfg.optim.lr / 2 and lrs[1] == lrs[2] == cfg.optim.lr and lrs[5] < lrs[4] < lrs[3] < lrs[2]
 
 
-@pytest.mark.parametrize("guard", [True, False])
-def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeypatch, capfd, guard):
+@pytest.mark.parametrize("guard,cut", [(True, 1.0), (False, 1.0), (True, 0.5)])
+def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeypatch, capfd, guard, cut):
     """A model forced onto the constant-output saddle right after a stage switch (every trainable weight and the
     optimizer's moments zeroed: all gradients are then exactly 0, loss log 2, margin 0, a fixed point) recovers
-    when the guard restarts the stage from its first step's weights; with the guard off it stays there."""
+    when the guard restarts the stage from its first step's weights; with the guard off it stays there. With
+    ``restart_lr_factor`` the restarted stage runs at that fraction of the schedule's rate."""
     from spatialcore.trainers import reward as reward_mod
 
     real = reward_mod.RewardTrainer.after_evaluation
@@ -547,7 +548,7 @@ def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeyp
         f"model={tiny_dir / 'reward'}", "data.source=stream:easy", "data.curriculum=[{relation_types: [left of], "
         "advance_at: 0.0}]", "max_steps=12", "optim.warmup_steps=1", "eval_every=2", "save_every=100",
         "data.eval_pairs=8", "batch_size=4", "log_every=1", "threads=1", f"data.saddle_guard={str(guard).lower()}",
-        "data.stage_warmup=2", "data.restart_warmup=4", f"out={tmp_path / 'r'}"])
+        "data.stage_warmup=2", "data.restart_warmup=4", f"data.restart_lr_factor={cut}", f"out={tmp_path / 'r'}"])
     train(cfg)
     margins = [(r["step"], r["eval_mean_margin"]) for r in records(tmp_path / "r") if "eval_mean_margin" in r]
     assert [s for s, _ in margins] == [2, 4, 6, 8, 10, 12]
@@ -558,7 +559,8 @@ def test_the_saddle_guard_restarts_a_collapsed_stage(tiny_dir, tmp_path, monkeyp
     full = {s: cfg.optim.lr * lr_factor(cfg.optim, s - 1, 12) for s in lrs}
     assert lrs[3] == full[3] / 2 and lrs[4] == full[4]  # the ramp after the switch (stage_warmup=2)
     # after the restart, the longer ramp (restart_warmup=4); without the guard, the schedule's rate
-    assert [lrs[s] / full[s] for s in (7, 8, 9, 10, 11)] == ([0.25, 0.5, 0.75, 1.0, 1.0] if guard else [1.0] * 5)
+    assert [lrs[s] / full[s] for s in (7, 8, 9, 10, 11)] == ([0.25 * cut, 0.5 * cut, 0.75 * cut, cut, cut] if guard
+                                                             else [1.0] * 5)
     err = capfd.readouterr().err
     if guard:
         assert "saddle guard: stage 2 sat at constant output" in err and "4-step rate ramp, restart 1 of 2" in err
