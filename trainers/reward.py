@@ -80,7 +80,7 @@ class PairDataConfig:
     saddle_restarts: int = param(2, min=0, help="restarts at most per stage")
     # A wider model (1.47 M parameters, docs/EXPERIMENTS.md) fell at the two-object switch despite the ramp, and both
     # ramped restarts at the schedule's rate fell again; each restart can also lower the stage's rate (until the
-    # next switch). 1.0 keeps the measured behaviour; a lower factor is not yet measured on a run that fell.
+    # next switch). 1.0 keeps the measured behaviour; 0.5 on that model left the saddle but not chance (one run).
     restart_lr_factor: float = param(1.0, min=0.01, max=1.0,
                                      help="the stage's rate is multiplied by this after each saddle restart")
 
@@ -341,16 +341,13 @@ class RewardTrainer(Trainer):
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         lr = set_lr(self.opt, cfg.optim, self.step, cfg.max_steps)
+        scale = self.cfg.data.restart_lr_factor ** self.restarts  # a lowered rate for the rest of a restarted stage
         if self.warm_from >= 0 and self.step - self.warm_from < self.ramp_steps:
-            ramp = (self.step - self.warm_from + 1) / self.ramp_steps  # after a stage switch or restart
+            scale *= (self.step - self.warm_from + 1) / self.ramp_steps  # the ramp after a stage switch or restart
+        if scale != 1.0:
             for g in self.opt.param_groups:
-                g["lr"] *= ramp
-            lr *= ramp
-        if self.restarts and self.cfg.data.restart_lr_factor != 1.0:  # a lowered rate for the rest of the stage
-            cut = self.cfg.data.restart_lr_factor ** self.restarts
-            for g in self.opt.param_groups:
-                g["lr"] *= cut
-            lr *= cut
+                g["lr"] *= scale
+            lr *= scale
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self._advance_data()
