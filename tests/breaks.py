@@ -322,7 +322,7 @@ BREAKS = [
      'parts["sigma_flips"] = order_flips(everyone(mu), bound)', 'parts["sigma_flips"] = order_flips(everyone(mu), everyone(local))',
      [T + "test_grpo.py::test_trainer_keeps_the_lower_bound_top_k"]),
     ("restart_lr_factor ignored (a restarted stage back at the schedule's rate)", "trainers/reward.py",
-     "scale = self.cfg.data.restart_lr_factor ** self.restarts", "scale = 1.0",
+     "scale = cfg.data.restart_lr_factor ** self.restarts", "scale = 1.0",
      [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
 ]
 

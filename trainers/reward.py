@@ -341,7 +341,7 @@ class RewardTrainer(Trainer):
         if hasattr(gnorm, "full_tensor"):
             gnorm = gnorm.full_tensor()
         lr = set_lr(self.opt, cfg.optim, self.step, cfg.max_steps)
-        scale = self.cfg.data.restart_lr_factor ** self.restarts  # a lowered rate for the rest of a restarted stage
+        scale = cfg.data.restart_lr_factor ** self.restarts  # a lowered rate for the rest of a restarted stage
         if self.warm_from >= 0 and self.step - self.warm_from < self.ramp_steps:
             scale *= (self.step - self.warm_from + 1) / self.ramp_steps  # the ramp after a stage switch or restart
         if scale != 1.0:
