@@ -7,7 +7,8 @@ before anything is built, on every rank (each raises the same error):
 
 * ``run: auto`` (default): a folder holding a run (checkpoints or metrics) with a different config stops with
   one line naming the first differing key; the same config (up to the keys in ``MAY_CHANGE``, which extend or
-  observe or move a run without changing what it computes) resumes;
+  observe or move a run without changing what it computes, and keys added to the code since the run was saved
+  that hold their defaults, named in one line) resumes;
 * ``run: resume``: the same, and a folder without a run to resume is an error;
 * ``run: fresh``: an existing run is moved aside to ``<out>.replaced-<time>`` (nothing is deleted) and the run
   starts from scratch.
@@ -38,15 +39,58 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def first_difference(saved: dict, now: dict) -> tuple[str, Any, Any] | None:
-    """(dotted key, saved value, new value) of the first key that differs, outside ``MAY_CHANGE``."""
+_ABSENT = "<absent>"
+
+
+def _default(cls: type | None, key: str) -> Any:
+    """The value config class ``cls`` gives the dotted ``key`` when nothing sets it (a nested section's own default
+    included), or ``_ABSENT`` when it has none (a required key, a list item, not a field of ``cls``)."""
+    import dataclasses
+    import typing
+
+    from .config import json_plain
+
+    node, obj = cls, None  # the section's class, and its default instance when the parent's default builds one
+    for part in key.split("."):
+        if node is None or not dataclasses.is_dataclass(node):
+            return _ABSENT
+        f = next((f for f in dataclasses.fields(node) if f.name == part and f.init), None)
+        if f is None:
+            return _ABSENT
+        if obj is not None:
+            value = getattr(obj, part)
+        elif f.default is not dataclasses.MISSING:
+            value = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            value = f.default_factory()
+        else:
+            value = _ABSENT
+        hint = typing.get_type_hints(node)[part]
+        node, obj = (hint, None if value is _ABSENT else value) if dataclasses.is_dataclass(hint) else (None, value)
+    return _ABSENT if obj is None or dataclasses.is_dataclass(obj) else json_plain(obj)
+
+
+def compare_configs(saved: dict, now: dict, cls: type | None = None) -> tuple[tuple[str, Any, Any] | None, list[str]]:
+    """(the first key that differs, outside ``MAY_CHANGE``, as (dotted key, saved value, new value); the keys the
+    saved config lacks that hold ``cls``'s default now). A key added to the code after a run was saved does not stop
+    its resume while it keeps its default (a new key's default is the behaviour the code had before it); set to
+    anything else, or a key the code no longer has, it is a difference."""
     a, b = _flat(saved), _flat(now)
+    added = []
     for key in list(b) + [k for k in a if k not in b]:
         if key.split(".")[0] in MAY_CHANGE:
             continue
-        if a.get(key, "<absent>") != b.get(key, "<absent>"):
-            return key, a.get(key, "<absent>"), b.get(key, "<absent>")
-    return None
+        old, new = a.get(key, _ABSENT), b.get(key, _ABSENT)
+        if key not in a and new == _default(cls, key):
+            added.append(key)
+        elif old != new:
+            return (key, old, new), added
+    return None, added
+
+
+def first_difference(saved: dict, now: dict, cls: type | None = None) -> tuple[str, Any, Any] | None:
+    """(dotted key, saved value, new value) of the first key that differs (``compare_configs``)."""
+    return compare_configs(saved, now, cls)[0]
 
 
 def holds_run(out: Path) -> bool:
@@ -72,7 +116,12 @@ def prepare(cfg, *, main: bool) -> Path | None:
         return aside
     saved = out / "config.yaml"
     if saved.is_file():
-        diff = first_difference(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg))
+        diff, added = compare_configs(yaml.safe_load(saved.read_text()) or {}, to_dict(cfg), type(cfg))
+        if added and not diff and main:
+            from .logs import info
+
+            info(f"{saved} predates {', '.join(added)}: resuming with "
+                 f"{'their defaults' if len(added) > 1 else 'its default'} (the code's behaviour before it)")
         if diff:
             key, old, new = diff
             raise ConfigError(key, f"{out} holds a run with {key}={old!r}, this config has {new!r}: give another "

@@ -324,6 +324,14 @@ BREAKS = [
     ("restart_lr_factor ignored (a restarted stage back at the schedule's rate)", "trainers/reward.py",
      "scale = cfg.data.restart_lr_factor ** self.restarts", "scale = 1.0",
      [T + "test_reward.py::test_the_saddle_guard_restarts_a_collapsed_stage"]),
+    # thirteenth session
+    ("a key the saved run predates is a difference even at its default", "spatialcore/run_folder.py",
+     "        if key not in a and new == _default(cls, key):", "        if False:",
+     [T + "test_run_folder.py::test_a_key_added_since_the_run_resumes_at_its_default_only",
+      T + "test_run_folder.py::test_rerun_refused_resumed_or_started_fresh"]),
+    ("the new key's default read from its class, not from the section's default", "spatialcore/run_folder.py",
+     "        if obj is not None:\n            value = getattr(obj, part)", "        if False:\n            pass",
+     [T + "test_run_folder.py::test_a_key_added_since_the_run_resumes_at_its_default_only"]),
 ]
 
 

@@ -25,6 +25,28 @@ def test_first_difference_names_the_dotted_key():
     assert first_difference(saved, {**saved, "new_key": 1}) == ("new_key", "<absent>", 1)
 
 
+def test_a_key_added_since_the_run_resumes_at_its_default_only():
+    """A run saved before a key existed resumes while the key holds the default its config class gives it (a
+    section's own default included: SFT's optim.lr is 1e-4, OptimConfig's 1e-2); any other value, a key the code
+    no longer has, or a changed list item is a difference."""
+    from spatialcore.config import to_dict
+    from spatialcore.run_folder import compare_configs
+    from spatialcore.trainers.sft import SFTTrainConfig
+
+    now = to_dict(SFTTrainConfig(model="m"))
+    saved = json.loads(json.dumps(now))
+    del saved["optim"]["lr"], saved["data"]["caption_drop"], saved["seed"]
+    assert compare_configs(saved, now, SFTTrainConfig) == (None, ["seed", "data.caption_drop", "optim.lr"])
+    assert first_difference(saved, now) == ("seed", "<absent>", 0)  # no class, no defaults: as before
+    changed = json.loads(json.dumps(now))
+    changed["optim"]["lr"] = 1e-2  # OptimConfig's own default, not the one SFT's section gives
+    assert first_difference(saved, changed, SFTTrainConfig) == ("optim.lr", "<absent>", 1e-2)
+    removed = {**json.loads(json.dumps(saved)), "old_key": 3}
+    assert first_difference(removed, now, SFTTrainConfig) == ("old_key", 3, "<absent>")
+    listed = {**json.loads(json.dumps(saved)), "report_to": ["jsonl", "tensorboard"]}
+    assert first_difference(listed, now, SFTTrainConfig) == ("report_to", ["jsonl", "tensorboard"], ["jsonl"])
+
+
 def test_rerun_refused_resumed_or_started_fresh(tiny_dir, tmp_path, capsys, monkeypatch):
     out = tmp_path / "run"
     assert main(_grpo(tiny_dir, out)) == 0
@@ -40,10 +62,17 @@ def test_rerun_refused_resumed_or_started_fresh(tiny_dir, tmp_path, capsys, monk
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "optim.lr" in err and "--fresh" in err, err
     assert records(out) == first
-    # the same config, extended: resumes from the last checkpoint
+    # the same config, extended, by code that has a key the saved run predates (dropped from its config.yaml),
+    # at its default: resumes from the last checkpoint, naming the key in one line
+    import yaml
+
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["sampler"]["text_cache"]
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
     monkeypatch.setenv("SPATIALCORE_COMMIT", "abc1234")  # the resume runs other code: both starts are kept
     assert main(_grpo(tiny_dir, out, "iterations=3", "--resume")) == 0
-    assert "resumed from step 2" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "resumed from step 2" in err and "predates sampler.text_cache: resuming with its default" in err, err
     starts = json.loads((out / "run.json").read_text())["starts"]
     assert [s["commit"] for s in starts] == [start["commit"], "abc1234"]
     assert records(out)[: len(first)] == first and records(out)[-1]["step"] == 3
