@@ -9,7 +9,7 @@ Stages, each timed and summarised in ``REPORT.md``:
    (its curriculum) with ``REWARD_CHANGES``;
 4. evaluate it on the pair set's test split (the published table's columns) with the shuffled-prompt
    control beside it;
-5. judge the base generator (the committed pretrained tiny Flux, ``assets/tiny_generator``) with
+5. judge the base generator (the committed tiny Flux, ``assets/tiny_generator``) with
    ``spatialcore eval``: held-out prompts, fixed seeds, the pixel oracle and GenEval's position rule;
 6. Spatial-RL with Top-k filtering on that generator, rewarded by the SpatialScore of stage 3
    (``configs/grpo/tiny_cpu_grid.yaml`` with ``GRPO_CHANGES``; its ``objective`` names GRPO or DiffusionNFT), a
@@ -51,8 +51,8 @@ REWARD_FILE, REWARD_CHANGES = "reward/tiny_cpu_grid.yaml", [
     # 2,500 reached 1.000 by step 1,000 (control 0.745)
     "max_steps=2500"]
 # The objective is DiffusionNFT: from generators that half-read the order it lifted relation accuracy +36.6 points
-# against GRPO's +8.6 in 300 iterations (3 seeds each), and from this base, whose captions often leave the relation
-# out, +14.9, +18.5 and +17.7 in 3 seeds (docs/EXPERIMENTS.md, 2026-12-06)
+# against GRPO's +8.6 in 300 iterations (3 seeds each), and from this base, whose last captions name a wrong
+# direction 60 % of the time, +55.8, +52.9 and +52.2 in 3 seeds at one thread (docs/EXPERIMENTS.md, 2026-12-07)
 GRPO_FILE, GRPO_CHANGES = "grpo/tiny_cpu_grid_nft.yaml", [
     # model and reward.spatialscore.model become the demo's; threads=0: the demo's own setting (every core;
     # the file's 2 would leave a bigger machine idle); no time limit: the result must not depend on the
@@ -485,7 +485,7 @@ def run_demo(cfg: DemoConfig, out: Path) -> int:
               "against another pair's prompt: a model that reads the prompt drops to about 0.5.", "",
               _table(real, control),
               "", "![reward model accuracy](reward/accuracy.png)", "",
-              "## Spatial-RL on the pretrained tiny Flux, rewarded by SpatialScore", "",
+              "## Spatial-RL on the tiny Flux, rewarded by SpatialScore", "",
               f"Base: `{cfg.generator}`. Objective: {objective} (`objective: {gcfg.objective}`; "
               f"{what_it_does}). G = {gcfg.group_size} images per prompt, {gcfg.prompts_per_iter} prompts "
               f"per iteration, {_topk_words(gcfg.resolved_top_k())}; "

@@ -332,6 +332,12 @@ BREAKS = [
     ("the new key's default read from its class, not from the section's default", "spatialcore/run_folder.py",
      "        if obj is not None:\n            value = getattr(obj, part)", "        if False:\n            pass",
      [T + "test_run_folder.py::test_a_key_added_since_the_run_resumes_at_its_default_only"]),
+    ("the committed base's last stage on correct captions (its manifest says so)", "assets/tiny_generator/spatialcore_run.json",
+     '"caption_wrong": 0.6', '"caption_wrong": 0.0',
+     [T + "test_tiny_generator.py::test_small_and_carries_how_it_was_made"]),
+    ("the committed base's chain without its correct-caption stage (web captions there)", "assets/tiny_generator/spatialcore_run.json",
+     '"caption_drop": 0.0,\n          "caption_wrong": 0.0', '"caption_drop": 0.5,\n          "caption_wrong": 0.0',
+     [T + "test_tiny_generator.py::test_small_and_carries_how_it_was_made"]),
 ]
 
 
