@@ -42,32 +42,35 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
 _ABSENT = "<absent>"
 
 
+_NO_DEFAULT = object()
+
+
 def _default(cls: type | None, key: str) -> Any:
     """The value config class ``cls`` gives the dotted ``key`` when nothing sets it (a nested section's own default
-    included), or ``_ABSENT`` when it has none (a required key, a list item, not a field of ``cls``)."""
+    included), or ``_NO_DEFAULT`` when it has none (a required key, a list item, not a field of ``cls``)."""
     import dataclasses
     import typing
 
     from .config import json_plain
 
-    node, obj = cls, None  # the section's class, and its default instance when the parent's default builds one
+    node, section, value = cls, _NO_DEFAULT, _NO_DEFAULT  # section: the default instance the parent's default built
     for part in key.split("."):
         if node is None or not dataclasses.is_dataclass(node):
-            return _ABSENT
+            return _NO_DEFAULT
         f = next((f for f in dataclasses.fields(node) if f.name == part and f.init), None)
         if f is None:
-            return _ABSENT
-        if obj is not None:
-            value = getattr(obj, part)
+            return _NO_DEFAULT
+        if section is not _NO_DEFAULT:
+            value = getattr(section, part)
         elif f.default is not dataclasses.MISSING:
             value = f.default
         elif f.default_factory is not dataclasses.MISSING:
             value = f.default_factory()
         else:
-            value = _ABSENT
+            value = _NO_DEFAULT
         hint = typing.get_type_hints(node)[part]
-        node, obj = (hint, None if value is _ABSENT else value) if dataclasses.is_dataclass(hint) else (None, value)
-    return _ABSENT if obj is None or dataclasses.is_dataclass(obj) else json_plain(obj)
+        node, section = (hint, value) if dataclasses.is_dataclass(hint) else (None, _NO_DEFAULT)
+    return _NO_DEFAULT if value is _NO_DEFAULT or dataclasses.is_dataclass(value) else json_plain(value)
 
 
 def compare_configs(saved: dict, now: dict, cls: type | None = None) -> tuple[tuple[str, Any, Any] | None, list[str]]:

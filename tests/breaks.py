@@ -330,7 +330,7 @@ BREAKS = [
      [T + "test_run_folder.py::test_a_key_added_since_the_run_resumes_at_its_default_only",
       T + "test_run_folder.py::test_rerun_refused_resumed_or_started_fresh"]),
     ("the new key's default read from its class, not from the section's default", "spatialcore/run_folder.py",
-     "        if obj is not None:\n            value = getattr(obj, part)", "        if False:\n            pass",
+     "        if section is not _NO_DEFAULT:\n            value = getattr(section, part)", "        if False:\n            pass",
      [T + "test_run_folder.py::test_a_key_added_since_the_run_resumes_at_its_default_only"]),
     ("the committed base's last stage on correct captions (its manifest says so)", "assets/tiny_generator/spatialcore_run.json",
      '"caption_wrong": 0.6', '"caption_wrong": 0.0',

@@ -35,8 +35,8 @@ def test_a_key_added_since_the_run_resumes_at_its_default_only():
 
     now = to_dict(SFTTrainConfig(model="m"))
     saved = json.loads(json.dumps(now))
-    del saved["optim"]["lr"], saved["data"]["caption_drop"], saved["seed"]
-    assert compare_configs(saved, now, SFTTrainConfig) == (None, ["seed", "data.caption_drop", "optim.lr"])
+    del saved["optim"]["lr"], saved["data"]["caption_drop"], saved["data"]["path"], saved["seed"]
+    assert compare_configs(saved, now, SFTTrainConfig) == (None, ["seed", "data.path", "data.caption_drop", "optim.lr"])
     assert first_difference(saved, now) == ("seed", "<absent>", 0)  # no class, no defaults: as before
     changed = json.loads(json.dumps(now))
     changed["optim"]["lr"] = 1e-2  # OptimConfig's own default, not the one SFT's section gives
