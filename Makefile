@@ -34,8 +34,9 @@ bench: $(STAMP)
 # (configs/sft/tiny_cpu_web_wrong.yaml: what makes the base weak); judge 276 held-out samples with the pixel oracle,
 # keep the pipeline, its manifest (with the chain: made_from), the evaluation and the per-sample verdicts (what
 # tests/test_tiny_generator.py re-measures). unstated=false: the T5 taught the four sides only (docs/EXPERIMENTS.md).
-# The committed base ran the correct-caption stage in two legs (6,000 steps, then extended to 14,000, the cosine
-# stretched); this runs it in one. Each build is a new draw: the chain is not bit-for-bit repeatable across machines.
+# The correct-caption stage runs in two legs as the committed base's did: 6,000 steps, then the same run resumed
+# and extended to 14,000 (its cosine stretched to the new length, so the rate rises again at step 6,000). Each build
+# is a new draw: the chain is not bit-for-bit repeatable across machines or thread counts.
 GEN_EVAL := runs/eval_tiny_generator
 SC := $(VENV)/bin/spatialcore
 generator: $(STAMP)
@@ -43,6 +44,7 @@ generator: $(STAMP)
 	$(SC) sft train --config configs/sft/tiny_cpu.yaml
 	$(SC) sft text-sides --model runs/sft_tiny/pipeline --out runs/gen_sides --force unstated=false
 	$(SC) sft train --config configs/sft/tiny_cpu_web.yaml
+	$(SC) sft train --config configs/sft/tiny_cpu_correct.yaml model=runs/sft_tiny_web/pipeline steps=6000
 	$(SC) sft train --config configs/sft/tiny_cpu_correct.yaml model=runs/sft_tiny_web/pipeline steps=14000
 	$(SC) sft train --config configs/sft/tiny_cpu_web_wrong.yaml
 	$(SC) eval --model runs/sft_tiny_web_wrong/pipeline --prompts synthetic:easy_grid --n-prompts 64 -n 12 --out $(GEN_EVAL)
