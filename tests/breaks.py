@@ -338,6 +338,16 @@ BREAKS = [
     ("the committed base's chain without its correct-caption stage (web captions there)", "assets/tiny_generator/spatialcore_run.json",
      '"caption_drop": 0.0,\n          "caption_wrong": 0.0', '"caption_drop": 0.5,\n          "caption_wrong": 0.0',
      [T + "test_tiny_generator.py::test_small_and_carries_how_it_was_made"]),
+    # make generator's chain is one line, each step from the step before; the correct stage's second leg resumes the first
+    ("the correct-caption stage's second leg changes the rate (it would refuse to resume)", "Makefile",
+     "model=runs/sft_tiny_web/pipeline steps=14000", "model=runs/sft_tiny_web/pipeline steps=14000 optim.lr=1e-4",
+     [T + "test_tiny_generator.py::test_make_generator_chain_is_connected"]),
+    ("the wrong-caption stage starts from the web-caption generator, skipping the correct captions",
+     "configs/sft/tiny_cpu_web_wrong.yaml", "model: runs/sft_tiny_correct/pipeline", "model: runs/sft_tiny_web/pipeline",
+     [T + "test_tiny_generator.py::test_make_generator_chain_is_connected"]),
+    ("the first leg runs longer than the second (the second would only load the end)", "Makefile",
+     "model=runs/sft_tiny_web/pipeline steps=6000", "model=runs/sft_tiny_web/pipeline steps=16000",
+     [T + "test_tiny_generator.py::test_make_generator_chain_is_connected"]),
 ]
 
 

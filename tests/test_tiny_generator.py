@@ -81,3 +81,61 @@ def test_remeasured_objects_found_as_at_creation(tmp_path):
     assert sum(same) / len(same) >= 0.95, f"{sum(same)} of {len(same)} verdicts as at creation"
     right = [old[(r["prompt_index"], r["seed_index"])]["correct"] == r["correct"] for r in rows]
     assert sum(right) / len(right) >= 0.9, f"{sum(right)} of {len(right)} relation verdicts as at creation"
+
+
+def _generator_target() -> list[list[str]]:
+    """The spatialcore commands of the Makefile's ``generator`` target, in order (argv after ``$(SC)``)."""
+    import shlex
+
+    lines, inside = [], False
+    for line in (ASSET.parents[1] / "Makefile").read_text().splitlines():
+        if line.startswith("generator:"):
+            inside = True
+        elif inside and not line.startswith("\t"):
+            break
+        elif inside and line.strip().startswith("$(SC) "):
+            lines.append(shlex.split(line.strip()[len("$(SC) "):]))
+    return lines
+
+
+def test_make_generator_chain_is_connected():
+    """Each step of `make generator` starts from what the step before wrote, the correct-caption stage's second leg
+    resumes its first (the same config but for its length), the committed asset is the last stage's pipeline, and
+    the capacity check (tiny_cpu_correct_highnoise.yaml) starts from the correct-caption stage."""
+    from spatialcore.config import load_config, to_dict
+    from spatialcore.run_folder import first_difference
+    from spatialcore.trainers.sft import SFTTrainConfig
+
+    def opt(argv, name):
+        return argv[argv.index(name) + 1]
+
+    def made(path):  # written by the step before (its folder or a folder inside it): the chain is a line
+        return bool(written) and (path == written[-1] or path.startswith(written[-1] + "/"))
+
+    cmds = _generator_target()
+    assert [c[:2] for c in cmds[:2]] == [["tiny", "--config"], ["sft", "train"]], cmds
+    written, last_sft = [], None
+    for argv in cmds:
+        if argv[0] == "tiny":
+            written.append(opt(argv, "--out"))
+        elif argv[:2] == ["sft", "text-sides"]:
+            assert made(opt(argv, "--model")), argv
+            written.append(opt(argv, "--out"))
+        elif argv[:2] == ["sft", "train"]:
+            cfg = to_dict(load_config(SFTTrainConfig, ASSET.parents[1] / opt(argv, "--config"),
+                                      [a for a in argv[2:] if "=" in a and not a.startswith("-")]))
+            if last_sft is not None and last_sft["out"] == cfg["out"]:  # a second leg: it must resume the first
+                assert first_difference(last_sft, cfg, SFTTrainConfig) is None and cfg["steps"] > last_sft["steps"]
+            else:
+                assert made(cfg["model"]) and cfg["out"] not in written, (argv, cfg["model"])
+                written.append(cfg["out"])
+            last_sft = cfg
+        elif argv[0] == "eval":
+            assert opt(argv, "--model") == last_sft["out"] + "/pipeline", argv
+    assert len(cmds) == 8 and last_sft["data"]["caption_wrong"] >= 0.5
+    copy = [ln.split() for ln in (ASSET.parents[1] / "Makefile").read_text().splitlines() if "cp -r runs/" in ln]
+    assert copy and copy[0][-2:] == [last_sft["out"] + "/pipeline", "assets/tiny_generator"]
+    legs = [a for a in cmds if "configs/sft/tiny_cpu_correct.yaml" in a]
+    correct_out = load_config(SFTTrainConfig, ASSET.parents[1] / "configs/sft/tiny_cpu_correct.yaml").out
+    check = load_config(SFTTrainConfig, ASSET.parents[1] / "configs/sft/tiny_cpu_correct_highnoise.yaml")
+    assert len(legs) == 2 and check.model == correct_out + "/pipeline" and check.out not in written
