@@ -37,8 +37,8 @@ CONFIG_FILES = {
                                    "captions whose relation word is wrong 60 % of the time, 3,000 steps (the last "
                                    "step of `make generator`)",
     "sft/tiny_cpu_correct_highnoise.yaml": "the capacity check: the correct-caption generator 3,000 more steps on "
-                                           "correct captions, timesteps drawn towards high noise (0.86 held out; "
-                                           "after `make generator`)",
+                                           "correct captions, timesteps drawn towards high noise (0.83–0.88 held "
+                                           "out over two seeds; after `make generator`)",
     "sft/tiny_cpu_grid_perfect.yaml": "ablation: SFT of `assets/tiny_generator` on perfect images for the steps of Spatial-RL's time",
     "sft/flux_dev_lora.yaml": "reference: the supervised baseline, LoRA r32 on FLUX.1-dev, a pair set's chosen "
                               "images, 8 GPUs",
