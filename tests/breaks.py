@@ -348,6 +348,13 @@ BREAKS = [
     ("the first leg runs longer than the second (the second would only load the end)", "Makefile",
      "model=runs/sft_tiny_web/pipeline steps=6000", "model=runs/sft_tiny_web/pipeline steps=16000",
      [T + "test_tiny_generator.py::test_make_generator_chain_is_connected"]),
+    # the patch embedding as one matmul equals transformers' Conv3d, and every SpatialScore uses it
+    ("the flattened weight in another order (frames before channels)", "spatialcore/reward/model.py",
+     "w.reshape(w.shape[0], -1),", "w.transpose(1, 2).reshape(w.shape[0], -1),",
+     [T + "test_reward.py::test_patch_embedding_as_one_matmul_equals_the_stock_convolution"]),
+    ("a SpatialScore built without the matmul patch embedding", "spatialcore/reward/model.py",
+     "        fast_patch_embed(backbone)\n", "",
+     [T + "test_reward.py::test_patch_embedding_as_one_matmul_equals_the_stock_convolution"]),
 ]
 
 

@@ -287,6 +287,24 @@ def test_int8_keeps_the_held_out_accuracy_of_a_trained_model(tiny_dir, tmp_path)
     assert abs(q["accuracy"] - full["accuracy"]) <= 0.01, (full["accuracy"], q["accuracy"])
 
 
+def test_patch_embedding_as_one_matmul_equals_the_stock_convolution(tiny_dir):
+    """The vision tower's patch embedding runs as a matmul; the reference is transformers' own Conv3d
+    forward of the same module, on an awkward number of patches, values and weight gradients."""
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False)
+    embeds = [m for m in model.backbone.modules() if type(m).__name__.endswith("VisionPatchEmbed")]
+    assert len(embeds) == 1 and "forward" in vars(embeds[0]), "the patch embedding kept the stock forward"
+    pe = embeds[0].double()  # float64: the two summation orders agree to rounding
+    x = torch.randn(37, pe.in_channels * pe.temporal_patch_size * pe.patch_size ** 2, dtype=torch.float64)
+    fast = pe(x)
+    (fast * torch.arange(fast.numel()).view_as(fast).sin()).sum().backward()
+    g_fast, pe.proj.weight.grad = pe.proj.weight.grad.clone(), None
+    stock = type(pe).forward(pe, x)
+    (stock * torch.arange(stock.numel()).view_as(stock).sin()).sum().backward()
+    assert fast.shape == stock.shape == (37, pe.embed_dim)
+    torch.testing.assert_close(fast, stock, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g_fast, pe.proj.weight.grad, rtol=1e-12, atol=1e-12)
+
+
 def test_compile_switch_scores_like_eager_and_liger_needs_cuda(tiny_dir, capsys):
     torch.manual_seed(0)
     model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=True)

@@ -57,6 +57,31 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return torch.where(attention_mask.bool(), pos, -1).amax(1)
 
 
+def _patch_embed_as_matmul(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    """Qwen2.5-VL's patch embedding without ``Conv3d``: the convolution's stride is its kernel and every
+    input row is exactly one kernel's worth of pixels (channels x frames x patch x patch, the order of
+    the weight's last four axes), so the convolution is one matmul with the flattened weight."""
+    w = self.proj.weight
+    return nn.functional.linear(hidden_states.reshape(-1, w[0].numel()).to(w.dtype), w.reshape(w.shape[0], -1),
+                                self.proj.bias)
+
+
+def fast_patch_embed(backbone: nn.Module) -> int:
+    """Swap the vision tower's patch-embedding forward for one matmul (same weights, state dict and
+    hooks; at one CPU thread 50 -> 9 ms of the wide tiny model's training step, 439 -> 386 ms in all);
+    returns the number of modules changed. Weights stay ``Conv3d``-shaped: folders load and save as before."""
+    import types
+
+    n = 0
+    for mod in backbone.modules():
+        proj = getattr(mod, "proj", None)
+        if type(mod).__name__.endswith("VisionPatchEmbed") and isinstance(proj, nn.Conv3d) \
+                and tuple(proj.stride) == tuple(proj.kernel_size) and proj.padding == (0, 0, 0) and proj.groups == 1:
+            mod.forward = types.MethodType(_patch_embed_as_matmul, mod)
+            n += 1
+    return n
+
+
 def read_meta(path: str | os.PathLike) -> dict:
     """The ``spatialscore.json`` of a SpatialScore folder (base, attention, lora, variance_head);
     FileNotFoundError when ``path`` is not one."""
@@ -74,6 +99,7 @@ class SpatialScore(nn.Module):
         super().__init__()
         self.backbone = backbone
         self.processor = processor
+        fast_patch_embed(backbone)
         hidden = backbone.config.text_config.hidden_size
         self.head = nn.Linear(hidden, 2)
         nn.init.normal_(self.head.weight, std=hidden**-0.5)
