@@ -83,18 +83,16 @@ def test_remeasured_objects_found_as_at_creation(tmp_path):
     assert sum(right) / len(right) >= 0.9, f"{sum(right)} of {len(right)} relation verdicts as at creation"
 
 
-def _generator_target() -> list[list[str]]:
-    """The spatialcore commands of the Makefile's ``generator`` target, in order (argv after ``$(SC)``)."""
-    import shlex
-
+def _generator_target() -> list[str]:
+    """The recipe lines of the Makefile's ``generator`` target, in order (stripped)."""
     lines, inside = [], False
     for line in (ASSET.parents[1] / "Makefile").read_text().splitlines():
         if line.startswith("generator:"):
             inside = True
         elif inside and not line.startswith("\t"):
             break
-        elif inside and line.strip().startswith("$(SC) "):
-            lines.append(shlex.split(line.strip()[len("$(SC) "):]))
+        elif inside:
+            lines.append(line.strip())
     return lines
 
 
@@ -112,7 +110,10 @@ def test_make_generator_chain_is_connected():
     def made(path):  # written by the step before (its folder or a folder inside it): the chain is a line
         return bool(written) and (path == written[-1] or path.startswith(written[-1] + "/"))
 
-    cmds = _generator_target()
+    import shlex
+
+    recipe = _generator_target()
+    cmds = [shlex.split(ln[len("$(SC) "):]) for ln in recipe if ln.startswith("$(SC) ")]  # argv after $(SC)
     assert [c[:2] for c in cmds[:2]] == [["tiny", "--config"], ["sft", "train"]], cmds
     written, last_sft = [], None
     for argv in cmds:
@@ -133,7 +134,7 @@ def test_make_generator_chain_is_connected():
         elif argv[0] == "eval":
             assert opt(argv, "--model") == last_sft["out"] + "/pipeline", argv
     assert len(cmds) == 8 and last_sft["data"]["caption_wrong"] >= 0.5
-    copy = [ln.split() for ln in (ASSET.parents[1] / "Makefile").read_text().splitlines() if "cp -r runs/" in ln]
+    copy = [ln.split() for ln in recipe if "cp -r runs/" in ln]
     assert copy and copy[0][-2:] == [last_sft["out"] + "/pipeline", "assets/tiny_generator"]
     legs = [a for a in cmds if "configs/sft/tiny_cpu_correct.yaml" in a]
     correct_out = load_config(SFTTrainConfig, ASSET.parents[1] / "configs/sft/tiny_cpu_correct.yaml").out
