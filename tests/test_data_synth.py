@@ -307,3 +307,30 @@ def test_duplicate_adds_a_copy_where_the_relations_naming_it_fail(preset):
         assert all(satisfied(r, rejected) for r in rejected.relations)
         assert parse_prompt(meta["perturbed_prompt"]) == rejected.relations
     assert seen >= 4
+
+
+@pytest.mark.parametrize("preset", ["medium", "hard"])
+def test_nudge_puts_both_images_a_hair_from_the_line(preset):
+    """A "nudge" pair: the violated directional relation fails by a hair in the rejected image and holds by a
+    hair in the chosen one (the relation's signed value within NUDGE of zero, on either side, measured on the
+    scene graph), every other relation of the prompt holds in both, and the perturbed prompt describes the
+    rejected scene."""
+    from spatialcore.data.scene import NUDGE, object_value
+
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES[preset], "size": 56, "perturbation_types": ["flip", "nudge"]})
+    seen = 0
+    for i in range(60):
+        rec = make_pair(cfg, 7, i).record
+        if rec["perturbations"] != ["nudge"]:
+            continue
+        seen += 1
+        meta = rec["meta"]
+        chosen, rejected = Scene.from_meta(meta["chosen_scene"]), Scene.from_meta(meta["rejected_scene"])
+        rels = parse_prompt(rec["prompt"])
+        (k,) = meta["violated"]
+        assert [j for j, r in enumerate(rels) if not satisfied(r, rejected)] == [k]
+        assert all(satisfied(r, chosen) for r in rels)
+        hair = [object_value(rels[k].type, [s.find(a) for a in rels[k].args]) for s in (chosen, rejected)]
+        assert NUDGE[0] - 1e-4 <= hair[0] <= NUDGE[1] + 1e-4 and NUDGE[0] - 1e-4 <= -hair[1] <= NUDGE[1] + 1e-4, hair
+        assert parse_prompt(meta["perturbed_prompt"]) == rejected.relations
+    assert seen >= 4

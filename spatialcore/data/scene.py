@@ -40,8 +40,11 @@ from .geometry import (
 SIZE_RADIUS = {"small": 0.075, "medium": 0.095, "large": 0.115}  # half box side, fraction of W
 # What a perturbed scene may do: the published task's four (the defaults), "drop" (one named object is
 # absent from the rejected image: what a generator does when it loses an object) and "duplicate" (a second
-# copy of a named object, placed where the relations naming it fail: what a generator does when it hedges).
-PERTURBATIONS = ("flip", "swap", "relation", "binding", "drop", "duplicate")
+# copy of a named object, placed where the relations naming it fail: what a generator does when it hedges) and
+# "nudge" (a directional relation fails by a hair: one of its objects sits NUDGE past the other's axis, so the
+# rejected image is nearly aligned, an image whose truth is hard to see: the ambiguous pairs a per-image sigma can
+# learn from).
+PERTURBATIONS = ("flip", "swap", "relation", "binding", "drop", "duplicate", "nudge")
 DEFAULT_PERTURBATIONS = PERTURBATIONS[:4]
 
 # Decision boundaries (truth) and generation margins (layouts stay clear of the boundary).
@@ -53,6 +56,7 @@ OCCLUDED = (0.15, 0.5)  # depth relations: share of the back object covered when
 SEPARATE = 1.1         # unrelated objects: dist > 1.1 (r_a + r_b) + SEP_GAP
 SEP_GAP = 0.02
 GRID = 96              # resolution of the shape-overlap test
+NUDGE = (0.01, 0.03)   # a nudged directional relation's value lies in [-0.03, -0.01] (0.6-1.7 px at 56 px)
 
 
 @dataclass(frozen=True)
@@ -90,6 +94,7 @@ class Scene:
     show_sizes: bool = False
     negated: list[Relation] = field(default_factory=list)  # must be clearly false in the layout
     duplicate: tuple[str, str] | None = None  # perturbation: an object to add a second copy of after the layout
+    nudge: list[int] = field(default_factory=list)  # perturbation: relations (indices) to fail by NUDGE after the layout
 
     def find(self, ident: tuple[str, str]) -> Obj | None:
         return next((o for o in self.objects if o.ident == ident), None)
@@ -563,17 +568,25 @@ def perturb(scene: Scene, n_violations: int, spec: SceneSpec, rng: random.Random
             ops.append(op)
         if len(targets) != n_violations:
             continue
-        # a dropped object takes its relations with it (indices stayed aligned with scene's until here)
-        new.relations = [r for r in new.relations if all(new.find(a) is not None for a in r.args)]
+        # a nudged relation is left out of the layout (then moved to fail by a hair), a dropped object takes its
+        # relations with it (indices stayed aligned with scene's until here)
+        nudged = [new.relations[i] for i in new.nudge]
+        new.relations = [r for k, r in enumerate(new.relations)
+                         if k not in new.nudge and all(new.find(a) is not None for a in r.args)]
         dup = new.duplicate
         # a duplicated object keeps its relations for the layout (the original satisfies them); its copy is
         # then placed where they fail
         copied = [scene.relations[i] for i in sorted(targets)] if dup else []
-        new.negated = [] if dup else [scene.relations[i] for i in sorted(targets)]
+        new.negated = [] if dup else [scene.relations[i] for i in sorted(targets) if i not in new.nudge]
         for o in new.objects:
             o.r = SIZE_RADIUS[o.size] * rng.uniform(0.92, 1.08)
-        if assign_depth(new, rng) and sample_layout(new, rng, grid=spec.layout_grid) and (
-                dup is None or _place_copy(new, dup, copied, rng, spec.layout_grid)):
+        # (a nudge before a copy is placed: the copy shares its original's name, which the nudge's checks look up)
+        # A nudged relation fails by a hair in the rejected image and holds by a hair in the chosen one: a nearly
+        # aligned image is then no giveaway, only which side of the line it falls on tells (and a judge may doubt).
+        if assign_depth(new, rng) and sample_layout(new, rng, grid=spec.layout_grid) and all(
+                _nudge_into_place(new, rel, rng, holds=False) for rel in nudged) and (
+                dup is None or _place_copy(new, dup, copied, rng, spec.layout_grid)) and all(
+                _nudge_into_place(scene, rel, rng, holds=True) for rel in nudged):
             new.relations = [r for r in new.relations if dup is None or dup not in r.args]
             return new, ops, sorted(targets)
     raise RuntimeError(f"could not build a scene violating {n_violations} of {len(scene.relations)} relations")
@@ -598,11 +611,43 @@ def _place_copy(scene: Scene, ident: tuple[str, str], mine: list[Relation], rng:
     return False
 
 
+def _nudge_into_place(scene: Scene, rel: Relation, rng: random.Random, *, holds: bool, tries: int = 20) -> bool:
+    """Move one object of the directional relation ``rel`` along the relation's axis so that ``rel`` holds
+    (``holds``) or fails by a hair (its value in ``NUDGE`` or in minus ``NUDGE``) while every other relation of the
+    scene still holds clearly, every negated one still fails clearly and no two objects overlap; False (the object
+    back in place) if no such move was found."""
+    idx = {o.ident: k for k, o in enumerate(scene.objects)}
+    a, b = (scene.objects[idx[x]] for x in rel.args)
+    cons = [c for c in _constraints(scene) if not (c[1] == rel.type and c[0] == (idx[rel.args[0]], idx[rel.args[1]]))]
+    close = _close_pairs(scene)
+    side = 1.0 if holds else -1.0
+    for _ in range(tries):
+        mover, other = (a, b) if rng.random() < 0.5 else (b, a)
+        i = scene.objects.index(mover)
+        was = mover.cx, mover.cy
+        axis = "cx" if rel.type in ("left of", "right of") else "cy"
+        # +1 when the relation's value grows with the first object's coordinate (right of, below)
+        grows = directional_value(rel.type, (1.0, 1.0), (0.0, 0.0))
+        gap = side * rng.uniform(*NUDGE) * (grows if mover is a else -grows)
+        setattr(mover, axis, getattr(other, axis) + gap)
+        if rng.random() < 0.5:  # a fresh place across the axis too (the old one may now overlap the partner)
+            setattr(mover, "cy" if axis == "cx" else "cx", rng.uniform(mover.r, 1 - mover.r))
+        inside = mover.r <= getattr(mover, axis) <= 1 - mover.r
+        value = object_value(rel.type, [a, b])
+        if inside and NUDGE[0] <= side * value <= NUDGE[1] and _consistent(
+                scene, i, [k for k in range(len(scene.objects)) if k != i], [c for c in cons if i in c[0]], close):
+            return True
+        mover.cx, mover.cy = was
+    return False
+
+
 def _choices(op: str, new: Scene, old: Scene, targets: set[int], budget: int) -> list:
     rels = old.relations
     free = [i for i in range(len(rels)) if i not in targets]
     if op == "flip":
         return [i for i in free if rels[i].type in OPPOSITE]
+    if op == "nudge":
+        return [i for i in free if rels[i].type in DIRECTIONAL]
     if op == "relation":
         return [i for i in free if rels[i].type != "between"]
     if op == "swap":
@@ -660,6 +705,9 @@ def _apply(op: str, new: Scene, old: Scene, targets: set[int], budget: int, rng:
         return set(hit)
     i = rng.choice(options)
     rel = rels[i]
+    if op == "nudge":  # left out of the layout, then moved to fail by a hair (see perturb)
+        new.nudge.append(i)
+        return {i}
     if op == "flip":
         rels[i] = Relation(OPPOSITE[rel.type], rel.args)
     elif op == "relation":

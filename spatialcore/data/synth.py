@@ -39,7 +39,7 @@ class SynthConfig:
     min_relations: int = param(2, min=1, max=9)
     max_relations: int = param(9, min=1, max=9)
     relation_types: list[str] = field(default_factory=lambda: list(RELATIONS))
-    perturbation_types: list[str] = field(default_factory=lambda: list(DEFAULT_PERTURBATIONS))  # or "drop"
+    perturbation_types: list[str] = field(default_factory=lambda: list(DEFAULT_PERTURBATIONS))  # + drop, duplicate, nudge
     max_violations: int = param(3, min=1, max=3, help="pairs violate 1..max_violations relations")
     p_single: float = param(0.5, min=0.0, max=1.0, help="share of pairs with exactly one violation")
     fixed_objects: list[str] = field(default_factory=list)  # e.g. ["red circle", "blue square"]
