@@ -362,6 +362,13 @@ BREAKS = [
     ("the rejected image nudged onto the relation's true side", "spatialcore/data/scene.py",
      "_nudge_into_place(new, rel, rng, holds=False)", "_nudge_into_place(new, rel, rng, holds=True)",
      [T + "test_data_synth.py::test_nudge_puts_both_images_a_hair_from_the_line"]),
+    # nudge_pairing=clear puts one image a hair from the line against a clear one; nudge_flip exchanges nudge pairs only
+    ("nudge_pairing=clear ignored (both images a hair from the line)", "spatialcore/data/scene.py",
+     'if new.nudge and spec.nudge_pairing == "clear":', 'if new.nudge and spec.nudge_pairing == "never":',
+     [T + "test_data_synth.py::test_nudge_against_a_clear_image_and_judges_who_doubt"]),
+    ("nudge_flip exchanges the images of every pair", "spatialcore/data/synth.py",
+     'if "nudge" in ops and cfg.nudge_flip > 0', 'if cfg.nudge_flip > 0',
+     [T + "test_data_synth.py::test_nudge_against_a_clear_image_and_judges_who_doubt"]),
 ]
 
 

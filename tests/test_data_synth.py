@@ -334,3 +334,32 @@ def test_nudge_puts_both_images_a_hair_from_the_line(preset):
         assert NUDGE[0] - 1e-4 <= hair[0] <= NUDGE[1] + 1e-4 and NUDGE[0] - 1e-4 <= -hair[1] <= NUDGE[1] + 1e-4, hair
         assert parse_prompt(meta["perturbed_prompt"]) == rejected.relations
     assert seen >= 4
+
+
+def test_nudge_against_a_clear_image_and_judges_who_doubt():
+    """nudge_pairing=clear: in a nudge pair exactly one image is a hair from the line (either side of the pair,
+    both occur) and the other is clear by the generation margin; nudge_flip=1 exchanges the images of every nudge
+    pair (meta says so, the scenes follow their images) and of no other pair."""
+    from spatialcore.data.scene import MARGIN, NUDGE, object_value
+
+    cfg = from_dict(SynthConfig, {**DIFFICULTIES["medium"], "size": 56, "perturbation_types": ["flip", "nudge"],
+                                  "nudge_pairing": "clear", "nudge_flip": 1.0})
+    hair_sides, others = Counter(), 0
+    for i in range(60):
+        pair = make_pair(cfg, 8, i)
+        rec, meta = pair.record, pair.record["meta"]
+        if rec["perturbations"] != ["nudge"]:
+            assert "exchanged" not in meta
+            others += 1
+            continue
+        assert meta["exchanged"] is True
+        rel = parse_prompt(rec["prompt"])[meta["violated"][0]]
+        # exchanged: the rejected slot holds the image the prompt describes, the chosen slot the perturbed one
+        right, wrong = Scene.from_meta(meta["rejected_scene"]), Scene.from_meta(meta["chosen_scene"])
+        v_right, v_wrong = (object_value(rel.type, [s.find(a) for a in rel.args]) for s in (right, wrong))
+        assert v_right > 0 > v_wrong
+        hair = [NUDGE[0] - 1e-4 <= abs(v) <= NUDGE[1] + 1e-4 for v in (v_right, v_wrong)]
+        assert sum(hair) == 1 and min(abs(v_right), abs(v_wrong)) <= NUDGE[1] + 1e-4
+        assert max(abs(v_right), abs(v_wrong)) >= MARGIN - 1e-4
+        hair_sides["chosen" if hair[0] else "rejected"] += 1
+    assert hair_sides["chosen"] >= 3 and hair_sides["rejected"] >= 3 and others >= 3, (hair_sides, others)

@@ -465,6 +465,7 @@ class SceneSpec:
     sizes: tuple[str, ...] = SIZES
     backgrounds: tuple[str, ...] = tuple(BACKGROUNDS)
     layout_grid: int = 0  # > 0: object centres at the cell centres of a layout_grid^2 grid
+    nudge_pairing: str = "hair"  # "hair": both images of a nudge pair a hair from the line; "clear": one of them
 
 
 def random_scene(spec: SceneSpec, rng: random.Random) -> Scene:
@@ -568,27 +569,35 @@ def perturb(scene: Scene, n_violations: int, spec: SceneSpec, rng: random.Random
             ops.append(op)
         if len(targets) != n_violations:
             continue
-        # a nudged relation is left out of the layout (then moved to fail by a hair), a dropped object takes its
-        # relations with it (indices stayed aligned with scene's until here)
-        nudged = [new.relations[i] for i in new.nudge]
+        # A nudged relation is a hair from the line: in the rejected image on the wrong side (left out of the layout,
+        # then moved), in the chosen one on the right side (moved after the layout), so that a nearly aligned image
+        # is no giveaway. With nudge_pairing="clear" only one image of the pair is a hair from the line, the other
+        # is clear (the chosen layout as drawn, or the relation failing clearly in the rejected one): nearly aligned
+        # images then meet clear ones, the comparisons a per-image sigma can be fitted from.
+        hair_rejected = hair_chosen = new.nudge
+        if new.nudge and spec.nudge_pairing == "clear":
+            hair_rejected, hair_chosen = (new.nudge, []) if rng.random() < 0.5 else ([], new.nudge)
+        nudged = [new.relations[i] for i in hair_rejected]
+        # a dropped object takes its relations with it (indices stayed aligned with scene's until here)
         new.relations = [r for k, r in enumerate(new.relations)
                          if k not in new.nudge and all(new.find(a) is not None for a in r.args)]
         dup = new.duplicate
         # a duplicated object keeps its relations for the layout (the original satisfies them); its copy is
         # then placed where they fail
         copied = [scene.relations[i] for i in sorted(targets)] if dup else []
-        new.negated = [] if dup else [scene.relations[i] for i in sorted(targets) if i not in new.nudge]
+        new.negated = [] if dup else [scene.relations[i] for i in sorted(targets) if i not in hair_rejected]
         for o in new.objects:
             o.r = SIZE_RADIUS[o.size] * rng.uniform(0.92, 1.08)
         # (a nudge before a copy is placed: the copy shares its original's name, which the nudge's checks look up)
-        # A nudged relation fails by a hair in the rejected image and holds by a hair in the chosen one: a nearly
-        # aligned image is then no giveaway, only which side of the line it falls on tells (and a judge may doubt).
         if assign_depth(new, rng) and sample_layout(new, rng, grid=spec.layout_grid) and all(
                 _nudge_into_place(new, rel, rng, holds=False) for rel in nudged) and (
-                dup is None or _place_copy(new, dup, copied, rng, spec.layout_grid)) and all(
-                _nudge_into_place(scene, rel, rng, holds=True) for rel in nudged):
-            new.relations = [r for r in new.relations if dup is None or dup not in r.args]
-            return new, ops, sorted(targets)
+                dup is None or _place_copy(new, dup, copied, rng, spec.layout_grid)):
+            drawn = [(o.cx, o.cy) for o in scene.objects]
+            if all(_nudge_into_place(scene, scene.relations[i], rng, holds=True) for i in hair_chosen):
+                new.relations = [r for r in new.relations if dup is None or dup not in r.args]
+                return new, ops, sorted(targets)
+            for o, (x, y) in zip(scene.objects, drawn, strict=True):  # the chosen layout as drawn for the next try
+                o.cx, o.cy = x, y
     raise RuntimeError(f"could not build a scene violating {n_violations} of {len(scene.relations)} relations")
 
 

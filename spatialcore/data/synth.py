@@ -52,6 +52,10 @@ class SynthConfig:
     sizes: list[str] = field(default_factory=lambda: list(SIZES))  # object sizes drawn from
     backgrounds: list[str] = field(default_factory=lambda: list(BACKGROUNDS))  # backgrounds drawn from
     layout_grid: int = param(0, min=0, max=16, help="> 0: object centres on the cell centres of an N x N grid")
+    nudge_pairing: Literal["hair", "clear"] = param(
+        "hair", help="nudge pairs: both images a hair from the line (hair), or one of them against a clear one (clear)")
+    nudge_flip: float = param(0.0, min=0.0, max=1.0, help="share of nudge pairs whose chosen and rejected images are "
+                                                          "exchanged: judges who disagree a hair from the line")
 
     def check(self) -> None:
         if self.min_objects > self.max_objects:
@@ -89,7 +93,7 @@ class SynthConfig:
             perturbation_types=tuple(self.perturbation_types), max_violations=self.max_violations,
             p_single=self.p_single, fixed_objects=tuple(tuple(x.split()) for x in self.fixed_objects),
             p_sizes=self.p_sizes, p_background=self.p_background, sizes=tuple(self.sizes),
-            backgrounds=tuple(self.backgrounds), layout_grid=self.layout_grid)
+            backgrounds=tuple(self.backgrounds), layout_grid=self.layout_grid, nudge_pairing=self.nudge_pairing)
 
 
 
@@ -169,6 +173,11 @@ def make_pair(cfg: SynthConfig, seed: int | str, index: int, spec: SceneSpec | N
         "meta": {"perturbed_prompt": perturbed_prompt, "violated": violated, "seed": seed, "index": index,
                  "chosen_scene": scene.to_meta(), "rejected_scene": perturbed.to_meta()},
     }
+    if "nudge" in ops and cfg.nudge_flip > 0 and rng.random() < cfg.nudge_flip:
+        # a judge who doubts a hair from the line: the images change places (the scenes follow their images)
+        meta = record["meta"]
+        meta["chosen_scene"], meta["rejected_scene"], meta["exchanged"] = meta["rejected_scene"], meta["chosen_scene"], True
+        chosen, rejected = rejected, chosen
     return SynthPair(record, chosen, rejected)
 
 
