@@ -41,9 +41,8 @@ SIZE_RADIUS = {"small": 0.075, "medium": 0.095, "large": 0.115}  # half box side
 # What a perturbed scene may do: the published task's four (the defaults), "drop" (one named object is
 # absent from the rejected image: what a generator does when it loses an object) and "duplicate" (a second
 # copy of a named object, placed where the relations naming it fail: what a generator does when it hedges) and
-# "nudge" (a directional relation fails by a hair: one of its objects sits NUDGE past the other's axis, so the
-# rejected image is nearly aligned, an image whose truth is hard to see: the ambiguous pairs a per-image sigma can
-# learn from).
+# "nudge" (a directional relation a hair from the line: NUDGE on the wrong side in the rejected image, on the right
+# side in the chosen one; ambiguous images, whose truth is hard to see even for the pixel oracle; opt-in).
 PERTURBATIONS = ("flip", "swap", "relation", "binding", "drop", "duplicate", "nudge")
 DEFAULT_PERTURBATIONS = PERTURBATIONS[:4]
 
