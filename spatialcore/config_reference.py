@@ -27,6 +27,8 @@ def config_class(kind: str) -> type:
 CONFIG_FILES = {
     "tiny/generator.yaml": "`spatialcore tiny` architecture of the committed tiny generator (4 heads x 32, 2 + 3 "
                            "blocks, no guidance embedder, 32 px VAE)",
+    "tiny/reward_wide.yaml": "`spatialcore tiny` with the wider Qwen2.5-VL (width 128, 4 language layers: 1.47 M "
+                             "parameters) for SpatialScore's full task at 112 px (`reward/tiny_cpu_hard112.yaml`)",
     "sft/tiny_cpu.yaml": "pretrains the tiny generator on the `easy_grid` renderer: VAE stage, then the full "
                          "transformer (CPU, ~1 h on one core; the first step of `make generator`)",
     "sft/tiny_cpu_web.yaml": "the pretrained generator, its T5 taught the sides (`sft text-sides`), trained on "
