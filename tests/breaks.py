@@ -357,7 +357,7 @@ BREAKS = [
      [T + "test_reward.py::test_patch_embedding_as_one_matmul_equals_the_stock_convolution"]),
     # a nudge pair puts both images a hair from the line: rejected just on the wrong side, chosen just on the right
     ("the chosen image keeps its clear layout (no nudge there)", "spatialcore/data/scene.py",
-     "_nudge_into_place(scene, rel, rng, holds=True) for rel in nudged)", "True for rel in nudged)",
+     "_nudge_into_place(scene, scene.relations[i], rng, holds=True) for i in hair_chosen)", "True for i in hair_chosen)",
      [T + "test_data_synth.py::test_nudge_puts_both_images_a_hair_from_the_line"]),
     ("the rejected image nudged onto the relation's true side", "spatialcore/data/scene.py",
      "_nudge_into_place(new, rel, rng, holds=False)", "_nudge_into_place(new, rel, rng, holds=True)",

@@ -49,7 +49,7 @@ def geneval_relations(box_a, box_b, threshold: float = POSITION_THRESHOLD) -> se
 
     Plain float arithmetic, not numpy: the layout sampler asks this of every candidate position
     (about 300 calls per pair of the hard preset), where numpy's per-call overhead on 2-vectors
-    was a third of a training step's data time."""
+    was about half of a pair's time."""
     ax0, ay0, ax1, ay1 = (float(v) for v in box_a[:4])
     bx0, by0, bx1, by1 = (float(v) for v in box_b[:4])
     ox = (ax0 + ax1) / 2 - (bx0 + bx1) / 2

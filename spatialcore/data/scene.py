@@ -629,13 +629,12 @@ def _nudge_into_place(scene: Scene, rel: Relation, rng: random.Random, *, holds:
     cons = [c for c in _constraints(scene) if not (c[1] == rel.type and c[0] == (idx[rel.args[0]], idx[rel.args[1]]))]
     close = _close_pairs(scene)
     side = 1.0 if holds else -1.0
+    axis = "cx" if rel.type in ("left of", "right of") else "cy"
+    grows = directional_value(rel.type, (1.0, 1.0), (0.0, 0.0))  # +1 when the value grows with a's coordinate
     for _ in range(tries):
         mover, other = (a, b) if rng.random() < 0.5 else (b, a)
-        i = scene.objects.index(mover)
+        i = idx[mover.ident]
         was = mover.cx, mover.cy
-        axis = "cx" if rel.type in ("left of", "right of") else "cy"
-        # +1 when the relation's value grows with the first object's coordinate (right of, below)
-        grows = directional_value(rel.type, (1.0, 1.0), (0.0, 0.0))
         gap = side * rng.uniform(*NUDGE) * (grows if mover is a else -grows)
         setattr(mover, axis, getattr(other, axis) + gap)
         if rng.random() < 0.5:  # a fresh place across the axis too (the old one may now overlap the partner)
