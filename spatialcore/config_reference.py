@@ -52,6 +52,8 @@ CONFIG_FILES = {
                                  "2-3 violations, held-out object sets) at 56 px (CPU, ~25 min)",
     "reward/tiny_cpu_hard112.yaml": "the same task at 112 px, each stage held to its threshold, with three- and "
                                     "four-object stages before the full task, rate 3e-4 (CPU, ~75 min at one thread; 0.69-0.72 held out)",
+    "reward/tiny_cpu_hard112_wide.yaml": "`tiny_cpu_hard112.yaml` on the wider model "
+                                         "(`tiny/reward_wide.yaml`), 16,500 steps (CPU, ~2 h at one thread)",
     "reward/qwen2_5_vl_7b.yaml": "reference: LoRA on Qwen2.5-VL-7B, bf16, 8 GPUs",
     "grpo/tiny_cpu_grid.yaml": "Spatial-RL on `assets/tiny_generator` rewarded by the grid SpatialScore, Top-k, "
                                "GRPO (~9 min at 2 threads)",

@@ -369,6 +369,12 @@ BREAKS = [
     ("nudge_flip exchanges the images of every pair", "spatialcore/data/synth.py",
      'if "nudge" in ops and cfg.nudge_flip > 0', 'if cfg.nudge_flip > 0',
      [T + "test_data_synth.py::test_nudge_against_a_clear_image_and_judges_who_doubt"]),
+    ("accuracy by scene size: the 1 column takes every pair of the key", "spatialcore/reward/evaluate.py",
+     "one, many = m & (n_pert == 1), m & (n_pert >= 2)", "one, many = m, m & (n_pert >= 2)",
+     [T + "test_reward.py::test_accuracy_by_scene_size_by_value"]),
+    ("scene sizes of a partly synthetic set: the pairs without a scene dropped", "spatialcore/reward/evaluate.py",
+     "            return None\n        sizes.append", "            continue\n        sizes.append",
+     [T + "test_reward.py::test_accuracy_by_scene_size_by_value"]),
 ]
 
 

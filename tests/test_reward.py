@@ -348,15 +348,29 @@ HAND_BY_TYPE = [("flip", 3, 1.0, 1, 1.0), ("swap", 2, 0.5, 1, 0.0), ("relation",
                 ("binding", 2, 0.75, 1, 0.5)]
 
 
-def _hand_pair_set(folder):
+# Each hand pair's chosen scene: (objects, relations). By hand, with the outcomes above: three objects are pairs
+# 0, 1, 5 (right, wrong, right: 2/3; 1 column pairs 0, 1: 1/2; 2-3 column pair 5: 1), four are pairs 2, 3 (right,
+# tie: 3/4; 1 column the tie: 1/2; 2-3 column: 1), six is pair 4 (wrong, 2-3 column). Two relations: pairs 0, 1
+# (1/2, all 1 column); three: pair 2 (right, 2-3); five: pairs 3, 5 (tie, right: 3/4; 1/2 and 1); nine: pair 4.
+HAND_SIZES = [(3, 2), (3, 2), (4, 3), (4, 5), (6, 9), (3, 5)]
+NAN = float("nan")
+HAND_BY_OBJECTS = [(3, 3, 2 / 3, 0.5, 1.0), (4, 2, 0.75, 0.5, 1.0), (6, 1, 0.0, NAN, 0.0)]
+HAND_BY_RELATIONS = [(2, 2, 0.5, 0.5, NAN), (3, 1, 1.0, NAN, 1.0), (5, 2, 0.75, 0.5, 1.0), (9, 1, 0.0, NAN, 0.0)]
+
+
+def _hand_pair_set(folder, sizes=None):
     folder.mkdir()
     img = _images()[0]
     lines = []
     for i, (types, _) in enumerate(HAND_PAIRS):
         img.save(folder / f"c{i}.png")
         img.save(folder / f"r{i}.png")
+        meta = {} if sizes is None or sizes[i] is None else {"chosen_scene": {
+            "objects": [{"colour": "red", "kind": "circle"}] * sizes[i][0],
+            "relations": [{"type": "left of", "args": []}] * sizes[i][1]}}
         lines.append(json.dumps({"id": f"p{i}", "prompt": PROMPT, "chosen": f"c{i}.png", "rejected": f"r{i}.png",
-                                 "n_perturbations": len(types), "perturbations": types, "split": "test"}))
+                                 "n_perturbations": len(types), "perturbations": types, "split": "test",
+                                 "meta": meta}))
     (folder / "pairs.jsonl").write_text("\n".join(lines) + "\n")
     return folder
 
@@ -389,6 +403,32 @@ def test_per_perturbation_type_breakdown_by_value(tiny_dir, tmp_path, monkeypatc
     assert "| perturbation type | pairs with it | accuracy | pairs with it alone | accuracy (alone) |" in printed
     assert "| binding | 2 | 0.750 | 1 | 0.500 |" in printed
     assert [r["type"] for r in json.loads(out.read_text())["by_type"]] == ["flip", "swap", "relation", "binding"]
+
+
+def test_accuracy_by_scene_size_by_value(tiny_dir, tmp_path, monkeypatch, capsys):
+    from spatialcore.reward import evaluate
+
+    def rows(m, key):
+        return [(r["key"], r["pairs"], r["accuracy"], r["accuracy_1"], r["accuracy_2_3"]) for r in m[key]]
+
+    data = PairSet(_hand_pair_set(tmp_path / "hand", sizes=HAND_SIZES), split="test")
+    sizes = evaluate.scene_sizes(data)
+    assert sizes == HAND_SIZES and evaluate.scene_sizes(data, 2) == HAND_SIZES[:2]
+    m = evaluate.pair_metrics(*_hand_scores(), sizes=sizes)
+    for key, want in (("by_objects", HAND_BY_OBJECTS), ("by_relations", HAND_BY_RELATIONS)):
+        assert rows(m, key) == [pytest.approx(row, nan_ok=True) for row in want]
+    # one pair without its scene (a human-labelled pair among synthetic ones): no breakdown rather than a wrong one
+    partial = PairSet(_hand_pair_set(tmp_path / "partial", sizes=HAND_SIZES[:-1] + [None]), split="test")
+    assert evaluate.scene_sizes(partial) is None and "by_objects" not in evaluate.pair_metrics(*_hand_scores())
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False)
+    model.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(evaluate, "pair_scores", lambda *a, **k: _hand_scores())
+    assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "hand")]) == 0
+    printed = capsys.readouterr().out
+    assert "| objects | pairs | overall | 1 perturbation | 2-3 perturbations |" in printed
+    assert "| 6 | 1 | 0.000 |   n/a | 0.000 |" in printed and "| 5 | 2 | 0.750 | 0.500 | 1.000 |" in printed
+    assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "partial")]) == 0
+    assert "| objects |" not in capsys.readouterr().out
 
 
 def test_reward_eval_with_the_pixel_oracle_by_value(tmp_path, capsys):

@@ -132,7 +132,13 @@ def _open_pairs(args: argparse.Namespace, command: str, strict: bool = False):
 
 def evaluate(args: argparse.Namespace) -> int:
     from ..paths import require
-    from ..reward.evaluate import oracle_pair_scores, pair_metrics, pair_scores, perturbation_types
+    from ..reward.evaluate import (
+        oracle_pair_scores,
+        pair_metrics,
+        pair_scores,
+        perturbation_types,
+        scene_sizes,
+    )
 
     if args.oracle:
         used = [flag for flag, on in (("--shuffle-prompts", args.shuffle_prompts), ("--quantize", args.quantize),
@@ -150,7 +156,8 @@ def evaluate(args: argparse.Namespace) -> int:
             scores = oracle_pair_scores(data, limit=args.limit, progress=True)
         except ValueError as err:  # a prompt outside the synthetic grammar
             raise ConfigError("--oracle", str(err)) from None
-        return _print_table(args, pair_metrics(*scores, types=perturbation_types(data, args.limit)), "pixel oracle")
+        return _print_table(args, pair_metrics(*scores, types=perturbation_types(data, args.limit),
+                                               sizes=scene_sizes(data, args.limit)), "pixel oracle")
     model = _load_spatialscore(args.model)
     try:
         if args.quantize:
@@ -161,7 +168,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return 1
     metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
                                         shuffle_prompts=args.shuffle_prompts),
-                           types=perturbation_types(data, args.limit))
+                           types=perturbation_types(data, args.limit), sizes=scene_sizes(data, args.limit))
     return _print_table(args, metrics, Path(args.model).name)
 
 
@@ -195,12 +202,13 @@ def calibrate(args: argparse.Namespace) -> int:
 
 
 def _print_table(args: argparse.Namespace, metrics: dict, name: str) -> int:
-    from ..reward.evaluate import format_by_type, format_table
+    from ..reward.evaluate import format_by_size, format_by_type, format_table
 
     if not emit_json(args.json, metrics):
         print(format_table(metrics, name=name))
-        if metrics.get("by_type"):
-            print("\n" + format_by_type(metrics))
+        for table in (format_by_type(metrics), format_by_size(metrics)):
+            if table:
+                print("\n" + table)
     return 0
 
 

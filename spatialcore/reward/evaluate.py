@@ -1,6 +1,7 @@
 """Pairwise evaluation in the published table format: accuracy overall / 1 / 2-3 perturbations,
-mean margin, calibration of the predicted pair probability, and accuracy per perturbation type
-(flip, swap, relation change, binding swap) so users see what their reward model misses."""
+mean margin, calibration of the predicted pair probability, accuracy per perturbation type (flip, swap,
+relation change, binding swap) and, for synthetic pairs, per scene size (objects, relations) so users see what
+their reward model misses."""
 
 from __future__ import annotations
 
@@ -99,6 +100,36 @@ def perturbation_types(dataset, n: int | None = None) -> list[list[str]]:
     return [list(dataset[i].get("perturbations", [])) for i in range(n)]
 
 
+def scene_sizes(dataset, n: int | None = None) -> list[tuple[int, int]] | None:
+    """``(objects, relations)`` of each of the first ``n`` pairs' chosen scene (record order, as ``pair_scores``);
+    None unless every pair is synthetic (its ``meta`` holds the scene)."""
+    records = getattr(dataset, "records", None)  # a PairSet: no need to decode images
+    n = len(dataset) if n is None else min(n, len(dataset))
+    sizes = []
+    for i in range(n):
+        meta = records[i].meta if records is not None else dataset[i].get("meta") or {}
+        scene = meta.get("chosen_scene")
+        if not isinstance(scene, dict) or "objects" not in scene or "relations" not in scene:
+            return None
+        sizes.append((len(scene["objects"]), len(scene["relations"])))
+    return sizes
+
+
+def accuracy_by(mu_w, mu_l, n_pert, keys: list[int]) -> list[dict]:
+    """The table's three accuracies over the pairs of each distinct key (ascending), ties counting half."""
+    if len(keys) != len(mu_w):
+        raise ValueError(f"{len(keys)} keys for {len(mu_w)} pairs")
+    keys_t = torch.tensor(keys)
+    rows = []
+    for key in sorted(set(keys)):
+        m = keys_t == key
+        one, many = m & (n_pert == 1), m & (n_pert >= 2)
+        rows.append({"key": key, "pairs": int(m.sum()), "accuracy": pairwise_accuracy(mu_w[m], mu_l[m]),
+                     "accuracy_1": pairwise_accuracy(mu_w[one], mu_l[one]) if one.any() else float("nan"),
+                     "accuracy_2_3": pairwise_accuracy(mu_w[many], mu_l[many]) if many.any() else float("nan")})
+    return rows
+
+
 def _type_order(types: list[list[str]]) -> list[str]:
     from ..data.scene import PERTURBATIONS
 
@@ -125,9 +156,11 @@ def by_perturbation_type(mu_w, mu_l, types: list[list[str]]) -> list[dict]:
     return rows
 
 
-def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 5, types: list[list[str]] | None = None) -> dict:
+def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 5, types: list[list[str]] | None = None,
+                 sizes: list[tuple[int, int]] | None = None) -> dict:
     """The table's numbers plus margin and calibration; with ``types`` (each pair's perturbation list, see
-    :func:`perturbation_types`) also ``by_type``.
+    :func:`perturbation_types`) also ``by_type``; with ``sizes`` (:func:`scene_sizes`) also ``by_objects`` and
+    ``by_relations``.
 
     Calibration is the model's confidence in its own ranking against how often that ranking is right:
     p = P(w beats l) of the (Gaussian) head, confidence = max(p, 1 - p) in ``bins`` equal bins over [0.5, 1],
@@ -161,6 +194,8 @@ def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 5, types: list
         "ece": float(ece),
         "calibration": calib,
         **({"by_type": by_perturbation_type(mu_w, mu_l, types)} if types is not None else {}),
+        **({"by_objects": accuracy_by(mu_w, mu_l, n_pert, [o for o, _ in sizes]),
+            "by_relations": accuracy_by(mu_w, mu_l, n_pert, [r for _, r in sizes])} if sizes is not None else {}),
     }
 
 
@@ -220,3 +255,17 @@ def format_by_type(metrics: dict) -> str:
         *(f"| {r['type']} | {r['pairs']} | {f(r['accuracy'])} | {r['pairs_alone']} | {f(r['accuracy_alone'])} |"
           for r in rows),
     ])
+
+
+def format_by_size(metrics: dict) -> str:
+    """Accuracy by the chosen scene's object and relation count ("" when the metrics have neither)."""
+    f = _fmt
+    parts = []
+    for key, name in (("by_objects", "objects"), ("by_relations", "relations")):
+        rows = metrics.get(key)
+        if rows:
+            parts.append("\n".join([
+                f"| {name} | pairs | overall | 1 perturbation | 2-3 perturbations |", "|---:|---:|---:|---:|---:|",
+                *(f"| {r['key']} | {r['pairs']} | {f(r['accuracy'])} | {f(r['accuracy_1'])} | {f(r['accuracy_2_3'])} |"
+                  for r in rows)]))
+    return "\n\n".join(parts)
