@@ -126,3 +126,20 @@ def test_a_run_needs_a_model(tmp_path):
     with pytest.raises(ConfigError, match="'model'"):
         ToyTrainer(load_config(ToyConfig, None, [f"out={tmp_path / 'x'}"]))
     assert load_config(ToyConfig).out == "runs/toy"  # the default run folder is named after the trainer
+
+
+def test_every_trainer_logs_an_evaluation_s_own_record():
+    """At a time limit the final evaluation is written as its own record (no training step's numbers): each trainer's
+    log line must take it (the reward trainer once failed there with a KeyError after the run's last checkpoint)."""
+    from types import SimpleNamespace
+
+    from spatialcore.trainers.grpo import GRPOTrainer
+    from spatialcore.trainers.reward import RewardTrainer
+    from spatialcore.trainers.sft import SFTTrainer
+
+    ev = {"step": 7, "elapsed_s": 1.0, "stage": 1, "eval_accuracy": 0.75, "eval_accuracy_1": 0.5,
+          "eval_accuracy_2_3": 1.0, "eval_mean_margin": 0.25, "eval_reward": 0.5}
+    fields = RewardTrainer.log_fields(SimpleNamespace(stages=[0, 1]), ev)
+    assert fields == {"stage": "2/2", "eval_acc": 0.75, "acc_1": 0.5, "acc_2_3": 1.0, "margin": 0.25}
+    for trainer in (GRPOTrainer, SFTTrainer):
+        assert trainer.log_fields(SimpleNamespace(), ev)["eval_accuracy"] == 0.75

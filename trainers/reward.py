@@ -453,7 +453,8 @@ class RewardTrainer(Trainer):
         _plot(self.out)
 
     def log_fields(self, rec: dict) -> dict:
-        fields = {"loss": rec["loss"], "acc": rec["train_acc"]}
+        # an evaluation's own record (at a time limit) has no training step's numbers
+        fields = {"loss": rec["loss"], "acc": rec["train_acc"]} if "loss" in rec else {}
         if "eval_accuracy" in rec:
             fields.update(stage=f"{rec['stage'] + 1}/{len(self.stages)}", eval_acc=rec["eval_accuracy"],
                           acc_1=rec["eval_accuracy_1"], acc_2_3=rec["eval_accuracy_2_3"], margin=rec["eval_mean_margin"])
