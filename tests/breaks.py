@@ -377,6 +377,13 @@ BREAKS = [
      [T + "test_reward.py::test_accuracy_by_scene_size_by_value"]),
     ("the reward trainer's log line needs a training step's loss", "trainers/reward.py",
      ' if "loss" in rec else {}', "", [T + "test_trainer.py::test_every_trainer_logs_an_evaluation_s_own_record"]),
+    ("reward calibrate: sigma fitted on the raw hidden states (the fit depends on their scale)",
+     "spatialcore/reward/calibrate.py", "mean, spread = both.mean(0), both.std(0).clamp_min(1e-12)",
+     "mean, spread = torch.zeros_like(both[0]), torch.ones_like(both[0])",
+     [T + "test_reward.py::test_fit_log_var_is_the_same_at_any_feature_scale_and_never_worse_than_sigma_one"]),
+    ("reward calibrate: the penalty chosen by the loss on the pairs it was fitted on", "spatialcore/reward/calibrate.py",
+     "            fit, test = fold != k, fold == k", "            fit, test = fold != k, fold != k",
+     [T + "test_reward.py::test_the_sigma_penalty_is_chosen_on_pairs_left_out"]),
 ]
 
 

@@ -727,7 +727,7 @@ def test_fit_log_var_learns_where_mu_fails_by_value():
     h[:, 0] = unsure.float()
     mu_w = torch.where(unsure & (torch.arange(n) % 4 == 0), -3.0, 3.0)
     mu_l = torch.zeros(n)
-    w, b, history = fit_log_var(h, h, mu_w, mu_l, steps=300, lr=0.05)
+    w, b, history = fit_log_var(h, h, mu_w, mu_l)
     lv = h @ w + b
     assert lv[unsure].min() > lv[~unsure].max() + 1.0, (lv[unsure].min(), lv[~unsure].max())
     assert history[-1] < history[0]
@@ -737,9 +737,62 @@ def test_fit_log_var_learns_where_mu_fails_by_value():
         fit_log_var(h, h[:, :2], mu_w, mu_l)
 
 
+def test_fit_log_var_is_the_same_at_any_feature_scale_and_never_worse_than_sigma_one():
+    """Hidden states of another model differ in scale and offset: the fit on 200 * h + 50 (feature by feature
+    different) gives the same log-variance per image as on h (features standardised, so the L2 penalty and the
+    optimiser see the same problem), and the pair loss it reports, recomputed here from the formula at the returned
+    row, is no worse than at sigma 1 (log-variance 0), the start."""
+    from spatialcore.reward.calibrate import fit_log_var
+
+    g = torch.Generator().manual_seed(3)
+    n, dim = 300, 6
+    h_w, h_l = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    mu_w = 2.0 * torch.randn(n, generator=g) + 1.0 + 3.0 * h_w[:, 1]  # mistakes where feature 1 is low
+    mu_l = torch.zeros(n)
+    scale, shift = torch.linspace(20.0, 200.0, dim), torch.linspace(-50.0, 50.0, dim)
+
+    def pair_loss_at(lv_w, lv_l):
+        z = (mu_w - mu_l).double() / torch.sqrt(1 + math.pi / 8 * (lv_w.double().exp() + lv_l.double().exp()))
+        return float(-torch.nn.functional.logsigmoid(z).mean())
+
+    fits = []
+    for a, c in ((torch.ones(dim), torch.zeros(dim)), (scale, shift)):
+        w, b, history = fit_log_var(h_w * a + c, h_l * a + c, mu_w, mu_l, l2=0.01)
+        lv_w, lv_l = (h_w * a + c) @ w + b, (h_l * a + c) @ w + b
+        assert history[0] == pytest.approx(pair_loss_at(torch.zeros(n), torch.zeros(n)), abs=1e-9)
+        assert history[-1] == pytest.approx(pair_loss_at(lv_w, lv_l), abs=1e-4)
+        assert history[-1] < history[0] - 0.01
+        fits.append(torch.cat([lv_w, lv_l]))
+    torch.testing.assert_close(fits[1], fits[0], atol=2e-3, rtol=1e-3)
+
+
+def test_the_sigma_penalty_is_chosen_on_pairs_left_out():
+    """Thirty features of pure noise on 120 pairs: a weak penalty learns the noise of the pairs it sees, so the
+    cross-validated choice is a strong one (the weakest is the worst held out); one feature that tells the pairs mu
+    gets wrong, on 200 pairs: the weak penalty is chosen. Fewer pairs than folds: leave one out; one pair: a clear
+    error."""
+    from spatialcore.reward.calibrate import choose_l2
+
+    g = torch.Generator().manual_seed(1)
+    n, dim = 120, 30
+    h_w, h_l = torch.randn(n, dim, generator=g), torch.randn(n, dim, generator=g)
+    l2, held_out = choose_l2(h_w, h_l, 1.0 + 2.0 * torch.randn(n, generator=g), torch.zeros(n))
+    assert l2 >= 0.1 and max(held_out, key=held_out.get) == min(held_out)
+    n = 200
+    unsure = torch.arange(n) % 2 == 0
+    h = torch.randn(n, 4, generator=g) * 0.1
+    h[:, 0] = unsure.float()
+    l2, _ = choose_l2(h, h, torch.where(unsure & (torch.arange(n) % 4 == 0), -3.0, 3.0), torch.zeros(n))
+    assert l2 <= 0.01
+    assert choose_l2(h[:3], h[:3], torch.ones(3), torch.zeros(3))[0] in held_out  # three pairs: leave one out
+    with pytest.raises(ValueError, match="at least 2 pairs"):
+        choose_l2(h[:1], h[:1], torch.ones(1), torch.zeros(1))
+
+
 def test_reward_calibrate_fits_sigma_and_leaves_mu(tiny_dir, easy_pairs, tmp_path, capsys):
     """`reward calibrate` on a model without a variance head: the written model has one (sigma differs from image to
-    image), its mu is the original's exactly, and --out is never the model itself nor a full folder without --force."""
+    image), its mu is the original's exactly, and --out is never the model itself nor a full folder without --force;
+    one pair without --l2 is a one-line error."""
     plain = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False)
     plain.save_pretrained(tmp_path / "m")
     args = ["reward", "calibrate", "--model", str(tmp_path / "m"), "--data", str(easy_pairs), "--split", "test",
@@ -755,7 +808,8 @@ def test_reward_calibrate_fits_sigma_and_leaves_mu(tiny_dir, easy_pairs, tmp_pat
     assert torch.equal(mu0, mu1) and torch.all(sigma0 == 0) and torch.all(sigma1 > 0) and sigma1[0] != sigma1[1]
     capsys.readouterr()
     for argv, key in ((args, "'--out'"), ([*args[:-1], str(tmp_path / "m"), "--force"], "must differ from --model"),
-                      ([*args, "--steps", "0"], "'--steps'")):
+                      ([*args, "--steps", "0"], "'--steps'"), ([*args, "--force", "--l2", "-1"], "'--l2'"),
+                      ([*args, "--force", "--limit", "1"], "cannot choose the penalty")):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and key in err[0], err
