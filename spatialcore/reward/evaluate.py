@@ -31,8 +31,8 @@ def _pair_batches(model, dataset, *, batch_size: int, limit: int | None, progres
     for s in bar(starts, desc=desc, unit="batch") if progress else starts:
         items = [dataset[i] for i in range(s, min(n, s + batch_size))]
         if shuffle_prompts:
-            items = [{**it, "prompt": _prompt(dataset, prompt_of[i])} for i, it in zip(range(s, s + len(items)), items,
-                                                                                        strict=True)]
+            items = [{**it, "prompt": _field(dataset, prompt_of[i], "prompt")}
+                     for i, it in zip(range(s, s + len(items)), items, strict=True)]
         batch = collate(items)
         yield {k: v.to(model.device) for k, v in batch["inputs"].items()}, len(items), batch["n_perturbations"]
 
@@ -86,29 +86,27 @@ def oracle_pair_scores(dataset, *, limit: int | None = None, progress: bool = Fa
     return torch.tensor(mu_w), zeros, torch.tensor(mu_l), zeros.clone(), torch.tensor(n_pert)
 
 
-def _prompt(dataset, i: int) -> str:
-    records = getattr(dataset, "records", None)  # a PairSet: no need to decode images
-    return records[i].prompt if records is not None else dataset[i]["prompt"]
+def _field(dataset, i: int, name: str, default=None):
+    """Field ``name`` of pair ``i``: a PairSet's record (no image decoded), or the item of any other dataset."""
+    records = getattr(dataset, "records", None)
+    return getattr(records[i], name) if records is not None else dataset[i].get(name, default)
+
+
+def _first(dataset, n: int | None) -> range:
+    return range(len(dataset) if n is None else min(n, len(dataset)))
 
 
 def perturbation_types(dataset, n: int | None = None) -> list[list[str]]:
     """The ``perturbations`` list of each of the first ``n`` pairs (record order, as ``pair_scores``)."""
-    records = getattr(dataset, "records", None)  # a PairSet: no need to decode images
-    n = len(dataset) if n is None else min(n, len(dataset))
-    if records is not None:
-        return [list(records[i].perturbations) for i in range(n)]
-    return [list(dataset[i].get("perturbations", [])) for i in range(n)]
+    return [list(_field(dataset, i, "perturbations", [])) for i in _first(dataset, n)]
 
 
 def scene_sizes(dataset, n: int | None = None) -> list[tuple[int, int]] | None:
     """``(objects, relations)`` of each of the first ``n`` pairs' chosen scene (record order, as ``pair_scores``);
     None unless every pair is synthetic (its ``meta`` holds the scene)."""
-    records = getattr(dataset, "records", None)  # a PairSet: no need to decode images
-    n = len(dataset) if n is None else min(n, len(dataset))
     sizes = []
-    for i in range(n):
-        meta = records[i].meta if records is not None else dataset[i].get("meta") or {}
-        scene = meta.get("chosen_scene")
+    for i in _first(dataset, n):
+        scene = (_field(dataset, i, "meta") or {}).get("chosen_scene")
         if not isinstance(scene, dict) or "objects" not in scene or "relations" not in scene:
             return None
         sizes.append((len(scene["objects"]), len(scene["relations"])))
