@@ -384,6 +384,12 @@ BREAKS = [
     ("reward calibrate: the penalty chosen by the loss on the pairs it was fitted on", "spatialcore/reward/calibrate.py",
      "            fit, test = fold != k, fold == k", "            fit, test = fold != k, fold != k",
      [T + "test_reward.py::test_the_sigma_penalty_is_chosen_on_pairs_left_out"]),
+    ("violated relations: the relation before each violated one read", "spatialcore/reward/evaluate.py",
+     'out.append([relations[k]["type"] for k in violated])', 'out.append([relations[k - 1]["type"] for k in violated])',
+     [T + "test_reward.py::test_accuracy_by_violated_relation_by_value"]),
+    ("the violated-relation table counts the perturbation types instead", "spatialcore/reward/evaluate.py",
+     "by_perturbation_type(mu_w, mu_l, violated, tuple(RELATIONS))", "by_perturbation_type(mu_w, mu_l, types, tuple(RELATIONS))",
+     [T + "test_reward.py::test_accuracy_by_violated_relation_by_value"]),
 ]
 
 

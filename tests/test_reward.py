@@ -357,8 +357,16 @@ NAN = float("nan")
 HAND_BY_OBJECTS = [(3, 3, 2 / 3, 0.5, 1.0), (4, 2, 0.75, 0.5, 1.0), (6, 1, 0.0, NAN, 0.0)]
 HAND_BY_RELATIONS = [(2, 2, 0.5, 0.5, NAN), (3, 1, 1.0, NAN, 1.0), (5, 2, 0.75, 0.5, 1.0), (9, 1, 0.0, NAN, 0.0)]
 
+# Each hand pair's violated relations. By hand, with the outcomes above (won 1, 0, 1, 0.5, 0, 1), in the vocabulary's
+# order: left of in pairs 1, 2, 5 (2/3; alone pair 1: 0); above in pair 5 (1; never alone); in front of in pair 4
+# (0; alone there); behind in pairs 0, 2, 5 (1; alone pair 0: 1); between in pair 3 (the tie, 1/2; alone there).
+HAND_VIOLATED = [["behind"], ["left of"], ["behind", "left of"], ["between"], ["in front of", "in front of"],
+                 ["left of", "behind", "above"]]
+HAND_BY_VIOLATED = [("left of", 3, 2 / 3, 1, 0.0), ("above", 1, 1.0, 0, NAN), ("in front of", 1, 0.0, 1, 0.0),
+                    ("behind", 3, 1.0, 1, 1.0), ("between", 1, 0.5, 1, 0.5)]
 
-def _hand_pair_set(folder, sizes=None):
+
+def _hand_pair_set(folder, sizes=None, violated=None):
     folder.mkdir()
     img = _images()[0]
     lines = []
@@ -368,6 +376,9 @@ def _hand_pair_set(folder, sizes=None):
         meta = {} if sizes is None or sizes[i] is None else {"chosen_scene": {
             "objects": [{"colour": "red", "kind": "circle"}] * sizes[i][0],
             "relations": [{"type": "left of", "args": []}] * sizes[i][1]}}
+        if violated is not None:  # the violated relations after one that holds
+            meta = {"chosen_scene": {"relations": [{"type": t, "args": []} for t in ["next to", *violated[i]]]},
+                    "violated": list(range(1, len(violated[i]) + 1))}
         lines.append(json.dumps({"id": f"p{i}", "prompt": PROMPT, "chosen": f"c{i}.png", "rejected": f"r{i}.png",
                                  "n_perturbations": len(types), "perturbations": types, "split": "test",
                                  "meta": meta}))
@@ -429,6 +440,28 @@ def test_accuracy_by_scene_size_by_value(tiny_dir, tmp_path, monkeypatch, capsys
     assert "| 6 | 1 | 0.000 |   n/a | 0.000 |" in printed and "| 5 | 2 | 0.750 | 0.500 | 1.000 |" in printed
     assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "partial")]) == 0
     assert "| objects |" not in capsys.readouterr().out
+
+
+def test_accuracy_by_violated_relation_by_value(tiny_dir, tmp_path, monkeypatch, capsys):
+    """`reward eval` by the type of relation the rejected image violates, hand-worked (HAND_VIOLATED); a pair set
+    that does not say which relations are violated gets no such table."""
+    from spatialcore.reward import evaluate
+
+    data = PairSet(_hand_pair_set(tmp_path / "hand", violated=HAND_VIOLATED), split="test")
+    assert evaluate.violated_relations(data) == HAND_VIOLATED
+    assert evaluate.violated_relations(data, 2) == HAND_VIOLATED[:2]
+    m = evaluate.pair_metrics(*_hand_scores(), **evaluate.breakdowns(data))
+    got = [(r["type"], r["pairs"], r["accuracy"], r["pairs_alone"], r["accuracy_alone"]) for r in m["by_violated"]]
+    assert got == [pytest.approx(row, nan_ok=True) for row in HAND_BY_VIOLATED]
+    assert "by_violated" not in evaluate.pair_metrics(*_hand_scores(), **evaluate.breakdowns(
+        PairSet(_hand_pair_set(tmp_path / "sizes", sizes=HAND_SIZES), split="test")))
+    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False)
+    model.save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(evaluate, "pair_scores", lambda *a, **k: _hand_scores())
+    assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "hand")]) == 0
+    printed = capsys.readouterr().out
+    assert "| violated relation | pairs with it | accuracy | pairs with it alone | accuracy (alone) |" in printed
+    assert "| left of | 3 | 0.667 | 1 | 0.000 |" in printed and "| above | 1 | 1.000 | 0 |   n/a |" in printed
 
 
 def test_reward_eval_with_the_pixel_oracle_by_value(tmp_path, capsys):

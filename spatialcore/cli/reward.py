@@ -134,13 +134,7 @@ def _open_pairs(args: argparse.Namespace, command: str, strict: bool = False):
 
 def evaluate(args: argparse.Namespace) -> int:
     from ..paths import require
-    from ..reward.evaluate import (
-        oracle_pair_scores,
-        pair_metrics,
-        pair_scores,
-        perturbation_types,
-        scene_sizes,
-    )
+    from ..reward.evaluate import breakdowns, oracle_pair_scores, pair_metrics, pair_scores
 
     if args.oracle:
         used = [flag for flag, on in (("--shuffle-prompts", args.shuffle_prompts), ("--quantize", args.quantize),
@@ -158,8 +152,7 @@ def evaluate(args: argparse.Namespace) -> int:
             scores = oracle_pair_scores(data, limit=args.limit, progress=True)
         except ValueError as err:  # a prompt outside the synthetic grammar
             raise ConfigError("--oracle", str(err)) from None
-        return _print_table(args, pair_metrics(*scores, types=perturbation_types(data, args.limit),
-                                               sizes=scene_sizes(data, args.limit)), "pixel oracle")
+        return _print_table(args, pair_metrics(*scores, **breakdowns(data, args.limit)), "pixel oracle")
     model = _load_spatialscore(args.model)
     try:
         if args.quantize:
@@ -170,7 +163,7 @@ def evaluate(args: argparse.Namespace) -> int:
         return 1
     metrics = pair_metrics(*pair_scores(model, data, batch_size=args.batch_size, limit=args.limit, progress=True,
                                         shuffle_prompts=args.shuffle_prompts),
-                           types=perturbation_types(data, args.limit), sizes=scene_sizes(data, args.limit))
+                           **breakdowns(data, args.limit))
     return _print_table(args, metrics, Path(args.model).name)
 
 
@@ -211,7 +204,8 @@ def _print_table(args: argparse.Namespace, metrics: dict, name: str) -> int:
 
     if not emit_json(args.json, metrics):
         print(format_table(metrics, name=name))
-        for table in (format_by_type(metrics), format_by_size(metrics)):
+        for table in (format_by_type(metrics), format_by_type(metrics, "by_violated", "violated relation"),
+                      format_by_size(metrics)):
             if table:
                 print("\n" + table)
     return 0

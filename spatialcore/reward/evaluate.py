@@ -1,7 +1,7 @@
 """Pairwise evaluation in the published table format: accuracy overall / 1 / 2-3 perturbations,
 mean margin, calibration of the predicted pair probability, accuracy per perturbation type (flip, swap,
-relation change, binding swap) and, for synthetic pairs, per scene size (objects, relations) so users see what
-their reward model misses."""
+relation change, binding swap) and, for synthetic pairs, per scene size (objects, relations) and per type of the
+violated relation, so users see what their reward model misses."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import math
 import torch
 
 from ..kernels import pairwise_accuracy
+from ..vocab import RELATIONS
 
 
 def _pair_batches(model, dataset, *, batch_size: int, limit: int | None, progress: bool, shuffle_prompts: bool,
@@ -113,6 +114,27 @@ def scene_sizes(dataset, n: int | None = None) -> list[tuple[int, int]] | None:
     return sizes
 
 
+def violated_relations(dataset, n: int | None = None) -> list[list[str]] | None:
+    """The types of the relations each of the first ``n`` pairs' rejected image violates (its ``meta``'s
+    ``violated`` indices into the chosen scene's relations; record order, as ``pair_scores``); None unless every pair
+    is synthetic and says which."""
+    out = []
+    for i in _first(dataset, n):
+        meta = _field(dataset, i, "meta") or {}
+        relations, violated = (meta.get("chosen_scene") or {}).get("relations"), meta.get("violated")
+        if not isinstance(relations, list) or not isinstance(violated, list):
+            return None
+        out.append([relations[k]["type"] for k in violated])
+    return out
+
+
+def breakdowns(dataset, n: int | None = None) -> dict:
+    """``pair_metrics``' keyword arguments for the first ``n`` pairs of ``dataset``: perturbation types, and for
+    synthetic pairs the scene sizes and the violated relations."""
+    return {"types": perturbation_types(dataset, n), "sizes": scene_sizes(dataset, n),
+            "violated": violated_relations(dataset, n)}
+
+
 def accuracy_by(mu_w, mu_l, n_pert, keys: list[int]) -> list[dict]:
     """The table's three accuracies over the pairs of each distinct key (ascending), ties counting half."""
     if len(keys) != len(mu_w):
@@ -128,20 +150,21 @@ def accuracy_by(mu_w, mu_l, n_pert, keys: list[int]) -> list[dict]:
     return rows
 
 
-def _type_order(types: list[list[str]]) -> list[str]:
+def _type_order(types: list[list[str]], known: tuple[str, ...]) -> list[str]:
+    seen = {t for ts in types for t in ts}
+    return [t for t in known if t in seen] + sorted(seen - set(known))
+
+
+def by_perturbation_type(mu_w, mu_l, types: list[list[str]], order: tuple[str, ...] | None = None) -> list[dict]:
+    """Accuracy over the pairs whose rejected image carries each perturbation type (``with``: among
+    others; ``alone``: its only perturbation), ties counting half as in the table. Any per-pair label lists do
+    (``violated_relations``' too), listed in ``order`` (default: the perturbations') and then alphabetically."""
     from ..data.scene import PERTURBATIONS
 
-    seen = {t for ts in types for t in ts}
-    return [t for t in PERTURBATIONS if t in seen] + sorted(seen - set(PERTURBATIONS))
-
-
-def by_perturbation_type(mu_w, mu_l, types: list[list[str]]) -> list[dict]:
-    """Accuracy over the pairs whose rejected image carries each perturbation type (``with``: among
-    others; ``alone``: its only perturbation), ties counting half as in the table."""
     if len(types) != len(mu_w):
-        raise ValueError(f"{len(types)} perturbation lists for {len(mu_w)} pairs")
+        raise ValueError(f"{len(types)} label lists for {len(mu_w)} pairs")
     rows = []
-    for t in _type_order(types):
+    for t in _type_order(types, PERTURBATIONS if order is None else order):
         with_t = torch.tensor([t in ts for ts in types])
         alone = torch.tensor([len(ts) > 0 and all(x == t for x in ts) for ts in types])
         rows.append({
@@ -155,10 +178,10 @@ def by_perturbation_type(mu_w, mu_l, types: list[list[str]]) -> list[dict]:
 
 
 def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 5, types: list[list[str]] | None = None,
-                 sizes: list[tuple[int, int]] | None = None) -> dict:
+                 sizes: list[tuple[int, int]] | None = None, violated: list[list[str]] | None = None) -> dict:
     """The table's numbers plus margin and calibration; with ``types`` (each pair's perturbation list, see
     :func:`perturbation_types`) also ``by_type``; with ``sizes`` (:func:`scene_sizes`) also ``by_objects`` and
-    ``by_relations``.
+    ``by_relations``; with ``violated`` (:func:`violated_relations`) also ``by_violated``.
 
     Calibration is the model's confidence in its own ranking against how often that ranking is right:
     p = P(w beats l) of the (Gaussian) head, confidence = max(p, 1 - p) in ``bins`` equal bins over [0.5, 1],
@@ -192,6 +215,8 @@ def pair_metrics(mu_w, var_w, mu_l, var_l, n_pert, *, bins: int = 5, types: list
         "ece": float(ece),
         "calibration": calib,
         **({"by_type": by_perturbation_type(mu_w, mu_l, types)} if types is not None else {}),
+        **({"by_violated": by_perturbation_type(mu_w, mu_l, violated, tuple(RELATIONS))}
+           if violated is not None else {}),
         **({"by_objects": accuracy_by(mu_w, mu_l, n_pert, [o for o, _ in sizes]),
             "by_relations": accuracy_by(mu_w, mu_l, n_pert, [r for _, r in sizes])} if sizes is not None else {}),
     }
@@ -241,14 +266,15 @@ def format_table(metrics: dict, name: str = "SpatialScore") -> str:
     ])
 
 
-def format_by_type(metrics: dict) -> str:
-    """The per-perturbation-type table ("" when the metrics have none)."""
-    rows = metrics.get("by_type")
+def format_by_type(metrics: dict, key: str = "by_type", label: str = "perturbation type") -> str:
+    """The per-perturbation-type table, or with ``key="by_violated"`` the per-violated-relation one ("" when the
+    metrics have none)."""
+    rows = metrics.get(key)
     if not rows:
         return ""
     f = _fmt
     return "\n".join([
-        "| perturbation type | pairs with it | accuracy | pairs with it alone | accuracy (alone) |",
+        f"| {label} | pairs with it | accuracy | pairs with it alone | accuracy (alone) |",
         "|---|---:|---:|---:|---:|",
         *(f"| {r['type']} | {r['pairs']} | {f(r['accuracy'])} | {r['pairs_alone']} | {f(r['accuracy_alone'])} |"
           for r in rows),
