@@ -71,9 +71,10 @@ L2_GRID = (1e-3, 1e-2, 0.1, 1.0, 10.0)
 def choose_l2(h_w: torch.Tensor, h_l: torch.Tensor, mu_w: torch.Tensor, mu_l: torch.Tensor, *, grid=L2_GRID,
               folds: int = 5, steps: int = 100, seed: int = 0) -> tuple[float, dict[float, float]]:
     """The penalty of ``grid`` whose fit predicts held-out pairs best: ``folds``-fold cross-validation over the pairs
-    (a fixed shuffle; leave-one-out below ``folds`` pairs), the mean pair loss of the left-out folds per penalty. A log-variance with one weight per hidden
-    unit, fitted on a few hundred pairs, otherwise learns those pairs rather than what makes the model err (measured:
-    at 1e-3 on 808 pairs, sigma did worse on held-out pairs than a constant)."""
+    (a fixed shuffle; leave-one-out below ``folds`` pairs), the mean pair loss of the left-out folds per penalty.
+    A log-variance with one weight per hidden unit, fitted on a few hundred pairs, otherwise learns those pairs
+    rather than what makes the model err (measured: at 1e-3 on 808 pairs, sigma did worse on held-out pairs than a
+    constant)."""
     n = h_w.shape[0]
     if n < 2:
         raise ValueError(f"choosing the penalty by cross-validation needs at least 2 pairs, got {n}")
