@@ -416,6 +416,19 @@ def test_per_perturbation_type_breakdown_by_value(tiny_dir, tmp_path, monkeypatc
     assert [r["type"] for r in json.loads(out.read_text())["by_type"]] == ["flip", "swap", "relation", "binding"]
 
 
+def _eval_printed_with_hand_scores(tiny_dir, tmp_path, monkeypatch, capsys, folder: str) -> str:
+    """What `reward eval` prints for the pair set ``tmp_path / folder``, its model's scores stubbed with
+    ``_hand_scores()`` (the model, a plain tiny SpatialScore, is saved once under ``tmp_path / "m"``)."""
+    from spatialcore.reward import evaluate
+
+    if not (tmp_path / "m").exists():
+        SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False).save_pretrained(tmp_path / "m")
+    monkeypatch.setattr(evaluate, "pair_scores", lambda *a, **k: _hand_scores())
+    capsys.readouterr()
+    assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / folder)]) == 0
+    return capsys.readouterr().out
+
+
 def test_accuracy_by_scene_size_by_value(tiny_dir, tmp_path, monkeypatch, capsys):
     from spatialcore.reward import evaluate
 
@@ -431,15 +444,10 @@ def test_accuracy_by_scene_size_by_value(tiny_dir, tmp_path, monkeypatch, capsys
     # one pair without its scene (a human-labelled pair among synthetic ones): no breakdown rather than a wrong one
     partial = PairSet(_hand_pair_set(tmp_path / "partial", sizes=HAND_SIZES[:-1] + [None]), split="test")
     assert evaluate.scene_sizes(partial) is None and "by_objects" not in evaluate.pair_metrics(*_hand_scores())
-    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False)
-    model.save_pretrained(tmp_path / "m")
-    monkeypatch.setattr(evaluate, "pair_scores", lambda *a, **k: _hand_scores())
-    assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "hand")]) == 0
-    printed = capsys.readouterr().out
+    printed = _eval_printed_with_hand_scores(tiny_dir, tmp_path, monkeypatch, capsys, "hand")
     assert "| objects | pairs | overall | 1 perturbation | 2-3 perturbations |" in printed
     assert "| 6 | 1 | 0.000 |   n/a | 0.000 |" in printed and "| 5 | 2 | 0.750 | 0.500 | 1.000 |" in printed
-    assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "partial")]) == 0
-    assert "| objects |" not in capsys.readouterr().out
+    assert "| objects |" not in _eval_printed_with_hand_scores(tiny_dir, tmp_path, monkeypatch, capsys, "partial")
 
 
 def test_accuracy_by_violated_relation_by_value(tiny_dir, tmp_path, monkeypatch, capsys):
@@ -455,11 +463,7 @@ def test_accuracy_by_violated_relation_by_value(tiny_dir, tmp_path, monkeypatch,
     assert got == [pytest.approx(row, nan_ok=True) for row in HAND_BY_VIOLATED]
     assert "by_violated" not in evaluate.pair_metrics(*_hand_scores(), **evaluate.breakdowns(
         PairSet(_hand_pair_set(tmp_path / "sizes", sizes=HAND_SIZES), split="test")))
-    model = SpatialScore.from_backbone(tiny_dir / "reward", variance_head=False)
-    model.save_pretrained(tmp_path / "m")
-    monkeypatch.setattr(evaluate, "pair_scores", lambda *a, **k: _hand_scores())
-    assert main(["reward", "eval", "--model", str(tmp_path / "m"), "--data", str(tmp_path / "hand")]) == 0
-    printed = capsys.readouterr().out
+    printed = _eval_printed_with_hand_scores(tiny_dir, tmp_path, monkeypatch, capsys, "hand")
     assert "| violated relation | pairs with it | accuracy | pairs with it alone | accuracy (alone) |" in printed
     assert "| left of | 3 | 0.667 | 1 | 0.000 |" in printed and "| above | 1 | 1.000 | 0 |   n/a |" in printed
 

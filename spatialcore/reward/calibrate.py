@@ -54,8 +54,8 @@ def fit_log_var(h_w: torch.Tensor, h_l: torch.Tensor, mu_w: torch.Tensor, mu_l: 
         total = loss + l2 * v.pow(2).sum()
         total.backward()
         history.append(float(loss.detach()))
-        if float(total.detach()) < best[0]:
-            best[:] = float(total.detach()), v.detach().clone(), c.detach().clone(), history[-1]
+        if (value := float(total.detach())) < best[0]:
+            best[:] = value, v.detach().clone(), c.detach().clone(), history[-1]
         return total
 
     opt.step(objective)
